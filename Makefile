@@ -1,0 +1,39 @@
+# The two commands a newcomer needs: `make demo` (kdfast's main job) and `make test`. Each sets itself up.
+PY ?= python3
+JOBS ?= 2
+OUT ?= gpu-results
+
+.PHONY: setup build test demo bench cuda-compile gpu-check clean
+
+# Installs what is missing (torch only if absent: on a GPU machine the installed CUDA torch is kept) and builds
+# the extension in place, so that `python -m kdfast` and pytest use this checkout.
+setup:
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	@$(PY) -c "import pytest, pytest_benchmark, numpy, matplotlib, sklearn, tqdm" 2>/dev/null || \
+		$(PY) -m pip install -q -r requirements-dev.txt
+	@$(MAKE) --no-print-directory build
+
+build:
+	MAX_JOBS=$(JOBS) $(PY) setup.py -q build_ext --inplace
+
+test: setup
+	$(PY) -m pytest tests -q
+
+demo: setup
+	$(PY) -m kdfast demo
+
+# CPU benchmarks of every op, then the report (benchmarks/results/<device>.json, .md, .png).
+bench: setup
+	$(PY) -m kdfast bench
+
+# Compiles the torch-free CUDA kernels alone for sm_80 and sm_90 (CI's check; ptxas reports with VERBOSE=1).
+cuda-compile:
+	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release $(if $(VERBOSE),-DKDFAST_PTXAS_VERBOSE=ON) >/dev/null
+	cmake --build cmake-build -j $(JOBS)
+
+# On a GPU machine: build with CUDA, CUDA tests, compute-sanitizer, GPU benchmarks; results under $(OUT).
+gpu-check:
+	bash benchmarks/gpu_check.sh $(OUT)
+
+clean:
+	rm -rf build cmake-build kdfast/*.so

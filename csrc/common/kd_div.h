@@ -1,0 +1,164 @@
+// Torch-free description of the fused temperature-softmax divergence problem, and the per-element math
+// shared by the CPU and CUDA kernels. Host-device inline; no torch header may be included here.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace kdfast {
+
+enum class Divergence : int { KL = 0, ReverseKL = 1, JSD = 2 };
+
+// Per-row statistics saved by the forward for the backward, stored as kKdStats planes of `rows` values.
+enum KdStat : int {
+  kLseStudent = 0,  // logsumexp(s / T)
+  kLseTeacher = 1,  // logsumexp(t / T)
+  kAux0 = 2,        // kl, reverse_kl: the divergence itself; jsd: KL(p_t || m)
+  kAux1 = 3,        // jsd: KL(p_s || m)
+  kLseStudent1 = 4, // logsumexp(s), for the cross-entropy term (only with a target)
+  kKdStats = 5
+};
+
+// The logits are read as (outer, classes, inner), element (o, c, i) at (o * classes + c) * inner + i:
+// inner == 1 for a softmax over the last dim, inner = H*W for dim=1 of a contiguous (B, C, H, W) tensor.
+// Row r = o * inner + i. Outputs and statistics are indexed by row.
+struct KdProblem {
+  const void* student;
+  const void* teacher;
+  DType student_dtype;
+  DType teacher_dtype;
+  int64_t outer, classes, inner;
+  double temperature;
+  Divergence divergence;
+  double beta;             // jsd only
+  const int64_t* target;   // optional, one class index per row (kd_loss)
+  int64_t ignore_index;
+  bool acc_double;         // accumulate (and store rows/stats) in double instead of float
+  void* stats;             // kKdStats * rows accumulators, written by forward, read by backward
+
+  // forward outputs (rows each, accumulator type)
+  void* div;               // the unscaled divergence per row
+  void* ce;                // cross-entropy per row at T = 1 (with a target), 0 on ignored rows
+
+  // backward inputs and outputs
+  const void* grad_div;    // rows, accumulator type
+  const void* grad_ce;     // rows or null
+  void* grad_student;      // null when not wanted; dtype of the student
+  void* grad_teacher;      // null when not wanted; dtype of the teacher
+
+  int64_t rows() const { return outer * inner; }
+};
+
+// Scalar and vector math used by the templates below. Specialised for float and double here, and for
+// at::vec::Vectorized in csrc/cpu.
+template <class V> struct VMath;
+
+#define KDFAST_SCALAR_VMATH(T, EXP, LOG)                                                      \
+  template <> struct VMath<T> {                                                               \
+    KDFAST_HD static T exp(T x) { return EXP(x); }                                            \
+    KDFAST_HD static T log(T x) { return LOG(x); }                                            \
+    /* p * x, but 0 where p == 0 so that 0 * inf terms vanish; NaN still propagates */        \
+    KDFAST_HD static T mul_nonzero(T p, T x) { return p == T(0) ? T(0) : p * x; }             \
+  };
+KDFAST_SCALAR_VMATH(float, expf, logf)
+KDFAST_SCALAR_VMATH(double, ::exp, ::log)
+#undef KDFAST_SCALAR_VMATH
+
+// Gradient of one row's divergence with respect to a = s/T (da) and b = t/T (db), for one element (or one
+// vector of elements). lse_*: row logsumexps; aux0/aux1: the row statistics of KdStat.
+template <class V, class S>
+KDFAST_HD inline void divergence_grad(Divergence d, S beta, V a, V b, S lse_s, S lse_t, S aux0, S aux1,
+                                      V& da, V& db) {
+  using M = VMath<V>;
+  const V lps = a - V(lse_s), lpt = b - V(lse_t);
+  const V ps = M::exp(lps), pt = M::exp(lpt);
+  if (d == Divergence::KL) {
+    da = ps - pt;
+    db = M::mul_nonzero(pt, lpt - lps - V(aux0));
+  } else if (d == Divergence::ReverseKL) {
+    da = M::mul_nonzero(ps, lps - lpt - V(aux0));
+    db = pt - ps;
+  } else {
+    const V lm = M::log(V(beta) * pt + V(S(1) - beta) * ps);
+    da = V(S(1) - beta) * M::mul_nonzero(ps, lps - lm - V(aux1));
+    db = V(beta) * M::mul_nonzero(pt, lpt - lm - V(aux0));
+  }
+}
+
+// The two Jensen-Shannon partial sums of one element: KL(p_t || m) and KL(p_s || m) contributions.
+template <class V, class S>
+KDFAST_HD inline void jsd_terms(S beta, V a, V b, S lse_s, S lse_t, V& kl_t, V& kl_s) {
+  using M = VMath<V>;
+  const V lps = a - V(lse_s), lpt = b - V(lse_t);
+  const V ps = M::exp(lps), pt = M::exp(lpt);
+  const V lm = M::log(V(beta) * pt + V(S(1) - beta) * ps);
+  kl_t = M::mul_nonzero(pt, lpt - lm);
+  kl_s = M::mul_nonzero(ps, lps - lm);
+}
+
+// Online softmax state of one stream: running max m and sum z of exp(x - m). A second weighted sum w
+// (sum of exp(x - m) * y) rides along for the KL terms.
+template <class S> struct OnlineSum {
+  S m, z, w;
+};
+
+// Merge two partial states (of disjoint element sets) into one. An empty state has m = -inf, z = w = 0.
+template <class S>
+KDFAST_HD inline OnlineSum<S> merge(OnlineSum<S> x, OnlineSum<S> y) {
+  if (x.m != x.m || y.m != y.m) return {NAN, NAN, NAN};  // NaN seen: keep it
+  const S m = x.m > y.m ? x.m : y.m;
+  if (m == -INFINITY) return {m, x.z + y.z, x.w + y.w};  // both empty (or all -inf)
+  const S fx = VMath<S>::exp(x.m - m), fy = VMath<S>::exp(y.m - m);
+  return {m, x.z * fx + y.z * fy, x.w * fx + y.w * fy};
+}
+
+template <class S>
+KDFAST_HD inline S lse_of(const OnlineSum<S>& x) { return x.m + VMath<S>::log(x.z); }
+
+// A row's forward accumulators: online sums of a = s/T (student) and b = t/T (teacher). The weighted sum w
+// rides on the teacher for kl (sum exp(b - mb) (b - a)) and on the student for reverse_kl
+// (sum exp(a - ma) (a - b)). z1 = sum exp(s - T ma) gives logsumexp(s) for cross-entropy; sy = s[target].
+template <class S> struct KdRowState {
+  OnlineSum<S> s, t;
+  S z1, sy;
+};
+
+// Finish a row of the forward from its accumulators: write the statistics and the row outputs, and
+// return nothing else. jsd needs a second pass (jsd_terms) and fills kAux0/kAux1/div afterwards.
+template <class S>
+KDFAST_HD inline void kd_finish_row(const KdProblem& p, int64_t row, const KdRowState<S>& st) {
+  const int64_t rows = p.rows();
+  S* stats = static_cast<S*>(p.stats);
+  const S lse_s = lse_of(st.s), lse_t = lse_of(st.t);
+  stats[kLseStudent * rows + row] = lse_s;
+  stats[kLseTeacher * rows + row] = lse_t;
+  if (p.divergence != Divergence::JSD) {
+    const S div = p.divergence == Divergence::KL ? st.t.w / st.t.z - lse_t + lse_s
+                                                 : st.s.w / st.s.z - lse_s + lse_t;
+    stats[kAux0 * rows + row] = div;
+    stats[kAux1 * rows + row] = S(0);
+    static_cast<S*>(p.div)[row] = div;
+  }
+  if (p.target) {
+    const S T = S(p.temperature);
+    const S lse1 = T == S(1) ? lse_s : T * st.s.m + VMath<S>::log(st.z1);
+    stats[kLseStudent1 * rows + row] = lse1;
+    const int64_t y = p.target[row];
+    // An out-of-range class (checked on the host where that costs no synchronisation) gives NaN.
+    static_cast<S*>(p.ce)[row] = y == p.ignore_index ? S(0) : (y >= 0 && y < p.classes ? lse1 - st.sy : S(NAN));
+  }
+}
+
+// Store the jsd of a row from its two partial sums.
+template <class S>
+KDFAST_HD inline void jsd_finish_row(const KdProblem& p, int64_t row, S kl_t, S kl_s) {
+  const int64_t rows = p.rows();
+  S* stats = static_cast<S*>(p.stats);
+  stats[kAux0 * rows + row] = kl_t;
+  stats[kAux1 * rows + row] = kl_s;
+  static_cast<S*>(p.div)[row] = S(p.beta) * kl_t + (S(1) - S(p.beta)) * kl_s;
+}
+
+}  // namespace kdfast

@@ -1,0 +1,364 @@
+// CPU kernels of the fused temperature-softmax divergences (kd_fwd / kd_bwd), written once with
+// at::vec::Vectorized and compiled once per CPU capability (csrc/cpu/isa/).
+//
+// Both layouts use the same block code. A block is up to kBlock vectors of W lanes, staged (converted to the
+// accumulator type) from the inputs:
+//   row mode   (inner == 1): the vectors hold kBlock * W consecutive classes of one row; lanes past the
+//               last class hold -inf, which contributes nothing. Lanes are merged at the end of the row.
+//   pixel mode (inner > 1):  vector k holds class c0 + k of W neighbouring rows (positions i0 .. i0 + W),
+//               read through the class stride `inner`; every lane is its own row, so no transposing copy.
+// The forward makes one pass over the inputs with an online softmax (block max, one rescale per block);
+// jsd adds a second pass once the row's logsumexps are known. The backward recomputes the probabilities
+// from the saved row statistics and writes each gradient once.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <functional>
+#include <limits>
+
+#include "vec_math.h"
+
+namespace kdfast::cpu::CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+constexpr int kBlock = 16;
+
+template <class A> struct KdLanes {
+  using V = Vectorized<A>;
+  static constexpr int W = V::size();
+  V ms = V(-std::numeric_limits<A>::infinity()), zs = V(A(0));
+  V mt = V(-std::numeric_limits<A>::infinity()), zt = V(A(0));
+  V w = V(A(0)), z1 = V(A(0)), sy = V(A(0));
+
+  KdRowState<A> lane(int l) const {
+    alignas(64) A b[7][W];
+    ms.store(b[0]); zs.store(b[1]); mt.store(b[2]); zt.store(b[3]); w.store(b[4]); z1.store(b[5]); sy.store(b[6]);
+    // w belongs to the teacher's sums for kl and to the student's otherwise; the other copy goes unused.
+    return {{b[0][l], b[1][l], b[4][l]}, {b[2][l], b[3][l], b[4][l]}, b[5][l], b[6][l]};
+  }
+};
+
+// Per-row constants of a kernel call.
+template <class A> struct KdConsts {
+  using V = Vectorized<A>;
+  Divergence div;
+  A T, inv_T, beta;
+  bool target, ce_rescale;  // ce_rescale: target given and T != 1, so logsumexp(s) needs its own sum
+  explicit KdConsts(const KdProblem& p)
+      : div(p.divergence), T(A(p.temperature)), inv_T(A(1) / A(p.temperature)), beta(A(p.beta)),
+        target(p.target != nullptr), ce_rescale(p.target != nullptr && p.temperature != 1.0) {}
+};
+
+// Forward: fold one staged block (raw logits s, t; class index of every lane `cls`; the lanes' targets `y`)
+// into the lanes' online sums.
+template <class A>
+inline void fwd_block(const KdConsts<A>& k, const A* s, const A* t, const Vectorized<A>* cls,
+                      Vectorized<A> y, int nvec, KdLanes<A>& L) {
+  using V = Vectorized<A>;
+  constexpr int W = V::size();
+  using M = VMath<V>;
+  const V inv(k.inv_T), ninf(-std::numeric_limits<A>::infinity()), zero(A(0));
+  V bms = ninf, bmt = ninf;
+  for (int j = 0; j < nvec; ++j) {
+    bms = at::vec::maximum(bms, V::loadu(s + j * W) * inv);
+    bmt = at::vec::maximum(bmt, V::loadu(t + j * W) * inv);
+  }
+  const V nms = at::vec::maximum(L.ms, bms), nmt = at::vec::maximum(L.mt, bmt);
+  // Reference points: the new maxima, or 0 where a lane has seen only -inf (so that exp gives 0, not NaN).
+  const V rs = V::blendv(nms, zero, nms == ninf), rt = V::blendv(nmt, zero, nmt == ninf);
+  const V fs = M::exp(L.ms - rs), ft = M::exp(L.mt - rt);
+  L.zs = L.zs * fs;
+  L.zt = L.zt * ft;
+  L.w = L.w * (k.div == Divergence::KL ? ft : fs);
+  if (k.ce_rescale) L.z1 = L.z1 * M::exp((L.ms - rs) * V(k.T));
+  for (int j = 0; j < nvec; ++j) {
+    const V sv = V::loadu(s + j * W), a = sv * inv, b = V::loadu(t + j * W) * inv;
+    const V es = M::exp(a - rs), et = M::exp(b - rt);
+    L.zs = L.zs + es;
+    L.zt = L.zt + et;
+    if (k.div == Divergence::KL) L.w = L.w + M::mul_nonzero(et, b - a);
+    else if (k.div == Divergence::ReverseKL) L.w = L.w + M::mul_nonzero(es, a - b);
+    if (k.target) {
+      if (k.ce_rescale) L.z1 = L.z1 + M::exp((a - rs) * V(k.T));
+      L.sy = L.sy + V::blendv(zero, sv, cls[j] == y);
+    }
+  }
+  L.ms = nms;
+  L.mt = nmt;
+}
+
+// jsd second pass over one staged block, given the lanes' logsumexps.
+template <class A>
+inline void jsd_block(const KdConsts<A>& k, const A* s, const A* t, int nvec, Vectorized<A> lse_s,
+                      Vectorized<A> lse_t, Vectorized<A>& kl_t, Vectorized<A>& kl_s) {
+  using V = Vectorized<A>;
+  constexpr int W = V::size();
+  const V inv(k.inv_T);
+  for (int j = 0; j < nvec; ++j) {
+    V dt, ds;
+    jsd_terms<V, V>(V(k.beta), V::loadu(s + j * W) * inv, V::loadu(t + j * W) * inv, lse_s, lse_t, dt, ds);
+    kl_t = kl_t + dt;
+    kl_s = kl_s + ds;
+  }
+}
+
+// The statistics and upstream gradients of the rows behind a block's lanes.
+template <class A> struct KdLaneStats {
+  using V = Vectorized<A>;
+  V lse_s, lse_t, aux0, aux1, lse1, g, gce, y;
+};
+
+// Backward of one staged block: gradients with respect to the raw logits, written over s and t.
+template <class A>
+inline void bwd_block(const KdConsts<A>& k, A* s, A* t, const Vectorized<A>* cls, const KdLaneStats<A>& r,
+                      int nvec) {
+  using V = Vectorized<A>;
+  constexpr int W = V::size();
+  using M = VMath<V>;
+  const V inv(k.inv_T), zero(A(0));
+  const V g = r.g * inv;  // d a / d s = 1 / T
+  for (int j = 0; j < nvec; ++j) {
+    const V sv = V::loadu(s + j * W);
+    V da, db;
+    divergence_grad<V, V>(k.div, V(k.beta), sv * inv, V::loadu(t + j * W) * inv, r.lse_s, r.lse_t, r.aux0, r.aux1,
+                          da, db);
+    V gs = M::mul_nonzero(g, da);
+    if (k.target) {
+      const V p1 = M::exp(sv - r.lse1) - V::blendv(zero, V(A(1)), cls[j] == r.y);
+      gs = gs + M::mul_nonzero(r.gce, p1);
+    }
+    gs.store(s + j * W);
+    M::mul_nonzero(g, db).store(t + j * W);
+  }
+}
+
+template <class TS, class TT, class A>
+struct KdKernel {
+  using V = Vectorized<A>;
+  static constexpr int W = V::size();
+  static constexpr int64_t kRowBlock = int64_t(kBlock) * W;
+
+  const KdProblem& p;
+  const KdConsts<A> k;
+  const TS* s;
+  const TT* t;
+
+  explicit KdKernel(const KdProblem& prob)
+      : p(prob), k(prob), s(static_cast<const TS*>(prob.student)), t(static_cast<const TT*>(prob.teacher)) {}
+
+  A target_of(int64_t row) const { return p.target ? A(p.target[row]) : A(-1); }
+
+  // ---- row mode (inner == 1) ----
+  // Calls f(c0, n, nvec, cls) for each block of one row after staging classes [c0, c0 + n) into bs, bt.
+  template <class F>
+  void row_blocks(int64_t row, A* bs, A* bt, F&& f) const {
+    const int64_t C = p.classes;
+    const TS* srow = s + row * C;
+    const TT* trow = t + row * C;
+    const A ninf = -std::numeric_limits<A>::infinity();
+    V cls[kBlock];
+    for (int64_t c0 = 0; c0 < C; c0 += kRowBlock) {
+      const int64_t n = std::min(kRowBlock, C - c0);
+      const int nvec = int((n + W - 1) / W);
+      stage(srow + c0, bs, n, int64_t(nvec) * W, ninf);
+      stage(trow + c0, bt, n, int64_t(nvec) * W, ninf);
+      for (int j = 0; j < nvec; ++j) cls[j] = V::arange(A(c0 + int64_t(j) * W), A(1));
+      f(c0, n, nvec, cls);
+    }
+  }
+
+  void forward_row(int64_t row) const {
+    alignas(64) A bs[kRowBlock], bt[kRowBlock];
+    KdLanes<A> L;
+    const V y(target_of(row));
+    row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V* cls) { fwd_block(k, bs, bt, cls, y, nvec, L); });
+    KdRowState<A> st = L.lane(0);
+    for (int l = 1; l < W; ++l) st = merge_lanes(st, L.lane(l));
+    kd_finish_row(p, row, st);
+    if (k.div == Divergence::JSD) {
+      const A* stats = static_cast<const A*>(p.stats);
+      const V lse_s(stats[kLseStudent * p.rows() + row]), lse_t(stats[kLseTeacher * p.rows() + row]);
+      V kl_t(A(0)), kl_s(A(0));
+      row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V*) {
+        jsd_block(k, bs, bt, nvec, lse_s, lse_t, kl_t, kl_s);
+      });
+      jsd_finish_row<A>(p, row, at::vec::vec_reduce_all<A>(std::plus<V>(), kl_t),
+                        at::vec::vec_reduce_all<A>(std::plus<V>(), kl_s));
+    }
+  }
+
+  // Merge the state of two lanes of one row.
+  KdRowState<A> merge_lanes(const KdRowState<A>& x, const KdRowState<A>& y) const {
+    KdRowState<A> r;
+    r.s = merge(x.s, y.s);
+    r.t = merge(x.t, y.t);
+    // z1 is relative to T * m_s: rescale it like z_s, with exponents multiplied by T.
+    const A m = r.s.m, ref = m == -std::numeric_limits<A>::infinity() ? A(0) : m;
+    r.z1 = x.z1 * std::exp((x.s.m - ref) * k.T) + y.z1 * std::exp((y.s.m - ref) * k.T);
+    r.sy = x.sy + y.sy;
+    return r;
+  }
+
+  void backward_row(int64_t row, TS* gs, TT* gt) const {
+    alignas(64) A bs[kRowBlock], bt[kRowBlock];
+    const int64_t C = p.classes;
+    const KdLaneStats<A> r = lane_stats(row, 1);
+    row_blocks(row, bs, bt, [&](int64_t c0, int64_t n, int nvec, const V* cls) {
+      bwd_block(k, bs, bt, cls, r, nvec);
+      if (gs) unstage(bs, gs + row * C + c0, n);
+      if (gt) unstage(bt, gt + row * C + c0, n);
+    });
+  }
+
+  // Statistics of rows [row, row + n) as lanes (n == 1 broadcasts one row to every lane).
+  KdLaneStats<A> lane_stats(int64_t row, int n) const {
+    const A* st = static_cast<const A*>(p.stats);
+    const A* gd = static_cast<const A*>(p.grad_div);
+    const A* gc = static_cast<const A*>(p.grad_ce);
+    const int64_t R = p.rows();
+    auto load = [&](const A* base) { return n == 1 ? V(base[row]) : V::loadu(base + row, n); };
+    KdLaneStats<A> r;
+    r.lse_s = load(st + kLseStudent * R);
+    r.lse_t = load(st + kLseTeacher * R);
+    r.aux0 = load(st + kAux0 * R);
+    r.aux1 = load(st + kAux1 * R);
+    r.g = load(gd);
+    if (k.target) {
+      r.lse1 = load(st + kLseStudent1 * R);
+      r.gce = gc ? load(gc) : V(A(0));
+      alignas(64) A y[W] = {};
+      for (int l = 0; l < n; ++l) y[l] = target_of(row + l);
+      r.y = n == 1 ? V(y[0]) : V::loadu(y);
+    } else {
+      r.lse1 = r.gce = r.y = V(A(0));
+    }
+    return r;
+  }
+
+  // ---- pixel mode (inner > 1) ----
+  // Calls f(c0, nk, cls) for each block of kBlock classes of the W rows at (o, i0 .. i0 + nl).
+  template <class F>
+  void pixel_blocks(int64_t o, int64_t i0, int nl, A* bs, A* bt, F&& f) const {
+    const int64_t C = p.classes, I = p.inner;
+    V cls[kBlock];
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      const int nk = int(std::min<int64_t>(kBlock, C - c0));
+      for (int j = 0; j < nk; ++j) {
+        const int64_t off = (o * C + c0 + j) * I + i0;
+        stage(s + off, bs + j * W, nl, W, A(0));
+        stage(t + off, bt + j * W, nl, W, A(0));
+        cls[j] = V(A(c0 + j));
+      }
+      f(c0, nk, cls);
+    }
+  }
+
+  void forward_pixels(int64_t o, int64_t i0, int nl) const {
+    alignas(64) A bs[kBlock * W], bt[kBlock * W];
+    const int64_t row0 = o * p.inner + i0;
+    alignas(64) A yl[W] = {};
+    for (int l = 0; l < nl; ++l) yl[l] = target_of(row0 + l);
+    const V y = V::loadu(yl);
+    KdLanes<A> L;
+    pixel_blocks(o, i0, nl, bs, bt, [&](int64_t, int nk, const V* cls) { fwd_block(k, bs, bt, cls, y, nk, L); });
+    for (int l = 0; l < nl; ++l) kd_finish_row(p, row0 + l, L.lane(l));
+    if (k.div == Divergence::JSD) {
+      const A* stats = static_cast<const A*>(p.stats);
+      const V lse_s = V::loadu(stats + kLseStudent * p.rows() + row0, nl);
+      const V lse_t = V::loadu(stats + kLseTeacher * p.rows() + row0, nl);
+      V kl_t(A(0)), kl_s(A(0));
+      pixel_blocks(o, i0, nl, bs, bt, [&](int64_t, int nk, const V*) {
+        jsd_block(k, bs, bt, nk, lse_s, lse_t, kl_t, kl_s);
+      });
+      alignas(64) A kt[W], ks[W];
+      kl_t.store(kt);
+      kl_s.store(ks);
+      for (int l = 0; l < nl; ++l) jsd_finish_row<A>(p, row0 + l, kt[l], ks[l]);
+    }
+  }
+
+  void backward_pixels(int64_t o, int64_t i0, int nl, TS* gs, TT* gt) const {
+    alignas(64) A bs[kBlock * W], bt[kBlock * W];
+    const int64_t C = p.classes, I = p.inner;
+    const KdLaneStats<A> r = lane_stats(o * I + i0, nl);
+    pixel_blocks(o, i0, nl, bs, bt, [&](int64_t c0, int nk, const V* cls) {
+      bwd_block(k, bs, bt, cls, r, nk);
+      for (int j = 0; j < nk; ++j) {
+        const int64_t off = (o * C + c0 + j) * I + i0;
+        if (gs) unstage(bs + j * W, gs + off, nl);
+        if (gt) unstage(bt + j * W, gt + off, nl);
+      }
+    });
+  }
+
+  // ---- drivers ----
+  template <class RowF, class PixF>
+  void for_all(RowF&& row_f, PixF&& pix_f) const {
+    const int64_t C = p.classes, I = p.inner;
+    if (I == 1) {
+      at::parallel_for(0, p.outer, std::max<int64_t>(1, 32768 / C), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) row_f(r);
+      });
+    } else {
+      const int64_t groups = (I + W - 1) / W;
+      at::parallel_for(0, p.outer * groups, std::max<int64_t>(1, 32768 / (C * W)), [&](int64_t b, int64_t e) {
+        for (int64_t u = b; u < e; ++u) {
+          const int64_t o = u / groups, i0 = (u % groups) * W;
+          pix_f(o, i0, int(std::min<int64_t>(W, I - i0)));
+        }
+      });
+    }
+  }
+
+  void forward() const {
+    for_all([&](int64_t r) { forward_row(r); },
+            [&](int64_t o, int64_t i0, int nl) { forward_pixels(o, i0, nl); });
+  }
+
+  void backward() const {
+    TS* gs = static_cast<TS*>(p.grad_student);
+    TT* gt = static_cast<TT*>(p.grad_teacher);
+    for_all([&](int64_t r) { backward_row(r, gs, gt); },
+            [&](int64_t o, int64_t i0, int nl) { backward_pixels(o, i0, nl, gs, gt); });
+  }
+};
+
+}  // namespace kdfast::cpu::CPU_CAPABILITY
+
+// Entry points of this capability, declared in csrc/cpu/dispatch.h.
+namespace kdfast::cpu::CPU_CAPABILITY {
+
+template <template <class, class, class> class Kernel, class F>
+void dispatch_kd_types(const KdProblem& p, F&& f) {
+  // double accumulates in double and is only paired with double (the op converts a mixed double pair).
+  auto with_teacher = [&](auto s_tag) {
+    using TS = decltype(s_tag);
+    switch (p.teacher_dtype) {
+      case DType::Float32: return f(Kernel<TS, float, float>(p));
+      case DType::Float16: return f(Kernel<TS, c10::Half, float>(p));
+      case DType::BFloat16: return f(Kernel<TS, c10::BFloat16, float>(p));
+      default: TORCH_CHECK(false, "kdfast: unsupported teacher dtype");
+    }
+  };
+  switch (p.student_dtype) {
+    case DType::Float64:
+      TORCH_CHECK(p.teacher_dtype == DType::Float64 && p.acc_double, "kdfast: float64 pairs only with float64");
+      return f(Kernel<double, double, double>(p));
+    case DType::Float32: return with_teacher(float{});
+    case DType::Float16: return with_teacher(c10::Half{});
+    case DType::BFloat16: return with_teacher(c10::BFloat16{});
+  }
+}
+
+void kd_forward(const KdProblem& p) {
+  dispatch_kd_types<KdKernel>(p, [](const auto& kernel) { kernel.forward(); });
+}
+
+void kd_backward(const KdProblem& p) {
+  dispatch_kd_types<KdKernel>(p, [](const auto& kernel) { kernel.backward(); });
+}
+
+}  // namespace kdfast::cpu::CPU_CAPABILITY

@@ -1,0 +1,30 @@
+// Device-independent part of the kd_fwd / kd_bwd ops: checks the tensors, allocates the outputs, fills a
+// KdProblem and hands it to a device's launcher (the CPU kernels or the CUDA binding).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "common/kd_div.h"
+
+namespace kdfast {
+
+using KdLauncher = std::function<void(const KdProblem&)>;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd(const at::Tensor& student, const at::Tensor& teacher,
+                                                      const std::optional<at::Tensor>& target, double temperature,
+                                                      const std::string& divergence, double beta,
+                                                      int64_t ignore_index, const KdLauncher& launch);
+
+std::tuple<at::Tensor, at::Tensor> kd_bwd(const at::Tensor& grad_div, const std::optional<at::Tensor>& grad_ce,
+                                          const at::Tensor& student, const at::Tensor& teacher,
+                                          const std::optional<at::Tensor>& target, const at::Tensor& stats,
+                                          double temperature, const std::string& divergence, double beta,
+                                          int64_t ignore_index, bool student_grad, bool teacher_grad,
+                                          const KdLauncher& launch);
+
+}  // namespace kdfast

@@ -1,0 +1,82 @@
+"""Argument checks shared by the public functions: each raises before any kernel runs and names the argument.
+
+ValueError for shapes, values and options; TypeError for dtypes and non-tensors.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def floating(x, name: str) -> torch.Tensor:
+    tensor(x, name)
+    if x.dtype not in FLOATING:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    return x
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def same_device(tensors: dict) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}: move them to one device")
+
+
+def dim(d, ndim: int, name: str = "dim") -> int:
+    if isinstance(d, bool) or not isinstance(d, int):
+        raise TypeError(f"{name} must be an int, got {type(d).__name__}")
+    if ndim == 0:
+        raise ValueError("logits must have at least one dimension (the classes)")
+    if not -ndim <= d < ndim:
+        raise ValueError(f"{name}={d} is out of range for a tensor of {ndim} dimension(s)")
+    return d % ndim
+
+
+def choice(value, name: str, allowed: Iterable[str]) -> str:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+    return value
+
+
+def real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def positive_finite(value, name: str) -> float:
+    v = real(value, name)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return v
+
+
+def in_closed_unit(value, name: str) -> float:
+    v = real(value, name)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return v
+
+
+def in_open_unit(value, name: str) -> float:
+    v = real(value, name)
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{name} must be strictly inside (0, 1), got {value}")
+    return v
