@@ -13,6 +13,14 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("kd_bwd(Tensor grad_div, Tensor? grad_ce, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
         "float temperature, str divergence, float beta, int ignore_index, bool student_grad, bool teacher_grad) "
         "-> (Tensor grad_student, Tensor grad_teacher)");
+  // Attention maps of every (batch, channels, positions) feature map of a call in one launch: pooled over the
+  // channels as mean/sum/max of |x|^p and, with normalize, L2-normalised over the positions. maps are float32
+  // (float64 when a feature is), norms the (features, batch) norms before normalisation, argmax the int32 first
+  // arg-max channels for max pooling (empty otherwise). The backward writes each requested feature gradient once.
+  m.def("attention_fwd(Tensor[] features, float p, str pool, bool normalize) "
+        "-> (Tensor[] maps, Tensor norms, Tensor[] argmax)");
+  m.def("attention_bwd(Tensor[] grad_maps, Tensor[] features, Tensor[] maps, Tensor norms, Tensor[] argmax, "
+        "float p, str pool, bool normalize, bool[] needs_grad) -> Tensor[]");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -84,3 +84,35 @@ if _C is not None:
         return gs if need_s else None, gt if need_t else None, None, None, None, None, None
 
     torch.library.register_autograd("kdfast::kd_fwd", _kd_backward, setup_context=_kd_setup_context)
+
+    @torch.library.register_fake("kdfast::attention_fwd")
+    def _attention_fwd_fake(features, p, pool, normalize):
+        acc = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
+        batch = features[0].shape[0]
+        maps = [f.new_empty((batch, f.shape[2]), dtype=acc) for f in features]
+        argmax = [f.new_empty((batch, f.shape[2]) if pool == "max" else (0,), dtype=torch.int32) for f in features]
+        return maps, features[0].new_empty((len(features), batch), dtype=acc), argmax
+
+    @torch.library.register_fake("kdfast::attention_bwd")
+    def _attention_bwd_fake(grad_maps, features, maps, norms, argmax, p, pool, normalize, needs_grad):
+        return [torch.empty_like(f) if need else f.new_empty((0,)) for f, need in zip(features, needs_grad)]
+
+    def _attention_setup_context(ctx, inputs, output):
+        features, p, pool, normalize = inputs
+        maps, norms, argmax = output
+        ctx.count = len(features)
+        ctx.save_for_backward(*features, *maps, norms, *argmax)
+        ctx.options = (p, pool, normalize)
+
+    def _attention_backward(ctx, grad_maps, _grad_norms, _grad_argmax):
+        n = ctx.count
+        saved = ctx.saved_tensors
+        features, maps, norms, argmax = saved[:n], saved[n:2 * n], saved[2 * n], saved[2 * n + 1:]
+        needs = [bool(x) for x in ctx.needs_input_grad[0]] if isinstance(ctx.needs_input_grad[0], (list, tuple)) \
+            else [f.requires_grad for f in features]
+        grads = torch.ops.kdfast.attention_bwd(list(grad_maps), list(features), list(maps), norms, list(argmax),
+                                               *ctx.options, needs)
+        return [g if need else None for g, need in zip(grads, needs)], None, None, None
+
+    torch.library.register_autograd("kdfast::attention_fwd", _attention_backward,
+                                    setup_context=_attention_setup_context)
