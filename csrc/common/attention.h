@@ -86,8 +86,9 @@ KDFAST_HD inline V dpow_abs(V x, S p) {
 template <class V, class S>
 KDFAST_HD inline V pooled_grad(bool normalize, V y, V dy, S dot, S n, S scale) {
   if (!normalize) return dy * V(scale);
-  if (n >= S(kAttentionEps)) return (dy - y * V(dot)) / V(n) * V(scale);
-  return dy / V(S(kAttentionEps)) * V(scale);
+  // written so that a NaN norm takes the normalised branch and keeps its NaN
+  if (n < S(kAttentionEps)) return dy / V(S(kAttentionEps)) * V(scale);
+  return (dy - y * V(dot)) / V(n) * V(scale);
 }
 
 }  // namespace kdfast
