@@ -148,6 +148,8 @@ KDFAST_HD inline void kd_finish_row(const KdProblem& p, int64_t row, const KdRow
     const int64_t y = p.target[row];
     // An out-of-range class (checked on the host where that costs no synchronisation) gives NaN.
     static_cast<S*>(p.ce)[row] = y == p.ignore_index ? S(0) : (y >= 0 && y < p.classes ? lse1 - st.sy : S(NAN));
+  } else {
+    stats[kLseStudent1 * rows + row] = S(0);  // unused; written so that the op's outputs are all defined
   }
 }
 
