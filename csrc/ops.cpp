@@ -21,6 +21,14 @@ TORCH_LIBRARY(kdfast, m) {
         "-> (Tensor[] maps, Tensor norms, Tensor[] argmax)");
   m.def("attention_bwd(Tensor[] grad_maps, Tensor[] features, Tensor[] maps, Tensor norms, Tensor[] argmax, "
         "float p, str pool, bool normalize, bool[] needs_grad) -> Tensor[]");
+  // Attention transfer over layer pairs (student[k], teacher[k]) of equal positions, in one launch each way:
+  // rows = the (pairs, batch) per-sample means over positions of (map_s - map_t)^2 of normalised maps; maps, norms
+  // and argmax as attention_fwd over student + teacher (saved for the backward). The backward returns the
+  // gradients of student + teacher (empty where needs_grad, over the same concatenation, is false).
+  m.def("attention_transfer_fwd(Tensor[] student, Tensor[] teacher, float p, str pool) "
+        "-> (Tensor rows, Tensor[] maps, Tensor norms, Tensor[] argmax)");
+  m.def("attention_transfer_bwd(Tensor grad_rows, Tensor[] student, Tensor[] teacher, Tensor[] maps, Tensor norms, "
+        "Tensor[] argmax, float p, str pool, bool[] needs_grad) -> Tensor[]");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -85,6 +85,12 @@ if _C is not None:
 
     torch.library.register_autograd("kdfast::kd_fwd", _kd_backward, setup_context=_kd_setup_context)
 
+    def _list_needs(needs_input_grad, tensors) -> list:
+        """Per-tensor needs_input_grad of a Tensor[] argument (autograd gives a list, or one bool for all)."""
+        if isinstance(needs_input_grad, (list, tuple)):
+            return [bool(x) for x in needs_input_grad]
+        return [bool(needs_input_grad)] * len(tensors)
+
     @torch.library.register_fake("kdfast::attention_fwd")
     def _attention_fwd_fake(features, p, pool, normalize):
         acc = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
@@ -108,11 +114,41 @@ if _C is not None:
         n = ctx.count
         saved = ctx.saved_tensors
         features, maps, norms, argmax = saved[:n], saved[n:2 * n], saved[2 * n], saved[2 * n + 1:]
-        needs = [bool(x) for x in ctx.needs_input_grad[0]] if isinstance(ctx.needs_input_grad[0], (list, tuple)) \
-            else [f.requires_grad for f in features]
+        needs = _list_needs(ctx.needs_input_grad[0], features)
         grads = torch.ops.kdfast.attention_bwd(list(grad_maps), list(features), list(maps), norms, list(argmax),
                                                *ctx.options, needs)
         return [g if need else None for g, need in zip(grads, needs)], None, None, None
 
     torch.library.register_autograd("kdfast::attention_fwd", _attention_backward,
                                     setup_context=_attention_setup_context)
+
+    @torch.library.register_fake("kdfast::attention_transfer_fwd")
+    def _attention_transfer_fwd_fake(student, teacher, p, pool):
+        maps, norms, argmax = _attention_fwd_fake(list(student) + list(teacher), p, pool, True)
+        return student[0].new_empty((len(student), student[0].shape[0]), dtype=norms.dtype), maps, norms, argmax
+
+    @torch.library.register_fake("kdfast::attention_transfer_bwd")
+    def _attention_transfer_bwd_fake(grad_rows, student, teacher, maps, norms, argmax, p, pool, needs_grad):
+        return [torch.empty_like(f) if need else f.new_empty((0,))
+                for f, need in zip(list(student) + list(teacher), needs_grad)]
+
+    def _attention_transfer_setup_context(ctx, inputs, output):
+        student, teacher, p, pool = inputs
+        _rows, maps, norms, argmax = output
+        ctx.pairs = len(student)
+        ctx.save_for_backward(*student, *teacher, *maps, norms, *argmax)
+        ctx.options = (p, pool)
+
+    def _attention_transfer_backward(ctx, grad_rows, _grad_maps, _grad_norms, _grad_argmax):
+        k = ctx.pairs
+        saved = ctx.saved_tensors
+        student, teacher = saved[:k], saved[k:2 * k]
+        maps, norms, argmax = saved[2 * k:4 * k], saved[4 * k], saved[4 * k + 1:]
+        needs = _list_needs(ctx.needs_input_grad[0], student) + _list_needs(ctx.needs_input_grad[1], teacher)
+        grads = torch.ops.kdfast.attention_transfer_bwd(grad_rows, list(student), list(teacher), list(maps), norms,
+                                                        list(argmax), *ctx.options, needs)
+        grads = [g if need else None for g, need in zip(grads, needs)]
+        return grads[:k], grads[k:], None, None
+
+    torch.library.register_autograd("kdfast::attention_transfer_fwd", _attention_transfer_backward,
+                                    setup_context=_attention_transfer_setup_context)

@@ -185,6 +185,18 @@ def test_opcheck():
                                True, [True, False]))
 
 
+def test_opcheck_transfer():
+    s = [feats(2, 3, 5).requires_grad_(), feats(2, 4, 7, dtype=torch.bfloat16, seed=1).requires_grad_()]
+    t = [feats(2, 6, 5, seed=2).requires_grad_(), feats(2, 2, 7, seed=3)]
+    for pool in POOLS:
+        torch.library.opcheck(torch.ops.kdfast.attention_transfer_fwd.default, (s, t, 2.0, pool))
+        with torch.no_grad():
+            rows, maps, norms, argmax = torch.ops.kdfast.attention_transfer_fwd(s, t, 3.0, pool)
+        torch.library.opcheck(torch.ops.kdfast.attention_transfer_bwd.default,
+                              (torch.randn_like(rows), [x.detach() for x in s], [x.detach() for x in t], maps, norms,
+                               argmax, 3.0, pool, [True, True, True, False]))
+
+
 def test_compile_fullgraph():
     s = [feats(2, 3, 4, 4).requires_grad_(), feats(2, 4, 2, 2, seed=1).requires_grad_()]
     t = [feats(2, 5, 4, 4, seed=2), feats(2, 6, 4, 4, seed=3)]

@@ -28,7 +28,8 @@ struct AttentionFeature {
   void* map;
   // max pooling only: the (batch, positions) first arg-max channel (int32), written by the forward.
   int32_t* argmax;
-  // backward: d loss / d map (batch, positions, accumulator type), and the gradient (dtype of x, null when unwanted)
+  // backward: d loss / d map (batch, positions, accumulator type; null in a transfer problem, which derives it
+  // from grad_rows), and the gradient (dtype of x, null when unwanted)
   const void* grad_map;
   void* grad;
 };
@@ -44,6 +45,12 @@ struct AttentionProblem {
   // (count, batch) accumulator-typed L2 norms of the pooled maps before normalisation: written by the forward,
   // read by the backward (only with normalize).
   void* norms;
+  // Attention transfer (pairs > 0, normalize set): features [0, pairs) are the students and [pairs, 2 pairs) the
+  // teachers of the layer pairs; the forward also writes rows (pairs, batch), the per-sample mean over positions of
+  // (map_s - map_t)^2, and the backward takes grad_rows (pairs, batch) in place of the features' grad_map.
+  int64_t pairs;
+  void* rows;
+  const void* grad_rows;
 };
 
 constexpr double kAttentionEps = 1e-12;  // torch.nn.functional.normalize's default eps

@@ -172,18 +172,59 @@ struct AttentionKernel {
                      with_element_type<A>(f.dtype, [&](auto t) { pool_unit<decltype(t)>(f, u); });
                    });
     if (!p.normalize) return;
-    at::parallel_for(0, p.count * p.batch, std::max<int64_t>(1, kUnitGrain / kChunk), [&](int64_t s, int64_t e) {
-      for (int64_t k = s; k < e; ++k) normalize_sample(k / p.batch, k % p.batch);
+    const int64_t samples = (p.pairs > 0 ? p.pairs : p.count) * p.batch;
+    at::parallel_for(0, samples, std::max<int64_t>(1, kUnitGrain / kChunk), [&](int64_t s, int64_t e) {
+      for (int64_t k = s; k < e; ++k) {
+        if (p.pairs > 0) transfer_sample(k / p.batch, k % p.batch);
+        else normalize_sample(k / p.batch, k % p.batch);
+      }
     });
   }
 
-  // ---- backward ----
-  // dot(y, dy) of one sample's normalised map and its upstream gradient.
-  A map_dot(const AttentionFeature& f, int64_t b) const {
-    const A* y = static_cast<const A*>(f.map) + b * f.positions;
-    const A* dy = static_cast<const A*>(f.grad_map) + b * f.positions;
+  // Normalises the student's and the teacher's map of one sample of layer pair k and writes its row: the mean over
+  // positions of the squared difference.
+  void transfer_sample(int64_t k, int64_t b) const {
+    normalize_sample(k, b);
+    normalize_sample(p.pairs + k, b);
+    const int64_t P = p.features[k].positions;
+    const A* ys = static_cast<const A*>(p.features[k].map) + b * P;
+    const A* yt = static_cast<const A*>(p.features[p.pairs + k].map) + b * P;
     V acc(A(0));
-    for_vectors(f.positions, [&](int64_t j, int m) { acc = acc + V::loadu(y + j, m) * V::loadu(dy + j, m); });
+    for_vectors(P, [&](int64_t j, int m) {
+      const V d = V::loadu(ys + j, m) - V::loadu(yt + j, m);
+      acc = acc + d * d;
+    });
+    static_cast<A*>(p.rows)[k * p.batch + b] = at::vec::vec_reduce_all<A>(std::plus<V>(), acc) / A(P);
+  }
+
+  // ---- backward ----
+  // d loss / d map at positions [i0, i0 + n) of sample b of feature fi: its grad_map, or in a transfer problem
+  // grad_rows[k, b] times d rows[k, b] / d map = 2 (map - partner's map) / positions (either side), computed
+  // into buf.
+  const A* upstream(int64_t fi, int64_t b, int64_t i0, int64_t n, A* buf) const {
+    const AttentionFeature& f = p.features[fi];
+    const int64_t off = b * f.positions + i0;
+    if (p.pairs == 0) return static_cast<const A*>(f.grad_map) + off;
+    const bool student = fi < p.pairs;
+    const int64_t k = student ? fi : fi - p.pairs;
+    const A g = static_cast<const A*>(p.grad_rows)[k * p.batch + b] * A(2) / A(f.positions);
+    const A* y = static_cast<const A*>(f.map) + off;
+    const A* yo = static_cast<const A*>(p.features[student ? fi + p.pairs : k].map) + off;
+    for_vectors(n, [&](int64_t j, int m) { (V(g) * (V::loadu(y + j, m) - V::loadu(yo + j, m))).store(buf + j, m); });
+    return buf;
+  }
+
+  // dot(y, dy) of one sample's normalised map and its upstream gradient.
+  A map_dot(int64_t fi, int64_t b) const {
+    alignas(64) A buf[kChunk];
+    const int64_t P = p.features[fi].positions;
+    const A* y = static_cast<const A*>(p.features[fi].map) + b * P;
+    V acc(A(0));
+    for (int64_t i0 = 0; i0 < P; i0 += kChunk) {
+      const int64_t n = std::min(kChunk, P - i0);
+      const A* dy = upstream(fi, b, i0, n, buf);
+      for_vectors(n, [&](int64_t j, int m) { acc = acc + V::loadu(y + i0 + j, m) * V::loadu(dy + j, m); });
+    }
     return at::vec::vec_reduce_all<A>(std::plus<V>(), acc);
   }
 
@@ -194,7 +235,7 @@ struct AttentionKernel {
     alignas(64) A coef[kChunk], arg[kChunk], buf[kChunk];
     const int64_t C = f.channels, P = f.positions, off = u.b * P + u.i0;
     const A* y = static_cast<const A*>(f.map) + off;
-    const A* dy = static_cast<const A*>(f.grad_map) + off;
+    const A* dy = upstream(fi, u.b, u.i0, u.n, coef);  // coef is then computed in place
     const A dot = p.normalize ? dots[fi * p.batch + u.b] : A(0);
     const A norm = p.normalize ? static_cast<const A*>(p.norms)[fi * p.batch + u.b] : A(0);
     const A scale = p.pool == Pool::Mean ? pexp / A(C) : pexp;
@@ -226,7 +267,7 @@ struct AttentionKernel {
       at::parallel_for(0, p.count * p.batch, std::max<int64_t>(1, kUnitGrain / kChunk), [&](int64_t s, int64_t e) {
         for (int64_t k = s; k < e; ++k) {
           const AttentionFeature& f = p.features[k / p.batch];
-          if (wanted(f)) dots[k] = map_dot(f, k % p.batch);
+          if (wanted(f)) dots[k] = map_dot(k / p.batch, k % p.batch);
         }
       });
     }
