@@ -106,6 +106,7 @@ if _C is not None:
     def _attention_setup_context(ctx, inputs, output):
         features, p, pool, normalize = inputs
         maps, norms, argmax = output
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for norms and argmax
         ctx.count = len(features)
         ctx.save_for_backward(*features, *maps, norms, *argmax)
         ctx.options = (p, pool, normalize)
@@ -115,6 +116,7 @@ if _C is not None:
         saved = ctx.saved_tensors
         features, maps, norms, argmax = saved[:n], saved[n:2 * n], saved[2 * n], saved[2 * n + 1:]
         needs = _list_needs(ctx.needs_input_grad[0], features)
+        grad_maps = [torch.zeros_like(m) if g is None else g for g, m in zip(grad_maps, maps)]
         grads = torch.ops.kdfast.attention_bwd(list(grad_maps), list(features), list(maps), norms, list(argmax),
                                                *ctx.options, needs)
         return [g if need else None for g, need in zip(grads, needs)], None, None, None
@@ -135,12 +137,15 @@ if _C is not None:
     def _attention_transfer_setup_context(ctx, inputs, output):
         student, teacher, p, pool = inputs
         _rows, maps, norms, argmax = output
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the maps, norms and argmax
         ctx.pairs = len(student)
         ctx.save_for_backward(*student, *teacher, *maps, norms, *argmax)
         ctx.options = (p, pool)
 
     def _attention_transfer_backward(ctx, grad_rows, _grad_maps, _grad_norms, _grad_argmax):
         k = ctx.pairs
+        if grad_rows is None:
+            return [None] * k, [None] * k, None, None
         saved = ctx.saved_tensors
         student, teacher = saved[:k], saved[k:2 * k]
         maps, norms, argmax = saved[2 * k:4 * k], saved[4 * k], saved[4 * k + 1:]
