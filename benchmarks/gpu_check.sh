@@ -28,6 +28,6 @@ python3 -c "import kdfast; b = kdfast.backends(); print(b); assert b['cuda'], 'n
 step tests python3 -m pytest tests -q -x -p no:cacheprovider
 step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest tests -q -x -k cuda -p no:cacheprovider
 step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest tests -q -x -k cuda -p no:cacheprovider
-step bench make bench NAME="$GPU" PY=python3
+step bench make bench-run NAME="$GPU" PY=python3
 cp benchmarks/results/"$GPU".* "$OUT"/ 2>/dev/null
 exit $status
