@@ -190,7 +190,7 @@ struct KdKernel {
       fwd_block(k, sp, tp, cls, y, nvec, L);
     });
     KdRowState<A> st = L.lane(0);
-    for (int l = 1; l < W; ++l) st = merge_lanes(st, L.lane(l));
+    for (int l = 1; l < W; ++l) st = merge(st, L.lane(l), k.T);
     kd_finish_row(p, row, st);
     if (k.div == Divergence::JSD) {
       const A* stats = static_cast<const A*>(p.stats);
@@ -202,18 +202,6 @@ struct KdKernel {
       jsd_finish_row<A>(p, row, at::vec::vec_reduce_all<A>(std::plus<V>(), kl_t),
                         at::vec::vec_reduce_all<A>(std::plus<V>(), kl_s));
     }
-  }
-
-  // Merge the state of two lanes of one row.
-  KdRowState<A> merge_lanes(const KdRowState<A>& x, const KdRowState<A>& y) const {
-    KdRowState<A> r;
-    r.s = merge(x.s, y.s);
-    r.t = merge(x.t, y.t);
-    // z1 is relative to T * m_s: rescale it like z_s, with exponents multiplied by T.
-    const A m = r.s.m, ref = m == -std::numeric_limits<A>::infinity() ? A(0) : m;
-    r.z1 = x.z1 * std::exp((x.s.m - ref) * k.T) + y.z1 * std::exp((y.s.m - ref) * k.T);
-    r.sy = x.sy + y.sy;
-    return r;
   }
 
   void backward_row(int64_t row, TS* gs, TT* gt) const {
