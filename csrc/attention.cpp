@@ -93,7 +93,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
     desc.push_back(f);
     work = work || x.numel() > 0;
   }
-  at::Tensor norms = at::empty({prob.count, prob.batch}, acc);
+  // norms are only computed with normalize; zeros otherwise rather than uninitialised memory
+  at::Tensor norms = normalize ? at::empty({prob.count, prob.batch}, acc) : at::zeros({prob.count, prob.batch}, acc);
   at::Tensor rows = pairs > 0 ? at::empty({pairs, prob.batch}, acc) : at::empty({0}, acc);
   if (work) {
     prob.features = desc.data();

@@ -33,7 +33,7 @@ std::vector<at::Tensor> attention_backward_op(at::TensorList grad_maps, const st
                                               const std::string& pool, bool normalize, int64_t pairs,
                                               const std::vector<bool>& needs_grad, const AttentionLauncher& launch);
 
-// The ops' argument conventions around the two functions above, shared by the CPU and CUDA registrations.
+// student + teacher: the features of a transfer problem (used by the CPU and CUDA registrations).
 std::vector<at::Tensor> concat(at::TensorList a, at::TensorList b);
 
 }  // namespace kdfast

@@ -127,12 +127,20 @@ def check_loss(ss, ts, pool, reduction, dtype):
 
     out, g = grads_of(run(kdfast.attention_transfer_loss), ss + ts)
     ref, gr = grads_of(run(reference.attention_transfer_loss), ss + ts)
-    assert out.shape == ((3, 4) if reduction == "none" else ())
+    assert out.shape == ref.shape == ((k, ss[0].shape[0]) if reduction == "none" else ())
     assert out.dtype == ref.dtype
     assert_close(out, ref, dtype)
     for a, b, x in zip(g, gr, ss + ts):
         assert a.dtype == x.dtype
         assert_close(a, b, dtype, scale=10.0)
+
+
+def test_loss_many_pairs(device):
+    # more feature maps than one CUDA launch takes (16), with the largest pair not first
+    shapes = [(2, 1 + i, 3 + i, 2) for i in range(9)]
+    ss = [feats(*c, device=device, seed=i) for i, c in enumerate(shapes)]
+    ts = [feats(c[0], 2 * c[1], *c[2:], device=device, seed=20 + i) for i, c in enumerate(shapes)]
+    check_loss(ss, ts, "max", "none", torch.float32)
 
 
 def test_loss_single_pair_and_module():
