@@ -36,7 +36,10 @@ namespace cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kChunk = 1024;       // positions per unit
+// Positions per unit: up to a whole 64 x 64 map, so that a unit reads its sample's channel rows back to back as
+// one sequential stream (cut into 4 KiB runs at a channel stride, the same reads took 2.4x longer on imagenet
+// shapes: every run restarts the hardware prefetcher); the 16 KiB of accumulators stay in L1/L2.
+constexpr int64_t kChunk = 4096;
 constexpr int64_t kUnitGrain = 32768;  // elements per thread task, at least
 
 struct AttnUnit {
