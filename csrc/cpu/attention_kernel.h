@@ -72,6 +72,16 @@ void parallel_units(const std::vector<AttnUnit>& units, Weight&& weight, F&& f) 
   });
 }
 
+// Runs f(k) for the samples k in [0, n), which hold about `work` elements in all, on several threads only when
+// that is worth a parallel region (waking the thread pool for a few small maps cost milliseconds on a busy machine).
+template <class F>
+void parallel_samples(int64_t n, int64_t work, F&& f) {
+  const int64_t grain = std::max<int64_t>(1, work > 0 ? n * kUnitGrain / work : n);
+  at::parallel_for(0, n, grain, [&](int64_t s, int64_t e) {
+    for (int64_t k = s; k < e; ++k) f(k);
+  });
+}
+
 // Calls f(T{}) with the element type of a feature; float64 features come only with float64 accumulation.
 template <class A, class F>
 void with_element_type(DType d, F&& f) {
@@ -175,13 +185,16 @@ struct AttentionKernel {
                      with_element_type<A>(f.dtype, [&](auto t) { pool_unit<decltype(t)>(f, u); });
                    });
     if (!p.normalize) return;
-    const int64_t samples = (p.pairs > 0 ? p.pairs : p.count) * p.batch;
-    at::parallel_for(0, samples, std::max<int64_t>(1, kUnitGrain / kChunk), [&](int64_t s, int64_t e) {
-      for (int64_t k = s; k < e; ++k) {
-        if (p.pairs > 0) transfer_sample(k / p.batch, k % p.batch);
-        else normalize_sample(k / p.batch, k % p.batch);
-      }
+    parallel_samples((p.pairs > 0 ? p.pairs : p.count) * p.batch, map_elements(), [&](int64_t k) {
+      if (p.pairs > 0) transfer_sample(k / p.batch, k % p.batch);
+      else normalize_sample(k / p.batch, k % p.batch);
     });
+  }
+
+  int64_t map_elements() const {
+    int64_t n = 0;
+    for (int64_t f = 0; f < p.count; ++f) n += p.batch * p.features[f].positions;
+    return n;
   }
 
   // Normalises the student's and the teacher's map of one sample of layer pair k and writes its row: the mean over
@@ -267,11 +280,8 @@ struct AttentionKernel {
     auto wanted = [](const AttentionFeature& f) { return f.grad != nullptr; };
     std::vector<A> dots(p.normalize ? p.count * p.batch : 0);
     if (p.normalize) {
-      at::parallel_for(0, p.count * p.batch, std::max<int64_t>(1, kUnitGrain / kChunk), [&](int64_t s, int64_t e) {
-        for (int64_t k = s; k < e; ++k) {
-          const AttentionFeature& f = p.features[k / p.batch];
-          if (wanted(f)) dots[k] = map_dot(k / p.batch, k % p.batch);
-        }
+      parallel_samples(p.count * p.batch, map_elements(), [&](int64_t k) {
+        if (wanted(p.features[k / p.batch])) dots[k] = map_dot(k / p.batch, k % p.batch);
       });
     }
     const auto units = attention_units(p, wanted);
