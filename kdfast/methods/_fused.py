@@ -66,6 +66,8 @@ def _similarity_preserving_loss(student_features, teacher_features, *, reduction
 def _manifold_distillation_loss(student_features, teacher_features, rank, *, weights=None, reduction="mean"):
     # Fallback until kdfast.manifold_distillation_loss lands: per set of points, ||P_s - P_t||_F^2 with
     # P = Y Y^T / ||Y Y^T||_F and Y the centred points' top-`rank` SVD coordinates (sign- and rotation-free).
+    # torch.linalg.svd's backward is not finite where singular values repeat (dead ReLU channels tie them at 0);
+    # the kdfast op's backward is: one more reason to drop this stand-in when it lands.
     assert reduction == "mean"
     if isinstance(student_features, torch.Tensor):
         student_features, teacher_features = [student_features], [teacher_features]
