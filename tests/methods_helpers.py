@@ -8,7 +8,7 @@ from torch import nn
 CLASSES = 4
 
 
-def digits(n=64, classes=CLASSES, seed=0):
+def digits(n=32, classes=CLASSES, seed=0):
     """Digits-like data: (n, 1, 8, 8) images, each a noisy copy of one of `classes` fixed random 8x8 prototypes."""
     g = torch.Generator().manual_seed(seed)
     prototypes = (torch.rand(classes, 1, 8, 8, generator=g) > 0.5).float()
@@ -44,16 +44,22 @@ def teacher_net(seed=1):
     return TinyNet(width=8, seed=seed)
 
 
-def run_steps(loss_fn, params, steps=25, lr=1e-2):
-    """Adam steps on loss_fn(); returns the loss values (before each step)."""
+def run_steps(loss_fn, params, steps=20, lr=1e-2):
+    """Adam steps on loss_fn(); returns the loss values (before each step). Runs on one thread: these models are
+    too small to gain from more, and on a shared machine a second OpenMP thread mostly waits."""
     opt = torch.optim.Adam(params, lr=lr)
     values = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-        values.append(float(loss.detach()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            values.append(float(loss.detach()))
+    finally:
+        torch.set_num_threads(threads)
     return values
 
 

@@ -94,3 +94,19 @@ def test_conditional_uses_teacher_where_right_and_label_where_wrong():
     torch.testing.assert_close(methods.ConditionalTeacherStudent()(s, t, target), expected)
     w = F.softmax(t, -1)[torch.arange(4), target]
     torch.testing.assert_close(methods.build("adaptive")(s, t, target), (w * kl + (1 - w) * ce).mean())
+
+
+@pytest.mark.parametrize("name", RESPONSE)
+def test_response_method_on_bfloat16_logits_gives_a_float32_loss(name):
+    s = torch.randn(6, 5).bfloat16().requires_grad_(True)
+    t = [torch.randn(6, 5).bfloat16() for _ in range(2)]
+    target = torch.randint(0, 5, (6,))
+    loss = methods.build(name)
+    if name.startswith("ensemble"):
+        value = loss(s, t, target)
+    elif name in ("logit_matching", "defensive", "gjsd"):
+        value = loss(s, t[0])
+    else:
+        value = loss(s, t[0], target)
+    value.backward()
+    assert value.dtype == torch.float32 and torch.isfinite(value) and s.grad.dtype == torch.bfloat16

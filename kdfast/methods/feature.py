@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._fused import op
+from ._util import upcast_half
 
 
 class ConvRegressor(nn.Module):
@@ -115,11 +116,6 @@ class SimilarityPreserving(nn.Module):
         return self.gamma * op("similarity_preserving_loss")(student_features, teacher_features.detach())
 
 
-def _upcast_half(x: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 -> float32 (distances and cosines need the range); float32/float64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def _pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     sq = e.square().sum(1)
     d = (sq[:, None] + sq[None, :] - 2 * e @ e.T).clamp_min(eps).sqrt()
@@ -146,8 +142,8 @@ class RelationalKD(nn.Module):
         return torch.bmm(v, v.transpose(1, 2)).flatten()
 
     def forward(self, student_features, teacher_features):
-        s = _upcast_half(student_features.flatten(1))
-        t = _upcast_half(teacher_features.detach().flatten(1))
+        s = upcast_half(student_features.flatten(1))
+        t = upcast_half(teacher_features.detach().flatten(1))
         dist = F.smooth_l1_loss(self._normalised_distances(s), self._normalised_distances(t))
         angle = F.smooth_l1_loss(self._angles(s), self._angles(t))
         return self.w_dist * dist + self.w_angle * angle

@@ -10,6 +10,8 @@ from torch import nn
 
 import kdfast
 
+from ._util import upcast_half
+
 
 # --- QuEST -------------------------------------------------------------------------------------------------------
 
@@ -167,8 +169,8 @@ class EnsembleDistributionDistillation(nn.Module):
         members = torch.stack(list(ensemble_logits)) if not isinstance(ensemble_logits, torch.Tensor) \
             else ensemble_logits
         c = prior_logits.shape[-1]
-        pi = F.softmax(members.detach().float() / T, dim=-1) * (1 - self.smoothing) + self.smoothing / c
-        alpha = torch.exp(prior_logits.float() / T)
+        pi = F.softmax(upcast_half(members.detach()) / T, dim=-1) * (1 - self.smoothing) + self.smoothing / c
+        alpha = torch.exp(upcast_half(prior_logits) / T)
         log_norm = torch.lgamma(alpha.sum(-1)) - torch.lgamma(alpha).sum(-1)  # (B,)
         log_lik = log_norm + ((alpha - 1) * pi.log()).sum(-1)  # (M, B)
         return -log_lik.mean()

@@ -2,6 +2,7 @@
 the teacher side is detached, so a frozen teacher never receives gradient), and uses kdfast.kd_div / kd_loss."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -9,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdfast
+
+from ._util import upcast_half
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -30,7 +33,7 @@ class LogitMatching(nn.Module):
     averaged over the batch (the high-temperature limit of KD)."""
 
     def forward(self, student_logits, teacher_logits):
-        diff = student_logits.float() - teacher_logits.detach().float()
+        diff = upcast_half(student_logits) - upcast_half(teacher_logits.detach())
         return 0.5 * diff.square().sum(-1).mean()
 
 
@@ -60,8 +63,7 @@ def ensemble_teacher_logits(teacher_logits: Logits, temperature: float, mode: st
         return stacked.mean(0)
     if mode == "arithmetic":
         k = stacked.shape[0]
-        log_mean = torch.logsumexp(F.log_softmax(stacked.float() / temperature, dim=-1), dim=0) - torch.log(
-            torch.tensor(float(k)))
+        log_mean = torch.logsumexp(F.log_softmax(upcast_half(stacked) / temperature, dim=-1), dim=0) - math.log(k)
         return (temperature * log_mean).to(stacked.dtype)
     raise ValueError(f"mode must be 'arithmetic' or 'geometric', got {mode!r}")
 
@@ -127,9 +129,9 @@ class ConditionalTeacherStudent(nn.Module):
     def forward(self, student_logits, teacher_logits, target):
         t = teacher_logits.detach()
         kl = kdfast.kd_div(student_logits, t, self.temperature, reduction="none")
-        ce = F.cross_entropy(student_logits.float(), target, reduction="none")
+        ce = F.cross_entropy(upcast_half(student_logits), target, reduction="none")
         if self.adaptive:
-            w = F.softmax(t.float(), dim=-1).gather(-1, target[:, None]).squeeze(-1)
+            w = F.softmax(upcast_half(t), dim=-1).gather(-1, target[:, None]).squeeze(-1)
         else:
             w = (t.argmax(-1) == target).float()
         return (w * kl + (1 - w) * ce).mean()
