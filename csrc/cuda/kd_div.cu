@@ -33,18 +33,21 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, flo
   return __float2bfloat16_rn(x);
 }
 
+// VEC elements seen as whole 16-byte words, for vector loads and stores.
+template <class T, int VEC> union Words {
+  static constexpr int kWords = VEC * sizeof(T) / 16 > 0 ? VEC * sizeof(T) / 16 : 1;
+  uint4 w[kWords];
+  T v[VEC];
+};
+
 // Loads VEC elements at p[0], p[stride], ...: one or more 16-byte loads when `vector` (stride 1, aligned).
 template <int VEC, class T, class A>
 __device__ __forceinline__ void load_chunk(const T* p, int64_t stride, int n, bool vector, A (&out)[VEC], A pad) {
   if (vector) {
     if constexpr ((VEC * sizeof(T)) % 16 == 0) {
-      constexpr int kWords = VEC * sizeof(T) / 16;
-      union {
-        uint4 w[kWords];
-        T v[VEC];
-      } u;
+      Words<T, VEC> u;
 #pragma unroll
-      for (int k = 0; k < kWords; ++k) u.w[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
+      for (int k = 0; k < Words<T, VEC>::kWords; ++k) u.w[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out[j] = to_acc<A>(u.v[j]);
       return;
@@ -58,15 +61,11 @@ template <int VEC, class T, class A>
 __device__ __forceinline__ void store_chunk(T* p, int64_t stride, int n, bool vector, const A (&in)[VEC]) {
   if (vector) {
     if constexpr ((VEC * sizeof(T)) % 16 == 0) {
-      constexpr int kWords = VEC * sizeof(T) / 16;
-      union {
-        uint4 w[kWords];
-        T v[VEC];
-      } u;
+      Words<T, VEC> u;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) u.v[j] = from_acc<T>(in[j]);
 #pragma unroll
-      for (int k = 0; k < kWords; ++k) reinterpret_cast<uint4*>(p)[k] = u.w[k];
+      for (int k = 0; k < Words<T, VEC>::kWords; ++k) reinterpret_cast<uint4*>(p)[k] = u.w[k];
       return;
     }
   }
@@ -177,40 +176,34 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_rows(KdProblem p, Consts<A> k
     const bool live = row < rows;
     const int64_t y = live && k.target ? p.target[row] : -1;
     KdRowState<A> st{{A(-INFINITY), A(0), A(0)}, {A(-INFINITY), A(0), A(0)}, A(0), A(0)};
-    const int64_t chunks = (C + VEC - 1) / VEC;
-    if (live) {
-      for (int64_t q = lane; q < chunks; q += GROUP) {
-        const int64_t c0 = q * VEC;
+    // Calls f(c0, n, s, t) on this thread's chunks of the row.
+    auto for_chunks = [&](auto&& f) {
+      if (!live) return;
+      for (int64_t c0 = int64_t(lane) * VEC; c0 < C; c0 += int64_t(GROUP) * VEC) {
         const int n = int(C - c0 < VEC ? C - c0 : VEC);
         A sv[VEC], tv[VEC];
         load_chunk<VEC>(s + row * C + c0, 1, n, vector && n == VEC, sv, A(0));
         load_chunk<VEC>(t + row * C + c0, 1, n, vector && n == VEC, tv, A(0));
-        fwd_chunk<VEC>(k, sv, tv, c0, n, y, st);
+        f(c0, n, sv, tv);
       }
-    }
+    };
+    for_chunks([&](int64_t c0, int n, const A(&sv)[VEC], const A(&tv)[VEC]) { fwd_chunk<VEC>(k, sv, tv, c0, n, y, st); });
     st = group_reduce<GROUP>(st, [&](const KdRowState<A>& x, const KdRowState<A>& z) { return merge(x, z, k.T); },
                              smem_state);
     if (live && lane == 0) kd_finish_row(p, row, st);
     if (k.div != Divergence::JSD) continue;
     const A lse_s = lse_of(st.s), lse_t = lse_of(st.t);
     A kl_t = 0, kl_s = 0;
-    if (live) {
-      for (int64_t q = lane; q < chunks; q += GROUP) {
-        const int64_t c0 = q * VEC;
-        const int n = int(C - c0 < VEC ? C - c0 : VEC);
-        A sv[VEC], tv[VEC];
-        load_chunk<VEC>(s + row * C + c0, 1, n, vector && n == VEC, sv, A(0));
-        load_chunk<VEC>(t + row * C + c0, 1, n, vector && n == VEC, tv, A(0));
+    for_chunks([&](int64_t, int n, const A(&sv)[VEC], const A(&tv)[VEC]) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          if (j >= n) break;
-          A dt, ds;
-          jsd_terms<A, A>(k.beta, sv[j] * k.inv_T, tv[j] * k.inv_T, lse_s, lse_t, dt, ds);
-          kl_t += dt;
-          kl_s += ds;
-        }
+      for (int j = 0; j < VEC; ++j) {
+        if (j >= n) break;
+        A dt, ds;
+        jsd_terms<A, A>(k.beta, sv[j] * k.inv_T, tv[j] * k.inv_T, lse_s, lse_t, dt, ds);
+        kl_t += dt;
+        kl_s += ds;
       }
-    }
+    });
     auto add = [](A x, A z) { return x + z; };
     kl_t = group_reduce<GROUP>(kl_t, add, smem_sum);
     kl_s = group_reduce<GROUP>(kl_s, add, smem_sum);
