@@ -32,6 +32,8 @@ def test_dml_gives_each_peer_exactly_its_own_gradient():
                                                       reduction="batchmean") for j in range(3) if j != i) / 2
         own.backward()
         torch.testing.assert_close(peer.conv1.weight.grad, together[i], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2 networks"):
+        dml([logits[0]], y)
 
 
 def test_okddip_trains_peers_and_leader():

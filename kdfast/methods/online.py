@@ -18,6 +18,8 @@ from ._util import frozen_call
 def _mutual_kl(logits: Sequence[torch.Tensor], temperature: float) -> list:
     """For each network i: mean over the others j of T^2 KL(p_j || p_i), p_j detached."""
     k = len(logits)
+    if k < 2:
+        raise ValueError(f"mutual distillation needs at least 2 networks, got {k}")
     return [sum(kdfast.kd_div(logits[i], logits[j].detach(), temperature) for j in range(k) if j != i) / (k - 1)
             for i in range(k)]
 

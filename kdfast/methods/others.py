@@ -50,7 +50,9 @@ class QuEST(nn.Module):
 
     def teacher_logits(self, teacher_features):
         f = F.normalize(teacher_features.detach().float(), dim=1)
-        sq_dist = (f.unsqueeze(1) - self.codebook[None, :, :, None, None]).square().sum(2)  # (B, K, H, W)
+        # ||f - w||^2 = ||f||^2 + ||w||^2 - 2 f.w, without the (B, K, D, H, W) difference tensor.
+        sq_dist = (f.square().sum(1, keepdim=True) + self.codebook.square().sum(1)[None, :, None, None]
+                   - 2 * torch.einsum("bchw,kc->bkhw", f, self.codebook))
         return -self.tau * sq_dist
 
     def student_logits(self, student_features):
