@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import kdfast
 from kdfast import methods
-from methods_helpers import TinyNet, assert_falls, digits, has_grad, no_grad, run_steps, teacher_net, zero_grads
+from methods_helpers import TinyNet, assert_falls, digits, has_grad, no_grad, run_steps, teacher_net
 
 x, y = digits()
 

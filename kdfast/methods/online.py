@@ -97,8 +97,9 @@ class FeatureMapDiscriminator(nn.Module):
 class OnlineAdversarialFD(nn.Module):
     """Chung et al. 2020 (AFD): network i has a discriminator D_i that tells its peer's feature maps (real) from its
     own (fake), least-squares GAN losses; network i learns CE + T^2 KL from its peer (T=3) + the adversarial term
-    (D_i(own) - 1)^2, on feature maps of one shape (B, channels, H, W). Peers are cyclic: network i's peer is i+1 mod K. The two losses are optimised alternately
-    with their own optimisers (the trainer's schedule); each reaches only its own side."""
+    (D_i(own) - 1)^2, on feature maps of one shape (B, channels, H, W). Peers are cyclic: network i's peer is
+    i+1 mod K. The two losses are optimised alternately with their own optimisers (the trainer's schedule); each
+    reaches only its own side."""
 
     def __init__(self, channels: int, num_networks: int = 2, temperature: float = 3.0, adv_weight: float = 1.0):
         super().__init__()
