@@ -1,0 +1,28 @@
+// Device-independent part of the pairwise_affinity_fwd / _bwd ops: checks, the walk over node chunks, and the
+// Gram products (at:: BLAS calls on the tensors' device). A device supplies the two chunk kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <tuple>
+
+#include "common/affinity.h"
+
+namespace kdfast {
+
+struct AffinityKernels {
+  std::function<void(const AffinityChunk&)> stage;  // fills k and norms of a chunk
+  std::function<void(const AffinityChunk&)> grad;   // writes the wanted sides' gradients of a chunk
+  int64_t chunk_bytes;                              // size of one float64 staging buffer (K or dK)
+};
+
+std::tuple<at::Tensor, at::Tensor> pairwise_affinity_fwd(const at::Tensor& student, const at::Tensor& teacher,
+                                                         const AffinityKernels& kernels);
+
+std::tuple<at::Tensor, at::Tensor> pairwise_affinity_bwd(const at::Tensor& grad_loss, const at::Tensor& student,
+                                                         const at::Tensor& teacher, const at::Tensor& gram,
+                                                         bool student_grad, bool teacher_grad,
+                                                         const AffinityKernels& kernels);
+
+}  // namespace kdfast
