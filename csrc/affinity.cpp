@@ -83,6 +83,7 @@ void walk_chunks(AffinityChunk p, const at::Tensor& s, int64_t dk_rows, const Af
 
 std::tuple<at::Tensor, at::Tensor> pairwise_affinity_fwd(const at::Tensor& student, const at::Tensor& teacher,
                                                          const AffinityKernels& kernels) {
+  const at::NoGradGuard no_grad;  // the op's autograd is registered above it (kdfast/_ops.py)
   auto [s, t] = prepare_nodes(student, teacher);
   const int64_t batch = s.size(0), cs = s.size(1), c = cs + t.size(1);
   const double n = double(s.size(2));
@@ -112,6 +113,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_affinity_bwd(const at::Tensor& grad_
                                                          const at::Tensor& teacher, const at::Tensor& gram,
                                                          bool student_grad, bool teacher_grad,
                                                          const AffinityKernels& kernels) {
+  const at::NoGradGuard no_grad;  // the op's autograd is registered above it (kdfast/_ops.py)
   auto [s, t] = prepare_nodes(student, teacher);
   const int64_t batch = s.size(0), cs = s.size(1), c = cs + t.size(1);
   const double n = double(s.size(2));

@@ -8,6 +8,8 @@ O(B n^2), with the Gram products accumulated in float64 so that the nearly cance
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -45,6 +47,14 @@ def _check_map(x, name):
     return x
 
 
+def _nodes(features, pool_size, pool):
+    """(B, C, n) nodes for the kernel. A half-precision map is average-pooled in float32, so that the pooled nodes
+    are not rounded to half precision (the kernel reads any dtype and accumulates in float64)."""
+    if pool_size is not None and pool == "avg" and features.dtype in (torch.float16, torch.bfloat16):
+        features = features.float()
+    return reference.affinity_nodes(features, pool_size, pool)
+
+
 def affinity_graph(features, *, pool_size=None, pool="max") -> torch.Tensor:
     """The explicit (B, n, n) affinity graph a_ij = <f_i, f_j> / (max(|f_i|, 1e-8) max(|f_j|, 1e-8)) of the nodes of
     a (B, C, H, W) map (pooled with kernel = stride = pool_size, ceil mode; every position a node when None).
@@ -68,8 +78,8 @@ def pairwise_affinity_loss(student_features, teacher_features, *, pool_size=None
     if student_features.shape[0] != teacher_features.shape[0]:
         raise ValueError(f"student_features and teacher_features must have the same batch size, got "
                          f"{student_features.shape[0]} and {teacher_features.shape[0]}")
-    s = reference.affinity_nodes(student_features, pool_size, pool)
-    t = reference.affinity_nodes(teacher_features, pool_size, pool)
+    s = _nodes(student_features, pool_size, pool)
+    t = _nodes(teacher_features, pool_size, pool)
     if s.shape[2] != t.shape[2]:
         raise ValueError(f"student_features and teacher_features must give the same number of nodes, got "
                          f"{s.shape[2]} and {t.shape[2]} (maps {tuple(student_features.shape[2:])} and "
@@ -85,7 +95,7 @@ def _flat_features(x, name):
     check.floating(x, name)
     if x.dim() < 2:
         raise ValueError(f"{name} must have a batch dimension and features, (B, ...), got shape {tuple(x.shape)}")
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def similarity_preserving_loss(student_features, teacher_features, *, reduction="mean") -> torch.Tensor:
