@@ -22,11 +22,15 @@ CASES = [
     (2, 8, 3, 1, 1, 1, 1, None, "max"),         # one node
 ]
 CASE_IDS = ["tiny", "pool2-ceil", "pool-pair-avg", "blocks", "shapes", "chunks", "packed", "one-node"]
+# CUDA stages 32 MiB per chunk: C = 600 fits 6990 nodes, so 90 x 90 walks two chunks per sample there.
+CASES.append((1, 100, 500, 90, 90, 90, 90, None, "max"))
+CASE_IDS.append("chunks-cuda")
 
 
-def make(shape, dtype, seed, requires_grad=True, scale=1.0):
+def make(shape, dtype, seed, requires_grad=True, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_(requires_grad)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    return x.requires_grad_(requires_grad)
 
 
 def reference_and_grads(fn, s, t, weights=None, **kwargs):
@@ -62,10 +66,12 @@ def assert_grad_close(actual, expected, dtype):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_pairwise_matches_reference(dtype, case):
+def test_pairwise_matches_reference(device, dtype, case):
     b, cs, ct, hs, ws, ht, wt, pool_size, pool = case
-    s = make((b, cs, hs, ws), dtype, 0)
-    t = make((b, ct, ht, wt), dtype, 1)
+    if hs * ws > 4096 and device != "cuda":
+        pytest.skip("a CUDA-sized case (the explicit reference graph is slow on the CPU)")
+    s = make((b, cs, hs, ws), dtype, 0, device=device)
+    t = make((b, ct, ht, wt), dtype, 1, device=device)
     check_pairwise(s, t, dtype, pool_size=pool_size, pool=pool)
 
 
@@ -76,12 +82,13 @@ def test_pairwise_every_cpu_capability(cpu_capability, case):
                    pool_size=pool_size, pool=pool)
 
 
-def test_pairwise_precision_when_terms_cancel():
+def test_pairwise_precision_when_terms_cancel(device):
     """A student close to its teacher: the loss is ~1e-8 of the Gram terms |P|^2, |Q|^2 (each ~n^2 / C). The
     float64 accumulation keeps the float32 result within float32 rounding of the reference; the same identity in
     float32 Gram products is off by orders of magnitude (checked here so that the test can fail)."""
-    t = make((2, 32, 32, 32), torch.float32, 4, requires_grad=False)
-    s = (t.double() + 1e-4 * make(t.shape, torch.float64, 5, requires_grad=False)).float().requires_grad_(True)
+    t = make((2, 32, 32, 32), torch.float32, 4, requires_grad=False, device=device)
+    noise = make(t.shape, torch.float64, 5, requires_grad=False, device=device)
+    s = (t.double() + 1e-4 * noise).float().requires_grad_(True)
     ref, rgs, _ = reference_and_grads(reference.pairwise_affinity_loss, s, t, reduction="none")
     out = kdfast.pairwise_affinity_loss(s, t, reduction="none")
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=0)
@@ -95,29 +102,29 @@ def test_pairwise_precision_when_terms_cancel():
     assert ((naive - ref).abs() / ref).max() > 1e-2
 
 
-def test_pairwise_mixed_dtypes():
-    s = make((2, 5, 4, 4), torch.float32, 6)
-    t = make((2, 3, 4, 4), torch.float64, 7)
+def test_pairwise_mixed_dtypes(device):
+    s = make((2, 5, 4, 4), torch.float32, 6, device=device)
+    t = make((2, 3, 4, 4), torch.float64, 7, device=device)
     check_pairwise(s, t, torch.float32)
-    s = make((2, 5, 4, 4), torch.bfloat16, 6)
-    t = make((2, 3, 4, 4), torch.float16, 7)
+    s = make((2, 5, 4, 4), torch.bfloat16, 6, device=device)
+    t = make((2, 3, 4, 4), torch.float16, 7, device=device)
     check_pairwise(s, t, torch.bfloat16)
 
 
-def test_pairwise_non_contiguous():
-    s = make((2, 6, 5, 7), torch.float32, 8).detach().to(memory_format=torch.channels_last).requires_grad_(True)
-    t = make((2, 9, 7, 5), torch.float32, 9).detach().transpose(2, 3).requires_grad_(True)
+def test_pairwise_non_contiguous(device):
+    s = make((2, 6, 5, 7), torch.float32, 8, device=device).detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    t = make((2, 9, 7, 5), torch.float32, 9, device=device).detach().transpose(2, 3).requires_grad_(True)
     check_pairwise(s, t, torch.float32)
     check_pairwise(s, t, torch.float32, pool_size=2, pool="avg")
 
 
-def test_pairwise_zero_and_tiny_nodes():
+def test_pairwise_zero_and_tiny_nodes(device):
     """Nodes with norm 0 and below the 1e-8 clamp (gradient dk / eps, not through the norm) and just above it."""
-    s = make((2, 4, 3, 3), torch.float64, 10).detach()
+    s = make((2, 4, 3, 3), torch.float64, 10, device=device).detach()
     s[0, :, 0, 0] = 0
     s[0, :, 1, 1] = 1e-10
     s[1, :, 2, 2] = 1e-8
-    t = make((2, 3, 3, 3), torch.float64, 11).detach()
+    t = make((2, 3, 3, 3), torch.float64, 11, device=device).detach()
     t[1, :, 0, 1] = 0
     check_pairwise(s.requires_grad_(True), t.requires_grad_(True), torch.float64)
 
@@ -134,9 +141,9 @@ def test_pairwise_reductions_and_module(reduction):
     assert "pool_size=(2, 2)" in repr(module)
 
 
-def test_pairwise_empty_batch():
-    s = torch.randn(0, 4, 5, 6, requires_grad=True)
-    t = torch.randn(0, 3, 5, 6, requires_grad=True)
+def test_pairwise_empty_batch(device):
+    s = torch.randn(0, 4, 5, 6, device=device, requires_grad=True)
+    t = torch.randn(0, 3, 5, 6, device=device, requires_grad=True)
     assert kdfast.pairwise_affinity_loss(s, t, reduction="none").shape == (0,)
     out = kdfast.pairwise_affinity_loss(s, t)
     assert out.item() == 0
@@ -144,20 +151,20 @@ def test_pairwise_empty_batch():
     assert s.grad.shape == s.shape and t.grad.shape == t.shape
 
 
-def test_pairwise_nan_propagates():
-    s = make((2, 4, 3, 3), torch.float32, 14).detach()
+def test_pairwise_nan_propagates(device):
+    s = make((2, 4, 3, 3), torch.float32, 14, device=device).detach()
     s[1, 2, 1, 1] = float("nan")
     s.requires_grad_(True)
-    t = make((2, 4, 3, 3), torch.float32, 15)
+    t = make((2, 4, 3, 3), torch.float32, 15, device=device)
     out = kdfast.pairwise_affinity_loss(s, t, reduction="none")
     assert not torch.isnan(out[0]) and torch.isnan(out[1])
     out.sum().backward()
     assert torch.isnan(s.grad[1]).any() and not torch.isnan(s.grad[0]).any()
 
 
-def test_pairwise_deterministic():
-    s = make((2, 100, 30, 30), torch.float32, 16)
-    t = make((2, 200, 30, 30), torch.float32, 17)
+def test_pairwise_deterministic(device):
+    s = make((2, 100, 30, 30), torch.float32, 16, device=device)
+    t = make((2, 200, 30, 30), torch.float32, 17, device=device)
     runs = []
     for _ in range(2):
         out = kdfast.pairwise_affinity_loss(s, t, reduction="none")
@@ -250,10 +257,10 @@ SP_CASES = [((7, 3, 4, 5), (7, 6, 2, 2)), ((1, 8), (1, 3)), ((33, 64, 2, 2), (33
 
 @pytest.mark.parametrize("tiled", [False, True], ids=["whole", "tiled"])
 @pytest.mark.parametrize("shapes", SP_CASES, ids=["maps", "one", "b33"])
-def test_similarity_preserving_matches_reference(dtype, shapes, tiled, monkeypatch):
+def test_similarity_preserving_matches_reference(device, dtype, shapes, tiled, monkeypatch):
     if tiled:
         monkeypatch.setattr(affinity, "SP_TILE_ENTRIES", 2 * shapes[0][0])  # two rows per tile
-    s, t = make(shapes[0], dtype, 27), make(shapes[1], dtype, 28)
+    s, t = make(shapes[0], dtype, 27, device=device), make(shapes[1], dtype, 28, device=device)
     for reduction in ("mean", "sum"):
         out = kdfast.similarity_preserving_loss(s, t, reduction=reduction)
         ref, rgs, rgt = reference_and_grads(reference.similarity_preserving_loss, s, t, reduction=reduction)

@@ -77,7 +77,8 @@ __global__ void grad_kernel(AffinityChunk p, int side) {
   if (!live) return;
   const double norm = p.norms[(b * 2 + side) * p.m + j];
   const double inv = inv_clamped_norm(norm, p.eps), pdot = projected(norm, p.eps) * dot;
-  for (int64_t c = threadIdx.y; c < s.channels; c += kGroups) store(g + c * p.nodes, (dk[c * p.m] - k[c * p.m] * pdot) * inv);
+  for (int64_t c = threadIdx.y; c < s.channels; c += kGroups)
+    store(g + c * p.nodes, (dk[c * p.m] - k[c * p.m] * pdot) * inv);
 }
 
 template <template <class> class Launch>
@@ -105,15 +106,17 @@ template <class T> struct GradLaunch {
 
 }  // namespace
 
-void affinity_stage(const AffinityChunk& p, cudaStream_t stream) {
-  if (p.bb * p.m == 0) return;
+cudaError_t affinity_stage(const AffinityChunk& p, cudaStream_t stream) {
+  if (p.bb * p.m == 0) return cudaSuccess;
   for (int side = 0; side < 2; ++side) with_dtype<StageLaunch>(p.side[side].dtype, p, side, stream);
+  return cudaGetLastError();
 }
 
-void affinity_grad(const AffinityChunk& p, cudaStream_t stream) {
-  if (p.bb * p.m == 0) return;
+cudaError_t affinity_grad(const AffinityChunk& p, cudaStream_t stream) {
+  if (p.bb * p.m == 0) return cudaSuccess;
   for (int side = 0; side < 2; ++side)
     if (p.side[side].grad) with_dtype<GradLaunch>(p.side[side].dtype, p, side, stream);
+  return cudaGetLastError();
 }
 
 }  // namespace kdfast::cuda

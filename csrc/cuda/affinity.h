@@ -7,7 +7,8 @@
 
 namespace kdfast::cuda {
 
-void affinity_stage(const AffinityChunk& p, cudaStream_t stream);
-void affinity_grad(const AffinityChunk& p, cudaStream_t stream);
+// Each returns the launch status (cudaGetLastError) for the binding to check.
+cudaError_t affinity_stage(const AffinityChunk& p, cudaStream_t stream);
+cudaError_t affinity_grad(const AffinityChunk& p, cudaStream_t stream);
 
 }  // namespace kdfast::cuda

@@ -10,12 +10,16 @@
 namespace kdfast {
 namespace {
 
+std::function<void(const AffinityChunk&)> on_stream(cudaError_t (*kernel)(const AffinityChunk&, cudaStream_t)) {
+  return [kernel](const AffinityChunk& p) {
+    const cudaError_t err = kernel(p, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "kdfast: CUDA affinity kernel failed: ", cudaGetErrorString(err));
+  };
+}
+
 // Larger chunks than on the CPU (fewer, larger cuBLAS calls); still a small fraction of the graphs' size.
 const AffinityKernels& cuda_kernels() {
-  static const AffinityKernels k{
-      [](const AffinityChunk& p) { cuda::affinity_stage(p, at::cuda::getCurrentCUDAStream()); },
-      [](const AffinityChunk& p) { cuda::affinity_grad(p, at::cuda::getCurrentCUDAStream()); },
-      int64_t(32) << 20};
+  static const AffinityKernels k{on_stream(cuda::affinity_stage), on_stream(cuda::affinity_grad), int64_t(32) << 20};
   return k;
 }
 
@@ -23,12 +27,12 @@ const AffinityKernels& cuda_kernels() {
 
 TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
   m.impl("pairwise_affinity_fwd", [](const at::Tensor& s, const at::Tensor& t) {
-    const c10::cuda::OptionalCUDAGuard guard(s.device());
+    const c10::cuda::CUDAGuard guard(s.device());
     return pairwise_affinity_fwd(s, t, cuda_kernels());
   });
   m.impl("pairwise_affinity_bwd", [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& t,
                                      const at::Tensor& gram, bool sg, bool tg) {
-    const c10::cuda::OptionalCUDAGuard guard(s.device());
+    const c10::cuda::CUDAGuard guard(s.device());
     return pairwise_affinity_bwd(g, s, t, gram, sg, tg, cuda_kernels());
   });
 }
