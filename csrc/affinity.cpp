@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "cpu/dispatch.h"
 #include "tensor_utils.h"
@@ -31,6 +32,8 @@ std::pair<at::Tensor, at::Tensor> prepare_nodes(const at::Tensor& student, const
   return {student.contiguous(), teacher.contiguous()};
 }
 
+std::atomic<int64_t> chunk_bytes_override{0};
+
 // How the nodes are walked: bb whole samples at a time when a sample fits the staging buffer, else m nodes of one.
 struct ChunkPlan {
   int64_t bb, m;
@@ -57,7 +60,8 @@ template <class F>
 void walk_chunks(AffinityChunk p, const at::Tensor& s, int64_t dk_rows, const AffinityKernels& kernels,
                  const F& body) {
   const int64_t batch = s.size(0), nodes = p.nodes;
-  const ChunkPlan plan = plan_chunks(batch, nodes, p.k_rows, kernels.chunk_bytes);
+  const int64_t bytes = chunk_bytes_override.load();
+  const ChunkPlan plan = plan_chunks(batch, nodes, p.k_rows, bytes > 0 ? bytes : kernels.chunk_bytes);
   const auto f64 = s.options().dtype(at::kDouble);
   at::Tensor kbuf = at::empty({plan.bb * p.k_rows * plan.m}, f64);
   at::Tensor norms = at::empty({plan.bb * 2 * plan.m}, f64);
@@ -80,6 +84,11 @@ void walk_chunks(AffinityChunk p, const at::Tensor& s, int64_t dk_rows, const Af
 }
 
 }  // namespace
+
+void set_affinity_chunk_bytes(int64_t bytes) {
+  TORCH_CHECK_VALUE(bytes >= 0, "kdfast: chunk bytes must be >= 0, got ", bytes);
+  chunk_bytes_override.store(bytes);
+}
 
 std::tuple<at::Tensor, at::Tensor> pairwise_affinity_fwd(const at::Tensor& student, const at::Tensor& teacher,
                                                          const AffinityKernels& kernels) {
@@ -142,7 +151,9 @@ std::tuple<at::Tensor, at::Tensor> pairwise_affinity_bwd(const at::Tensor& grad_
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
-  static const AffinityKernels cpu_kernels{cpu::affinity_stage, cpu::affinity_grad, int64_t(4) << 20};
+  // 16 MiB chunks: few enough BLAS calls that their threads' start-up stays small beside the products, small
+  // beside the graphs (a 64 x 128 map's graph alone is 256 MiB).
+  static const AffinityKernels cpu_kernels{cpu::affinity_stage, cpu::affinity_grad, int64_t(16) << 20};
   m.impl("pairwise_affinity_fwd", [](const at::Tensor& s, const at::Tensor& t) {
     return pairwise_affinity_fwd(s, t, cpu_kernels);
   });

@@ -17,6 +17,10 @@ struct AffinityKernels {
   int64_t chunk_bytes;                              // size of one float64 staging buffer (K or dK)
 };
 
+// Overrides every device's chunk_bytes (0 restores the defaults): tests reach the multi-chunk walks with small
+// inputs through it (kdfast._C.set_affinity_chunk_bytes).
+void set_affinity_chunk_bytes(int64_t bytes);
+
 std::tuple<at::Tensor, at::Tensor> pairwise_affinity_fwd(const at::Tensor& student, const at::Tensor& teacher,
                                                          const AffinityKernels& kernels);
 

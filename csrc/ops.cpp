@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "affinity.h"
 #include "cpu/dispatch.h"
 
 TORCH_LIBRARY(kdfast, m) {
@@ -29,6 +30,9 @@ PYBIND11_MODULE(_C, m) {
         "The best CPU instruction set this machine supports.");
   m.def("set_cpu_capability", [](const std::string& name) { set_capability(capability_from_name(name)); },
         "Use the kernels of a lower instruction set (tests reach every path with it).");
+  m.def("set_affinity_chunk_bytes", &kdfast::set_affinity_chunk_bytes,
+        "Staging size of the pairwise-affinity node chunks on every device; 0 restores the defaults (tests reach "
+        "the multi-chunk walks with it).");
 #ifdef KDFAST_WITH_CUDA
   m.attr("cuda") = true;
 #else

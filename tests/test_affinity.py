@@ -7,24 +7,29 @@ import torch
 
 import kdfast
 from conftest import TOLERANCE, assert_close
-from kdfast import affinity, reference
+from kdfast import _ops, affinity, reference
 
-# (B, Cs, Ct, Hs, Ws, Ht, Wt, pool_size, pool). Chunking (4 MiB of float64 nodes per chunk on the CPU): C = 600
-# fits 873 nodes, so 40 x 40 walks two chunks per sample and 10 x 20 packs four samples per chunk (of 5).
+# (B, Cs, Ct, Hs, Ws, Ht, Wt, pool_size, pool, chunk bytes). The chunked walks are reached with small inputs by
+# shrinking the staging buffer (0 = the device's default): 64 KiB holds 8192 / C nodes, so C = 64 walks 400 nodes in
+# four chunks (with partial tiles) and C = 32 packs 8 samples of 30 nodes per chunk (11 samples: 8 + 3).
 CASES = [
-    (2, 3, 5, 4, 6, 4, 6, None, "max"),
-    (3, 1, 7, 5, 3, 5, 3, 2, "max"),            # ceil mode: 3 x 2 nodes
-    (2, 16, 16, 7, 9, 7, 9, (2, 3), "avg"),
-    (1, 130, 200, 9, 37, 9, 37, None, "max"),   # n = 333, channels across three Gram blocks
-    (2, 4, 6, 6, 4, 4, 6, None, "max"),         # different map shapes, same node count
-    (1, 100, 500, 40, 40, 40, 40, None, "max"),  # two chunks per sample
-    (5, 300, 300, 10, 20, 10, 20, None, "avg"),  # several samples per chunk
-    (2, 8, 3, 1, 1, 1, 1, None, "max"),         # one node
+    (2, 3, 5, 4, 6, 4, 6, None, "max", 0),
+    (3, 1, 7, 5, 3, 5, 3, 2, "max", 0),             # ceil mode: 3 x 2 nodes
+    (2, 16, 16, 7, 9, 7, 9, (2, 3), "avg", 0),
+    (1, 130, 200, 9, 37, 9, 37, None, "max", 0),    # n = 333, channels across three Gram blocks
+    (2, 4, 6, 6, 4, 4, 6, None, "max", 0),          # different map shapes, same node count
+    (1, 30, 34, 20, 20, 20, 20, None, "max", 1 << 16),  # four chunks per sample
+    (11, 16, 16, 5, 6, 5, 6, None, "avg", 1 << 16),     # several samples per chunk
+    (2, 8, 3, 1, 1, 1, 1, None, "max", 0),          # one node
 ]
 CASE_IDS = ["tiny", "pool2-ceil", "pool-pair-avg", "blocks", "shapes", "chunks", "packed", "one-node"]
-# CUDA stages 32 MiB per chunk: C = 600 fits 6990 nodes, so 90 x 90 walks two chunks per sample there.
-CASES.append((1, 100, 500, 90, 90, 90, 90, None, "max"))
-CASE_IDS.append("chunks-cuda")
+
+
+@pytest.fixture
+def chunk_bytes():
+    """Sets the staging size of the chunked walk for one test, restoring the default afterwards."""
+    yield _ops._C.set_affinity_chunk_bytes
+    _ops._C.set_affinity_chunk_bytes(0)
 
 
 def make(shape, dtype, seed, requires_grad=True, device="cpu"):
@@ -66,18 +71,18 @@ def assert_grad_close(actual, expected, dtype):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_pairwise_matches_reference(device, dtype, case):
-    b, cs, ct, hs, ws, ht, wt, pool_size, pool = case
-    if hs * ws > 4096 and device != "cuda":
-        pytest.skip("a CUDA-sized case (the explicit reference graph is slow on the CPU)")
+def test_pairwise_matches_reference(device, dtype, case, chunk_bytes):
+    b, cs, ct, hs, ws, ht, wt, pool_size, pool, nbytes = case
+    chunk_bytes(nbytes)
     s = make((b, cs, hs, ws), dtype, 0, device=device)
     t = make((b, ct, ht, wt), dtype, 1, device=device)
     check_pairwise(s, t, dtype, pool_size=pool_size, pool=pool)
 
 
 @pytest.mark.parametrize("case", [CASES[3], CASES[5]], ids=["blocks", "chunks"])
-def test_pairwise_every_cpu_capability(cpu_capability, case):
-    b, cs, ct, hs, ws, ht, wt, pool_size, pool = case
+def test_pairwise_every_cpu_capability(cpu_capability, case, chunk_bytes):
+    b, cs, ct, hs, ws, ht, wt, pool_size, pool, nbytes = case
+    chunk_bytes(nbytes)
     check_pairwise(make((b, cs, hs, ws), torch.float32, 2), make((b, ct, ht, wt), torch.float32, 3), torch.float32,
                    pool_size=pool_size, pool=pool)
 
@@ -162,7 +167,8 @@ def test_pairwise_nan_propagates(device):
     assert torch.isnan(s.grad[1]).any() and not torch.isnan(s.grad[0]).any()
 
 
-def test_pairwise_deterministic(device):
+def test_pairwise_deterministic(device, chunk_bytes):
+    chunk_bytes(1 << 16)
     s = make((2, 100, 30, 30), torch.float32, 16, device=device)
     t = make((2, 200, 30, 30), torch.float32, 17, device=device)
     runs = []
