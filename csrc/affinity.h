@@ -15,6 +15,7 @@ struct AffinityKernels {
   std::function<void(const AffinityChunk&)> stage;  // fills k and norms of a chunk
   std::function<void(const AffinityChunk&)> grad;   // writes the wanted sides' gradients of a chunk
   int64_t chunk_bytes;                              // size of one float64 staging buffer (K or dK)
+  bool parallel_groups;                             // walk sample groups in parallel threads (CPU)
 };
 
 // Overrides every device's chunk_bytes (0 restores the defaults): tests reach the multi-chunk walks with small

@@ -16,7 +16,8 @@ TORCH_LIBRARY(kdfast, m) {
         "-> (Tensor grad_student, Tensor grad_teacher)");
   // Pairwise-affinity loss over (B, C, n) node features (student and teacher may differ in C): loss = the (B,)
   // values sum_ij (a^s_ij - a^t_ij)^2 / n^2, gram = the (B, Cs + Ct, Cs + Ct) float64 Gram matrix of the
-  // normalised nodes, which the backward needs. No n x n tensor is formed.
+  // normalised nodes. The backward takes gram's rows of the sides whose gradient is wanted (student rows, then
+  // teacher rows). No n x n tensor is formed.
   m.def("pairwise_affinity_fwd(Tensor student, Tensor teacher) -> (Tensor loss, Tensor gram)");
   m.def("pairwise_affinity_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor gram, bool student_grad, "
         "bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");

@@ -101,7 +101,12 @@ if _C is not None:
 
     def _pairwise_affinity_setup_context(ctx, inputs, output):
         student, teacher = inputs
-        ctx.save_for_backward(student, teacher, output[1])
+        # Only the Gram rows of the sides that need a gradient are kept for the backward.
+        cs = student.shape[1]
+        need_s, need_t = student.requires_grad, teacher.requires_grad
+        gram = output[1] if need_s == need_t else (output[1][:, :cs] if need_s else output[1][:, cs:]).contiguous()
+        ctx.save_for_backward(student, teacher, gram)
+        ctx.set_materialize_grads(False)  # else autograd allocates a zero gradient of the (B, C, C) gram output
 
     def _pairwise_affinity_backward(ctx, grad_loss, _grad_gram):
         student, teacher, gram = ctx.saved_tensors

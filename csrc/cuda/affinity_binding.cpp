@@ -19,7 +19,8 @@ std::function<void(const AffinityChunk&)> on_stream(cudaError_t (*kernel)(const 
 
 // Larger chunks than on the CPU (fewer, larger cuBLAS calls); still a small fraction of the graphs' size.
 const AffinityKernels& cuda_kernels() {
-  static const AffinityKernels k{on_stream(cuda::affinity_stage), on_stream(cuda::affinity_grad), int64_t(32) << 20};
+  static const AffinityKernels k{on_stream(cuda::affinity_stage), on_stream(cuda::affinity_grad), int64_t(32) << 20,
+                                 false};
   return k;
 }
 
