@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -93,10 +94,15 @@ void walk_chunks(const AffinityChunk& p, const at::Tensor& s, int64_t dk_rows, c
   const int64_t bytes = chunk_bytes_override.load();
   const ChunkPlan plan = plan_chunks(s.size(0), p.nodes, p.k_rows, bytes > 0 ? bytes : kernels.chunk_bytes);
   const int64_t groups = (s.size(0) + plan.bb - 1) / plan.bb;
-  if (kernels.parallel_groups && groups >= 2)
+  if (kernels.parallel_groups && groups >= 2) {
+    // The worker threads take the caller's thread-local state (grad and inference mode, dispatch keys), which
+    // at::parallel_for does not carry: without it, chunks would update inference-mode outputs outside that mode.
+    const at::ThreadLocalState state;
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      const at::ThreadLocalStateGuard guard(state);
       walk_groups(p, s, dk_rows, plan, g0, g1, kernels, body);
     });
+  }
   else
     walk_groups(p, s, dk_rows, plan, 0, groups, kernels, body);
 }

@@ -179,6 +179,16 @@ def test_pairwise_deterministic(device, chunk_bytes):
         assert torch.equal(a, b)
 
 
+def test_pairwise_inference_mode(chunk_bytes):
+    """The CPU walks samples in worker threads (one sample per chunk here), which must run in the caller's
+    inference mode."""
+    chunk_bytes(8 * 8 * 36)
+    s, t = make((4, 5, 6, 6), torch.float32, 31, False), make((4, 3, 6, 6), torch.float32, 32, False)
+    expected = kdfast.pairwise_affinity_loss(s, t)
+    with torch.inference_mode():
+        torch.testing.assert_close(kdfast.pairwise_affinity_loss(s, t), expected, rtol=0, atol=0)
+
+
 def test_pairwise_teacher_only_and_student_only_grads():
     s = make((2, 5, 4, 4), torch.float64, 18)
     t = make((2, 3, 4, 4), torch.float64, 19)
