@@ -121,24 +121,31 @@ std::tuple<at::Tensor, at::Tensor> pairwise_affinity_fwd(const at::Tensor& stude
   const int64_t batch = s.size(0), cs = s.size(1), c = cs + t.size(1);
   const double n = double(s.size(2));
   const bool f64 = s.scalar_type() == at::kDouble || t.scalar_type() == at::kDouble;
-  at::Tensor gram = at::zeros({batch, c, c}, s.options().dtype(at::kDouble));
+  at::Tensor gram = at::empty({batch, c, c}, s.options().dtype(at::kDouble));
+  at::Tensor loss = at::empty({batch}, gram.options());
+  // Everything per sample group happens inside the walk (on the CPU, in the group's thread), so that no small op
+  // opens a parallel region of its own.
   walk_chunks(base_chunk(s, t), s, 0, kernels, [&](const AffinityChunk& p, const at::Tensor& k, const at::Tensor&) {
     at::Tensor g = gram.narrow(0, p.b0, p.bb);
+    const double beta = p.i0 == 0 ? 0.0 : 1.0;  // the first chunk overwrites the uninitialised Gram matrix
     for (int64_t r0 = 0; r0 < c; r0 += kGramBlock) {
       const int64_t rb = std::min(kGramBlock, c - r0);
-      g.narrow(1, r0, rb).narrow(2, r0, c - r0).baddbmm_(k.narrow(1, r0, rb), k.narrow(1, r0, c - r0).transpose(1, 2));
+      g.narrow(1, r0, rb).narrow(2, r0, c - r0)
+          .baddbmm_(k.narrow(1, r0, rb), k.narrow(1, r0, c - r0).transpose(1, 2), beta, 1.0);
     }
+    if (p.i0 + p.m < p.nodes) return;
+    for (int64_t r0 = kGramBlock; r0 < c; r0 += kGramBlock) {
+      const int64_t rb = std::min(kGramBlock, c - r0);
+      g.narrow(1, r0, rb).narrow(2, 0, r0).copy_(g.narrow(2, r0, rb).narrow(1, 0, r0).transpose(1, 2));
+    }
+    // sum_ij (a^s_ij - a^t_ij)^2 = |P|^2 - 2 |R|^2 + |Q|^2, all in float64: the terms are of order n^2 and may
+    // nearly cancel, so the Gram products are accumulated in float64 (float32 would lose the loss to rounding).
+    const auto sq = [&](int64_t r0, int64_t rn, int64_t c0, int64_t cn) {
+      return at::linalg_vector_norm(g.narrow(1, r0, rn).narrow(2, c0, cn), 2, at::IntArrayRef{1, 2}).square();
+    };
+    const int64_t ct = c - cs;
+    loss.narrow(0, p.b0, p.bb).copy_((sq(0, cs, 0, cs) - 2 * sq(0, cs, cs, ct) + sq(cs, ct, cs, ct)) / (n * n));
   });
-  for (int64_t r0 = kGramBlock; r0 < c; r0 += kGramBlock)
-    gram.narrow(1, r0, std::min(kGramBlock, c - r0)).narrow(2, 0, r0)
-        .copy_(gram.narrow(2, r0, std::min(kGramBlock, c - r0)).narrow(1, 0, r0).transpose(1, 2));
-  // sum_ij (a^s_ij - a^t_ij)^2 = |P|^2 - 2 |R|^2 + |Q|^2, all in float64: the terms are of order n^2 and may
-  // nearly cancel, so the Gram products are accumulated in float64 (float32 would lose the loss to rounding).
-  const auto sq = [&](int64_t r0, int64_t rn, int64_t c0, int64_t cn) {
-    return at::linalg_vector_norm(gram.narrow(1, r0, rn).narrow(2, c0, cn), 2, at::IntArrayRef{1, 2}).square();
-  };
-  const int64_t ct = c - cs;
-  at::Tensor loss = (sq(0, cs, 0, cs) - 2 * sq(0, cs, cs, ct) + sq(cs, ct, cs, ct)) / (n * n);
   return {loss.to(f64 ? at::kDouble : at::kFloat), gram};
 }
 
@@ -162,14 +169,18 @@ std::tuple<at::Tensor, at::Tensor> pairwise_affinity_bwd(const at::Tensor& grad_
   const auto f64 = gram.options();
   at::Tensor sign = at::cat({at::ones({cs}, f64), -at::ones({c - cs}, f64)});
   at::Tensor coef = grad_loss.to(at::kDouble).expand({batch}).mul(4.0 / (n * n));
-  at::Tensor mat = at::mul(gram, coef.view({batch, 1, 1})).contiguous();
-  mat.mul_(sign.narrow(0, r0, rows).unsqueeze(1)).mul_(sign.unsqueeze(0));
+  at::Tensor mat = at::empty({batch, rows, c}, f64);
   AffinityChunk p = base_chunk(s, t);
   p.side[0].grad = student_grad ? gs.data_ptr() : nullptr;
   p.side[1].grad = teacher_grad ? gt.data_ptr() : nullptr;
   p.side[1].dk_offset = student_grad ? cs : 0;
   walk_chunks(p, s, rows, kernels, [&](const AffinityChunk& q, const at::Tensor& k, at::Tensor dk) {
-    at::bmm_out(dk, mat.narrow(0, q.b0, q.bb), k);
+    at::Tensor m = mat.narrow(0, q.b0, q.bb);
+    if (q.i0 == 0) {  // the group's rows of 4 g_b / n^2 (J G J), formed in the group's thread
+      at::mul_out(m, gram.narrow(0, q.b0, q.bb), coef.narrow(0, q.b0, q.bb).view({q.bb, 1, 1}));
+      m.mul_(sign.narrow(0, r0, rows).unsqueeze(1)).mul_(sign.unsqueeze(0));
+    }
+    at::bmm_out(dk, m, k);
     kernels.grad(q);
   });
   return {gs, gt};
