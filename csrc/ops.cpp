@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "affinity.h"
 #include "cpu/dispatch.h"
 
 TORCH_LIBRARY(kdfast, m) {
@@ -29,6 +30,13 @@ TORCH_LIBRARY(kdfast, m) {
         "-> (Tensor rows, Tensor[] maps, Tensor norms, Tensor[] argmax)");
   m.def("attention_transfer_bwd(Tensor grad_rows, Tensor[] student, Tensor[] teacher, Tensor[] maps, Tensor norms, "
         "Tensor[] argmax, float p, str pool, bool[] needs_grad) -> Tensor[]");
+  // Pairwise-affinity loss over (B, C, n) node features (student and teacher may differ in C): loss = the (B,)
+  // values sum_ij (a^s_ij - a^t_ij)^2 / n^2, gram = the (B, Cs + Ct, Cs + Ct) float64 Gram matrix of the
+  // normalised nodes. The backward takes gram's rows of the sides whose gradient is wanted (student rows, then
+  // teacher rows). No n x n tensor is formed.
+  m.def("pairwise_affinity_fwd(Tensor student, Tensor teacher) -> (Tensor loss, Tensor gram)");
+  m.def("pairwise_affinity_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor gram, bool student_grad, "
+        "bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -39,6 +47,9 @@ PYBIND11_MODULE(_C, m) {
         "The best CPU instruction set this machine supports.");
   m.def("set_cpu_capability", [](const std::string& name) { set_capability(capability_from_name(name)); },
         "Use the kernels of a lower instruction set (tests reach every path with it).");
+  m.def("set_affinity_chunk_bytes", &kdfast::set_affinity_chunk_bytes,
+        "Staging size of the pairwise-affinity node chunks on every device; 0 restores the defaults (tests reach "
+        "the multi-chunk walks with it).");
 #ifdef KDFAST_WITH_CUDA
   m.attr("cuda") = true;
 #else

@@ -1,9 +1,12 @@
 """kdfast: fast fused knowledge-distillation losses for PyTorch."""
 from ._ops import backends
+from .affinity import (PairwiseAffinity, SimilarityPreserving, affinity_graph, pairwise_affinity_loss,
+                       similarity_preserving_loss)
 from .attention import AttentionTransfer, attention_map, attention_transfer_loss
 from .logits import KDDiv, KDLoss, kd_div, kd_loss
 
 __version__ = "0.1.0"
 
 __all__ = ["backends", "kd_div", "kd_loss", "KDDiv", "KDLoss", "attention_map", "attention_transfer_loss",
-           "AttentionTransfer"]
+           "AttentionTransfer", "affinity_graph", "pairwise_affinity_loss", "similarity_preserving_loss",
+           "PairwiseAffinity", "SimilarityPreserving"]

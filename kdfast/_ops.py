@@ -69,6 +69,7 @@ if _C is not None:
 
     def _kd_setup_context(ctx, inputs, output):
         student, teacher, target, temperature, divergence, beta, ignore_index = inputs
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for outputs the loss does not use
         ctx.save_for_backward(student, teacher, target, output[2])
         ctx.options = (temperature, divergence, beta, ignore_index)
 
@@ -157,3 +158,36 @@ if _C is not None:
 
     torch.library.register_autograd("kdfast::attention_transfer_fwd", _attention_transfer_backward,
                                     setup_context=_attention_transfer_setup_context)
+    @torch.library.register_fake("kdfast::pairwise_affinity_fwd")
+    def _pairwise_affinity_fwd_fake(student, teacher):
+        c = student.shape[1] + teacher.shape[1]
+        return (student.new_empty((student.shape[0],), dtype=_acc_dtype(student, teacher)),
+                student.new_empty((student.shape[0], c, c), dtype=torch.float64))
+
+    @torch.library.register_fake("kdfast::pairwise_affinity_bwd")
+    def _pairwise_affinity_bwd_fake(grad_loss, student, teacher, gram, student_grad, teacher_grad):
+        gs = torch.empty_like(student, memory_format=torch.contiguous_format) if student_grad \
+            else student.new_empty((0,))
+        gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad \
+            else teacher.new_empty((0,))
+        return gs, gt
+
+    def _pairwise_affinity_setup_context(ctx, inputs, output):
+        student, teacher = inputs
+        # Only the Gram rows of the sides that need a gradient are kept for the backward.
+        cs = student.shape[1]
+        need_s, need_t = student.requires_grad, teacher.requires_grad
+        gram = output[1] if need_s == need_t else (output[1][:, :cs] if need_s else output[1][:, cs:]).contiguous()
+        ctx.save_for_backward(student, teacher, gram)
+        ctx.set_materialize_grads(False)  # else autograd allocates a zero gradient of the (B, C, C) gram output
+
+    def _pairwise_affinity_backward(ctx, grad_loss, _grad_gram):
+        student, teacher, gram = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_loss is None:
+            return None, None
+        gs, gt = torch.ops.kdfast.pairwise_affinity_bwd(grad_loss, student, teacher, gram, need_s, need_t)
+        return gs if need_s else None, gt if need_t else None
+
+    torch.library.register_autograd("kdfast::pairwise_affinity_fwd", _pairwise_affinity_backward,
+                                    setup_context=_pairwise_affinity_setup_context)

@@ -122,4 +122,52 @@ def attention_transfer_loss(student_features, teacher_features, p=2.0, *, pool="
         return torch.stack(sums).sum()
     if reduction == "mean":
         return rows.mean(1).sum()
+def affinity_nodes(features, pool_size=None, pool="max"):
+    """The (B, C, n) nodes of a (B, C, H, W) map: pooled with kernel = stride = pool_size (ceil mode), flattened."""
+    if pool_size is not None:
+        k = (pool_size, pool_size) if isinstance(pool_size, int) else tuple(pool_size)
+        pool_fn = F.max_pool2d if pool == "max" else F.avg_pool2d
+        features = pool_fn(features, k, k, ceil_mode=True)
+    return features.flatten(2)
+
+
+def affinity_graph(features, *, pool_size=None, pool="max", acc=None):
+    """Reference of kdfast.affinity_graph: a_ij = cosine similarity of nodes i and j (norms clamped at 1e-8)."""
+    nodes = affinity_nodes(features, pool_size, pool)
+    f = F.normalize(nodes.to(acc or _acc_dtype(nodes)), dim=1, eps=1e-8)
+    return f.transpose(1, 2) @ f
+
+
+def _reduce_batch(per_sample, reduction):
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "mean":
+        return per_sample.sum() / max(per_sample.shape[0], 1)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def pairwise_affinity_loss(student_features, teacher_features, *, pool_size=None, pool="max", reduction="mean"):
+    """Reference of kdfast.pairwise_affinity_loss: sum_ij (a^s_ij - a^t_ij)^2 / n^2 per sample, with the explicit
+    n x n graphs."""
+    acc = _acc_dtype(student_features, teacher_features)
+    gs = affinity_graph(student_features, pool_size=pool_size, pool=pool, acc=acc)
+    gt = affinity_graph(teacher_features, pool_size=pool_size, pool=pool, acc=acc)
+    n = gs.shape[-1]
+    return _reduce_batch((gs - gt).square().sum((1, 2)) / (n * n), reduction)
+
+
+def similarity_preserving_loss(student_features, teacher_features, *, reduction="mean"):
+    """Reference of kdfast.similarity_preserving_loss (Tung & Mori): G = f f^T over the batch, rows L2-normalised
+    (eps 1e-12); ||G_s - G_t||_F^2, divided by B^2 for "mean"."""
+    acc = _acc_dtype(student_features, teacher_features)
+    b = student_features.shape[0]
+    fs = student_features.reshape(b, -1).to(acc)
+    ft = teacher_features.reshape(b, -1).to(acc)
+    total = (F.normalize(fs @ fs.T, dim=1) - F.normalize(ft @ ft.T, dim=1)).square().sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / max(b * b, 1)
     raise ValueError(f"unknown reduction {reduction!r}")

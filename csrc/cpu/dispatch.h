@@ -4,6 +4,7 @@
 #include <string>
 
 #include "../common/attention.h"
+#include "../common/affinity.h"
 #include "../common/kd_div.h"
 
 namespace kdfast::cpu {
@@ -14,7 +15,9 @@ namespace kdfast::cpu {
   X(kd_forward, const KdProblem&) \
   X(kd_backward, const KdProblem&) \
   X(attention_forward, const AttentionProblem&) \
-  X(attention_backward, const AttentionProblem&)
+  X(attention_backward, const AttentionProblem&) \
+  X(affinity_stage, const AffinityChunk&) \
+  X(affinity_grad, const AffinityChunk&)
 
 #define KDFAST_DECLARE(name, arg) void name(arg);
 namespace DEFAULT { KDFAST_CPU_KERNELS(KDFAST_DECLARE) }
