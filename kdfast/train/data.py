@@ -49,13 +49,13 @@ def load_digits() -> Dataset:
     bunch = sk_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     targets = torch.tensor(bunch.target, dtype=torch.long)
-    test = _stratified_pick(targets, 50, seed=0)
+    test = stratified_indices(targets, 50, seed=0)
     train = torch.tensor(sorted(set(range(len(targets))) - set(test.tolist())), dtype=torch.long)
     return Dataset("digits", Split(images[train], targets[train]), Split(images[test], targets[test]), 10, "shift")
 
 
-def _stratified_pick(targets: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
-    """Indices of `per_class` examples of each class, chosen by a seeded permutation."""
+def stratified_indices(targets: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Sorted indices of `per_class` examples of each class, chosen by a seeded permutation."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(targets), generator=g)
     picked = [order[targets[order] == c][:per_class] for c in range(int(targets.max()) + 1)]
@@ -64,10 +64,18 @@ def _stratified_pick(targets: torch.Tensor, per_class: int, seed: int) -> torch.
 
 def stratified_split(split: Split, per_class: int, seed: int):
     """(picked, rest): `per_class` labelled examples of each class, and everything else."""
-    picked = _stratified_pick(split.targets, per_class, seed)
+    picked = stratified_indices(split.targets, per_class, seed)
     mask = torch.ones(len(split), dtype=torch.bool)
     mask[picked] = False
     return split.subset(picked), split.subset(mask.nonzero().flatten())
+
+
+def few_labels(split: Split, per_class: int, seed: int) -> Split:
+    """The same images with the labels of only `per_class` examples per class kept, the others UNLABELLED: a
+    transfer set for distillation with few labels."""
+    keep = torch.zeros(len(split), dtype=torch.bool)
+    keep[stratified_indices(split.targets, per_class, seed)] = True
+    return Split(split.images, torch.where(keep, split.targets, torch.full_like(split.targets, UNLABELLED)))
 
 
 _CIFAR_LAYOUT = {

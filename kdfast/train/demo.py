@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from .calibration import calibration_report
-from .data import UNLABELLED, Split, load_digits, stratified_split
+from .data import UNLABELLED, few_labels, load_digits, stratified_split
 from .distiller import Distiller
 from .models import build_model
 from .terms import KD, AttentionTransfer, CrossEntropy, ManifoldDistillation, PairwiseAffinity, kdfast_op
@@ -51,12 +50,9 @@ def run(out_dir="demo-out", seed=0, epochs=30, teacher_epochs=20, per_class=5, t
         student="cnn_tiny", progress=False, log=print) -> list:
     data = load_digits()
     holdout, train = stratified_split(data.train, 10, seed)          # for temperature scaling only
-    labelled, _ = stratified_split(train, per_class, seed + 1)
-    transfer = Split(train.images, torch.full_like(train.targets, UNLABELLED))
-    is_labelled = (train.images.flatten(1)[:, None] == labelled.images.flatten(1)[None]).all(-1).any(-1)
-    transfer.targets[is_labelled] = train.targets[is_labelled]
+    transfer = few_labels(train, per_class, seed + 1)
     common = dict(batch_size=64, augment="shift", seed=seed, progress=progress, holdout=holdout)
-    log(f"digits: {len(train)} training images ({int(is_labelled.sum())} labelled for the students), "
+    log(f"digits: {len(train)} training images ({int((transfer.targets != UNLABELLED).sum())} labelled for the students), "
         f"{len(holdout)} held out for calibration, {len(data.test)} test")
 
     rows = []
