@@ -350,17 +350,20 @@ def test_resume_refuses_another_seed(tmp_path):
         Trainer(Distiller(student), tiny_split(), [Stage(1)], **quiet(out_dir=str(tmp_path), resume=True, seed=1))
 
 
-def test_bf16_autocast_on_cpu():
+@pytest.mark.parametrize("amp,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_autocast_on_cpu(amp, dtype):
     student, teacher = pair()
     dtypes = []
     d = Distiller(student, teacher, {"ce": CrossEntropy(), "kd": KD(),
                                      "probe": (lambda s, t, f, y: dtypes.append((s.dtype, t.dtype)) or s.sum() * 0,
                                                1.0)})
     before = student.fc.weight.clone()
-    history = Trainer(d, tiny_split(), [Stage(1)], tiny_split(16, seed=1), **quiet(amp="bf16")).fit()
-    assert dtypes and all(dt == (torch.bfloat16, torch.bfloat16) for dt in dtypes)
+    trainer = Trainer(d, tiny_split(), [Stage(1)], tiny_split(16, seed=1), **quiet(amp=amp))
+    history = trainer.fit()
+    assert dtypes and all(dt == (dtype, dtype) for dt in dtypes)
     assert student.fc.weight.dtype == torch.float32 and not torch.equal(student.fc.weight, before)
     assert math.isfinite(history[0]["train"]["loss"]) and 0 <= history[0]["test"]["accuracy"] <= 1
+    assert trainer.predict(tiny_split(4)).dtype == torch.float32
 
 
 def test_gradient_clipping_bounds_the_step():

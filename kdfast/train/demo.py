@@ -30,7 +30,9 @@ def _methods():
     return [
         ("CE (labels only)", {"ce": CrossEntropy()}, None),
         ("KD", dict(kd), "kd_div"),
-        ("KD + attention transfer", {**kd, "at": (AttentionTransfer(STAGES), 1000.0)}, "attention_transfer_loss"),
+        # The paper's weight 1000 is for CIFAR maps of 32x32 .. 8x8 positions; the loss is a mean over positions,
+        # about 16 times larger on these 8x8 .. 2x2 maps, so 100 plays its part here (1000 swamps KD).
+        ("KD + attention transfer", {**kd, "at": (AttentionTransfer(STAGES), 100.0)}, "attention_transfer_loss"),
         ("KD + pairwise affinity", {**kd, "pa": (PairwiseAffinity(("stage2", "stage3")), 10.0)},
          "pairwise_affinity_loss"),
         ("KD + manifold", {**kd, "md": (ManifoldDistillation(STAGES, rank=4, weights=[4.0, 2.0, 1.0]), 1.0)},
@@ -116,7 +118,7 @@ def chart(rows, path) -> None:
         for bar, v in zip(bars, values):
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:.3f}", va="center", fontsize=8)
         if key == "accuracy":
-            ax.set_xlim(min(values) - 0.1, 1.0)
+            ax.set_xlim(min(values) - 0.1, 1.04)
     axes[1].set_yticklabels([])
     fig.suptitle("kdfast demo: digits, few labels + teacher soft labels on a transfer set")
     fig.tight_layout()

@@ -108,6 +108,9 @@ class Trainer:
             raise ValueError(f"grad_clip must be > 0, got {self.cfg.grad_clip!r}")
         self.device = torch.device(self.cfg.device)
         self.rank, self.world = init_distributed()
+        if self.world > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))  # one GPU per process
+            torch.cuda.set_device(self.device)
         self.distiller.to(self.device)
         self._base_trainable = {n: p.requires_grad for n, p in distiller.named_parameters()}
         self.history: list = []
