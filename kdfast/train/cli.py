@@ -2,7 +2,8 @@
 
 Without --teacher-checkpoint a --teacher is trained first (cross-entropy, --teacher-epochs). The run's folder
 (--out) gets checkpoint.pt (every epoch; --resume continues from it), log.jsonl (one line per epoch),
-student.pt (the final weights, loadable as a --teacher-checkpoint) and metrics.json.
+student.pt (the final weights, loadable as a --teacher-checkpoint) and metrics.json. Under torchrun
+(`torchrun --nproc_per_node=N -m kdfast train ...`) it trains with DDP; --batch-size is the global batch.
 """
 from __future__ import annotations
 
@@ -177,9 +178,10 @@ def run(args) -> dict:
     history = trainer.fit()
     metrics = {"test": trainer.evaluate(data.test), "epochs": len(history),
                "train_s": sum(h["time_s"] for h in history)}
-    torch.save(student.state_dict(), os.path.join(args.out, "student.pt"))
-    with open(os.path.join(args.out, "metrics.json"), "w") as fh:
-        json.dump(metrics, fh, indent=1)
+    if trainer.rank == 0:  # under torchrun every process holds the same weights; one writes them
+        torch.save(student.state_dict(), os.path.join(args.out, "student.pt"))
+        with open(os.path.join(args.out, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh, indent=1)
     return metrics
 
 
