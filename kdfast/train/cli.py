@@ -141,6 +141,7 @@ def run(args) -> dict:
     if args.teacher_checkpoint and not args.teacher:
         raise CliError("--teacher-checkpoint needs --teacher (the model the weights belong to)")
     terms = _methods(args)
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a: None)  # one voice under torchrun
     try:
         data = load_dataset(args.data, args.data_root)
     except FileNotFoundError as e:
@@ -165,11 +166,11 @@ def run(args) -> dict:
             except RuntimeError as e:
                 raise CliError(f"--teacher-checkpoint does not fit --teacher {args.teacher}: {e}") from None
         elif "dml" not in terms:
-            print(f"training the teacher {args.teacher} first ({args.teacher_epochs} epochs, all labels)")
+            say(f"training the teacher {args.teacher} first ({args.teacher_epochs} epochs, all labels)")
             t_trainer = Trainer(Distiller(teacher), data.train, [stage(args.teacher_epochs, "teacher")], data.test,
                                 out_dir=os.path.join(args.out, "teacher"), resume=args.resume, **common)
             t_trainer.fit()
-            print(f"teacher: {json.dumps(t_trainer.evaluate(data.test, calibrate=False))}")
+            say(f"teacher: {json.dumps(t_trainer.evaluate(data.test, calibrate=False))}")
     seed_everything(args.seed + 1)
     student = build_model(args.student, data.num_classes, data.in_channels)
     distiller = Distiller(student, teacher, terms, train_teacher="dml" in terms)
@@ -193,5 +194,6 @@ def main(argv=None) -> int:
     except CliError as e:
         print(f"{p.prog}: error: {e}\n(see {p.prog} --help)", file=sys.stderr)
         return 2
-    print(json.dumps(metrics["test"], indent=1))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(metrics["test"], indent=1))
     return 0

@@ -197,6 +197,13 @@ class Trainer:
                 if stop_after is not None and done >= stop_after:
                     return self.history
                 record = self._epoch(model, stage, index, epoch, loader, optimizer, scaler)
+                if self.world > 1:
+                    # DDP sends rank 0's buffers at each forward, but the last step's BatchNorm statistics
+                    # update is local: share rank 0's so that every rank evaluates and resumes the same model.
+                    for buffer in self.distiller.buffers():
+                        torch.distributed.broadcast(buffer, 0)
+                if self.test_split is not None:
+                    record["test"] = self.evaluate(self.test_split, calibrate=False)
                 self.history.append(record)
                 self.position = (index, epoch + 1) if epoch + 1 < stage.epochs else (index + 1, 0)
                 self._save(optimizer, scaler)
@@ -251,8 +258,6 @@ class Trainer:
                   "train": {k: v / max(seen, 1) for k, v in sums.items()},
                   "train_accuracy": correct / labelled if labelled else None,
                   "time_s": time.perf_counter() - started}
-        if self.test_split is not None:
-            record["test"] = self.evaluate(self.test_split, calibrate=False)
         return record
 
     # --- evaluation ---
