@@ -273,6 +273,9 @@ def test_cifar_from_a_local_pickle_folder(tmp_path):
             pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 9]}, fh)
     data = load_cifar("cifar10", tmp_path)
     assert data.train.images.shape == (20, 3, 32, 32) and data.test.targets.tolist() == [0, 1, 2, 9]
+    x, y = next(iter(Loader(data.test, 4)))
+    mean, std = torch.tensor(data.test.mean).view(3, 1, 1), torch.tensor(data.test.std).view(3, 1, 1)
+    torch.testing.assert_close(x, (data.test.images.float() / 255 - mean) / std)
     assert data.num_classes == 10 and data.augment == "crop_flip"
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
         load_cifar("cifar100", tmp_path)

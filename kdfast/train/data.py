@@ -17,16 +17,28 @@ UNLABELLED = -100  # the target of a transfer-set example without a label (cross
 
 @dataclass
 class Split:
-    """Images (N, C, H, W) float32, already normalised, and int64 targets (UNLABELLED where there is no label)."""
+    """Images (N, C, H, W) and int64 targets (UNLABELLED where there is no label). Float images are used as they
+    are; uint8 images (CIFAR: a quarter of the memory) are scaled to [0, 1] batch by batch, augmented, then
+    normalised with the per-channel mean and std."""
     images: torch.Tensor
     targets: torch.Tensor
+    mean: tuple | None = None
+    std: tuple | None = None
 
     def __len__(self):
         return len(self.targets)
 
     def subset(self, index) -> "Split":
         index = torch.as_tensor(index, dtype=torch.long)
-        return Split(self.images[index], self.targets[index])
+        return Split(self.images[index], self.targets[index], self.mean, self.std)
+
+    def relabel(self, targets: torch.Tensor) -> "Split":
+        return Split(self.images, targets, self.mean, self.std)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return x
+        return (x - torch.tensor(self.mean).view(1, -1, 1, 1)) / torch.tensor(self.std).view(1, -1, 1, 1)
 
 
 @dataclass
@@ -75,7 +87,7 @@ def few_labels(split: Split, per_class: int, seed: int) -> Split:
     transfer set for distillation with few labels."""
     keep = torch.zeros(len(split), dtype=torch.bool)
     keep[stratified_indices(split.targets, per_class, seed)] = True
-    return Split(split.images, torch.where(keep, split.targets, torch.full_like(split.targets, UNLABELLED)))
+    return split.relabel(torch.where(keep, split.targets, torch.full_like(split.targets, UNLABELLED)))
 
 
 _CIFAR_LAYOUT = {
@@ -88,7 +100,8 @@ _CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 
 
 def load_cifar(name: str, root) -> Dataset:
     """CIFAR-10/100 from `root`, either the folder the official archive unpacks to (cifar-10-batches-py,
-    cifar-100-python) or a folder that contains it. Normalised per channel with the usual mean and std."""
+    cifar-100-python) or a folder that contains it. Kept as uint8; batches are normalised per channel with the
+    usual mean and std after augmentation (as torchvision's RandomCrop, Flip, ToTensor, Normalize would)."""
     if name not in _CIFAR_LAYOUT:
         raise ValueError(f"unknown CIFAR data set {name!r}; expected one of {', '.join(_CIFAR_LAYOUT)}")
     folder, train_files, test_files, label_key, classes = _CIFAR_LAYOUT[name]
@@ -102,9 +115,6 @@ def load_cifar(name: str, root) -> Dataset:
             f"{', '.join(train_files + test_files)} (the 'CIFAR python version' archive from "
             f"https://www.cs.toronto.edu/~kriz/cifar.html, unpacked; each file a pickled dict with b'data' "
             f"(N x 3072 uint8) and {label_key!r})")
-    mean = torch.tensor(_CIFAR_MEAN[name]).view(1, 3, 1, 1)
-    std = torch.tensor(_CIFAR_STD[name]).view(1, 3, 1, 1)
-
     def read(files):
         data, labels = [], []
         for f in files:
@@ -112,8 +122,8 @@ def load_cifar(name: str, root) -> Dataset:
                 batch = pickle.load(fh, encoding="bytes")
             data.append(np.asarray(batch[b"data"], dtype=np.uint8))
             labels.extend(batch[label_key])
-        x = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32).float() / 255.0
-        return Split((x - mean) / std, torch.tensor(labels, dtype=torch.long))
+        x = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32)
+        return Split(x, torch.tensor(labels, dtype=torch.long), _CIFAR_MEAN[name], _CIFAR_STD[name])
 
     return Dataset(name, read(train_files), read(test_files), classes, "crop_flip")
 
@@ -183,7 +193,9 @@ class Loader:
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = augment(self.split.images[index], self.kind, g)
+            x = self.split.images[index]
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+            x = self.split.normalize(augment(x, self.kind, g))
             y = self.split.targets[index]
             if self.world_size > 1:
                 x, y = x.chunk(self.world_size)[self.rank], y.chunk(self.world_size)[self.rank]
