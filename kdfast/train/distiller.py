@@ -67,6 +67,8 @@ class Distiller(nn.Module):
     student_taps / teacher_taps plus the extra names given here.
     train_teacher=False (default): the teacher is frozen (no gradients, eval mode, run under no_grad).
     train_teacher=True: the teacher trains with the student (online methods such as mutual learning).
+    To compile, build the Distiller first (its feature hooks must exist before compilation), then call
+    student.compile() / teacher.compile(): the taps and model(x, features=True) go through the compiled module.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, terms=None, *,
