@@ -379,10 +379,20 @@ def test_gradient_clipping_bounds_the_step():
     assert 0 < step.norm() <= 1e-3 * (1 + 1e-4)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"amp": "int8"}, "amp"), ({"grad_clip": 0.0}, "grad_clip")])
+@pytest.mark.parametrize("kwargs,match", [({"amp": "int8"}, "amp"), ({"grad_clip": 0.0}, "grad_clip"),
+                                          ({"augment": "rotate"}, "augment")])
 def test_trainer_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Trainer(Distiller(pair()[0]), tiny_split(), [Stage(1)], **quiet(**kwargs))
+
+
+@pytest.mark.parametrize("stage,match", [(Stage(1, weights={"kd": 1.0}), "unknown term"),
+                                         (Stage(1, trainable=("student.fc", "student.stage9")), "matches no"),
+                                         (Stage(1, trainable=("teacher.fc",)), "no trainable parameters")])
+def test_stage_checked_against_the_distiller(stage, match):
+    student, teacher = pair()
+    with pytest.raises(ValueError, match=match):
+        Trainer(Distiller(student, teacher), tiny_split(), [stage], **quiet()).fit()
 
 
 @pytest.mark.parametrize("kwargs,match", [({"epochs": 0}, "epochs"), ({"epochs": 1, "lr": -1.0}, "lr"),

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 DATASETS = ("digits", "cifar10", "cifar100")
+AUGMENTATIONS = ("none", "shift", "crop_flip")
 UNLABELLED = -100  # the target of a transfer-set example without a label (cross-entropy's ignore_index)
 
 
@@ -173,6 +174,8 @@ class Loader:
                  seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
         if batch_size % world_size:
             raise ValueError(f"batch_size={batch_size} must be a multiple of the world size {world_size}")
         self.split, self.batch_size, self.shuffle, self.kind = split, batch_size, shuffle, augment

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .calibration import calibration_report
 from .checkpoint import load_checkpoint, save_checkpoint, write_json_lines
-from .data import Loader, Split, UNLABELLED
+from .data import AUGMENTATIONS, UNLABELLED, Loader, Split
 from .distiller import Distiller
 from .schedules import Schedule, lr_schedule
 
@@ -106,6 +106,15 @@ class Trainer:
             raise ValueError(f"amp must be None or one of {sorted(AMP_DTYPES)}, got {self.cfg.amp!r}")
         if self.cfg.grad_clip is not None and not self.cfg.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0, got {self.cfg.grad_clip!r}")
+        if self.cfg.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.cfg.augment!r}")
+        names = [n for n, _ in distiller.named_parameters()]
+        for stage in self.stages:
+            distiller.weights_at(0.0, stage.weights)  # unknown term names fail here, not mid-run
+            for prefix in stage.trainable or ():
+                if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+                    raise ValueError(f"stage {stage.name!r}: trainable prefix {prefix!r} matches no parameter of "
+                                     f"the distiller (e.g. {', '.join(names[:3])})")
         self.device = torch.device(self.cfg.device)
         self.rank, self.world = init_distributed()
         if self.world > 1 and self.device.type == "cuda" and self.device.index is None:
