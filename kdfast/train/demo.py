@@ -150,6 +150,10 @@ def main(argv=None) -> int:
     chart(rows, os.path.join(args.out, "demo.png"))
     print()
     print(table(rows))
+    base = next(r for r in rows if r["method"].endswith("CE (labels only)"))
+    gains = [f"{r['method'].split(': ')[-1]} {100 * (r['accuracy'] - base['accuracy']):+.1f}" for r in rows
+             if r["method"].startswith("student") and r is not base]
+    print(f"\ntest accuracy over cross-entropy alone (points): {', '.join(gains)}")
     print(f"\nwall time {time.perf_counter() - started:.1f} s; wrote {os.path.join(args.out, 'demo.png')} and "
           f"results.json")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -84,7 +84,6 @@ class TrainerConfig:
     device: str = "cpu"
     holdout: Split | None = None      # for temperature scaling in the final report
     confidence: float = 0.9           # confident-prediction threshold of the final report
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -174,7 +173,9 @@ class Trainer:
     @staticmethod
     def _optimizer(stage: Stage, params):
         decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]  # biases and norm scales
+        # Biases and norm scales get no weight decay: shrinking them does not regularise, it only shifts the
+        # activations (common practice since Goyal et al. 2017).
+        no_decay = [p for p in params if p.ndim <= 1]
         groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if stage.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=stage.lr, momentum=stage.momentum, nesterov=stage.nesterov)
