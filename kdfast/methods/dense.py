@@ -1,0 +1,83 @@
+"""Structured knowledge distillation for dense prediction (Liu et al. 2019/2020): pixel-wise, pair-wise and
+holistic (adversarial) losses on segmentation score maps and features. Teacher tensors are detached."""
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+import kdfast
+
+from ._fused import op
+from ._util import frozen_call
+
+
+class PixelwiseKD(nn.Module):
+    """Liu et al. 2019, pixel-wise: weight * KL between per-pixel class distributions of (B, C, H, W) score maps,
+    T=1, averaged over the B*H*W pixels (kdfast.kd_div with dim=1); weight=10."""
+
+    def __init__(self, temperature: float = 1.0, weight: float = 10.0):
+        super().__init__()
+        self.temperature, self.weight = temperature, weight
+
+    def forward(self, student_logits, teacher_logits):
+        return self.weight * kdfast.kd_div(student_logits, teacher_logits.detach(), self.temperature, dim=1)
+
+
+class PairwiseKD(nn.Module):
+    """Liu et al. 2019, pair-wise: weight * mean over the batch of sum_ij (a^s_ij - a^t_ij)^2 / n^2, a = cosine
+    similarity of nodes, nodes = max-pooled patches of side pool_scale * size (ceil mode; scale 0.5 as the
+    authors' code), via kdfast.pairwise_affinity_loss; weight=1 (METHODS.md gives none: kdfast's default)."""
+
+    def __init__(self, pool_scale: float = 0.5, weight: float = 1.0):
+        super().__init__()
+        self.pool_scale, self.weight = pool_scale, weight
+
+    def forward(self, student_features, teacher_features):
+        h, w = teacher_features.shape[2:]
+        size = (max(1, int(h * self.pool_scale)), max(1, int(w * self.pool_scale)))
+        loss = op("pairwise_affinity_loss")(student_features, teacher_features.detach(), pool_size=size)
+        return self.weight * loss
+
+
+class ScoreMapDiscriminator(nn.Module):
+    """A small WGAN critic on (B, C, H, W) score maps: strided 3x3 convs + LeakyReLU (no batch norm, which the
+    gradient penalty forbids), global average, one score per sample."""
+
+    def __init__(self, in_channels: int, width: int = 32, depth: int = 3):
+        super().__init__()
+        layers, c = [], in_channels
+        for i in range(depth):
+            layers += [nn.Conv2d(c, width * 2 ** i, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            c = width * 2 ** i
+        self.body = nn.Sequential(*layers, nn.Conv2d(c, 1, 1))
+
+    def forward(self, score_maps):
+        return self.body(score_maps).mean((1, 2, 3))
+
+
+class HolisticKD(nn.Module):
+    """Liu et al. 2019, holistic: a Wasserstein GAN with gradient penalty on score maps. The discriminator
+    minimises mean D(s) - mean D(t) + gp_weight * E[(||grad D(x_hat)|| - 1)^2] on interpolates x_hat (gp_weight=10);
+    the student minimises adv_weight * (-mean D(s)) (adv_weight=0.1). Each loss reaches only its own side: the
+    discriminator loss detaches both score maps, the student loss evaluates the
+    discriminator with detached parameters."""
+
+    def __init__(self, discriminator: nn.Module, gp_weight: float = 10.0, adv_weight: float = 0.1):
+        super().__init__()
+        self.discriminator, self.gp_weight, self.adv_weight = discriminator, gp_weight, adv_weight
+
+    def discriminator_loss(self, student_logits, teacher_logits, generator=None):
+        s, t = student_logits.detach(), teacher_logits.detach()
+        eps = torch.rand((s.shape[0],) + (1,) * (s.dim() - 1), generator=generator, dtype=s.dtype, device=s.device)
+        x_hat = (eps * t + (1 - eps) * s).requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.discriminator(x_hat).sum(), x_hat, create_graph=True)
+        penalty = (grad.flatten(1).norm(dim=1) - 1).square().mean()
+        return self.discriminator(s).mean() - self.discriminator(t).mean() + self.gp_weight * penalty
+
+    def student_loss(self, student_logits):
+        return -self.adv_weight * frozen_call(self.discriminator, student_logits).mean()
+
+    forward = student_loss
+
+
