@@ -13,6 +13,22 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("kd_bwd(Tensor grad_div, Tensor? grad_ce, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
         "float temperature, str divergence, float beta, int ignore_index, bool student_grad, bool teacher_grad) "
         "-> (Tensor grad_student, Tensor grad_teacher)");
+  // Attention maps of every (batch, channels, positions) feature map of a call in one launch: pooled over the
+  // channels as mean/sum/max of |x|^p and, with normalize, L2-normalised over the positions. maps are float32
+  // (float64 when a feature is), norms the (features, batch) norms before normalisation, argmax the int32 first
+  // arg-max channels for max pooling (empty otherwise). The backward writes each requested feature gradient once.
+  m.def("attention_fwd(Tensor[] features, float p, str pool, bool normalize) "
+        "-> (Tensor[] maps, Tensor norms, Tensor[] argmax)");
+  m.def("attention_bwd(Tensor[] grad_maps, Tensor[] features, Tensor[] maps, Tensor norms, Tensor[] argmax, "
+        "float p, str pool, bool normalize, bool[] needs_grad) -> Tensor[]");
+  // Attention transfer over layer pairs (student[k], teacher[k]) of equal positions, in one launch each way:
+  // rows = the (pairs, batch) per-sample means over positions of (map_s - map_t)^2 of normalised maps; maps, norms
+  // and argmax as attention_fwd over student + teacher (saved for the backward). The backward returns the
+  // gradients of student + teacher (empty where needs_grad, over the same concatenation, is false).
+  m.def("attention_transfer_fwd(Tensor[] student, Tensor[] teacher, float p, str pool) "
+        "-> (Tensor rows, Tensor[] maps, Tensor norms, Tensor[] argmax)");
+  m.def("attention_transfer_bwd(Tensor grad_rows, Tensor[] student, Tensor[] teacher, Tensor[] maps, Tensor norms, "
+        "Tensor[] argmax, float p, str pool, bool[] needs_grad) -> Tensor[]");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -84,3 +84,76 @@ if _C is not None:
         return gs if need_s else None, gt if need_t else None, None, None, None, None, None
 
     torch.library.register_autograd("kdfast::kd_fwd", _kd_backward, setup_context=_kd_setup_context)
+
+    def _list_needs(needs_input_grad, tensors) -> list:
+        """Per-tensor needs_input_grad of a Tensor[] argument (autograd gives a list, or one bool for all)."""
+        if isinstance(needs_input_grad, (list, tuple)):
+            return [bool(x) for x in needs_input_grad]
+        return [bool(needs_input_grad)] * len(tensors)
+
+    @torch.library.register_fake("kdfast::attention_fwd")
+    def _attention_fwd_fake(features, p, pool, normalize):
+        acc = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
+        batch = features[0].shape[0]
+        maps = [f.new_empty((batch, f.shape[2]), dtype=acc) for f in features]
+        argmax = [f.new_empty((batch, f.shape[2]) if pool == "max" else (0,), dtype=torch.int32) for f in features]
+        return maps, features[0].new_empty((len(features), batch), dtype=acc), argmax
+
+    @torch.library.register_fake("kdfast::attention_bwd")
+    def _attention_bwd_fake(grad_maps, features, maps, norms, argmax, p, pool, normalize, needs_grad):
+        return [torch.empty_like(f) if need else f.new_empty((0,)) for f, need in zip(features, needs_grad)]
+
+    def _attention_setup_context(ctx, inputs, output):
+        features, p, pool, normalize = inputs
+        maps, norms, argmax = output
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for norms and argmax
+        ctx.count = len(features)
+        ctx.save_for_backward(*features, *maps, norms, *argmax)
+        ctx.options = (p, pool, normalize)
+
+    def _attention_backward(ctx, grad_maps, _grad_norms, _grad_argmax):
+        n = ctx.count
+        saved = ctx.saved_tensors
+        features, maps, norms, argmax = saved[:n], saved[n:2 * n], saved[2 * n], saved[2 * n + 1:]
+        needs = _list_needs(ctx.needs_input_grad[0], features)
+        grad_maps = [torch.zeros_like(m) if g is None else g for g, m in zip(grad_maps, maps)]
+        grads = torch.ops.kdfast.attention_bwd(list(grad_maps), list(features), list(maps), norms, list(argmax),
+                                               *ctx.options, needs)
+        return [g if need else None for g, need in zip(grads, needs)], None, None, None
+
+    torch.library.register_autograd("kdfast::attention_fwd", _attention_backward,
+                                    setup_context=_attention_setup_context)
+
+    @torch.library.register_fake("kdfast::attention_transfer_fwd")
+    def _attention_transfer_fwd_fake(student, teacher, p, pool):
+        maps, norms, argmax = _attention_fwd_fake(list(student) + list(teacher), p, pool, True)
+        return student[0].new_empty((len(student), student[0].shape[0]), dtype=norms.dtype), maps, norms, argmax
+
+    @torch.library.register_fake("kdfast::attention_transfer_bwd")
+    def _attention_transfer_bwd_fake(grad_rows, student, teacher, maps, norms, argmax, p, pool, needs_grad):
+        return [torch.empty_like(f) if need else f.new_empty((0,))
+                for f, need in zip(list(student) + list(teacher), needs_grad)]
+
+    def _attention_transfer_setup_context(ctx, inputs, output):
+        student, teacher, p, pool = inputs
+        _rows, maps, norms, argmax = output
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the maps, norms and argmax
+        ctx.pairs = len(student)
+        ctx.save_for_backward(*student, *teacher, *maps, norms, *argmax)
+        ctx.options = (p, pool)
+
+    def _attention_transfer_backward(ctx, grad_rows, _grad_maps, _grad_norms, _grad_argmax):
+        k = ctx.pairs
+        if grad_rows is None:
+            return [None] * k, [None] * k, None, None
+        saved = ctx.saved_tensors
+        student, teacher = saved[:k], saved[k:2 * k]
+        maps, norms, argmax = saved[2 * k:4 * k], saved[4 * k], saved[4 * k + 1:]
+        needs = _list_needs(ctx.needs_input_grad[0], student) + _list_needs(ctx.needs_input_grad[1], teacher)
+        grads = torch.ops.kdfast.attention_transfer_bwd(grad_rows, list(student), list(teacher), list(maps), norms,
+                                                        list(argmax), *ctx.options, needs)
+        grads = [g if need else None for g, need in zip(grads, needs)]
+        return grads[:k], grads[k:], None, None
+
+    torch.library.register_autograd("kdfast::attention_transfer_fwd", _attention_transfer_backward,
+                                    setup_context=_attention_transfer_setup_context)

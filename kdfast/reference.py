@@ -77,3 +77,49 @@ def kd_loss(student_logits, teacher_logits, target, temperature=4.0, alpha=0.9, 
                 reduction="batchmean", scale_t2=True)
     ce = cross_entropy_rows(student_logits, target, dim, ignore_index).sum() / keep.sum().clamp_min(1)
     return alpha * kd + (1 - alpha) * ce
+
+
+def attention_map(features, p=2.0, *, pool="mean", normalize=True):
+    """Reference of kdfast.attention_map: (B, prod(spatial)) channel pooling of |features|^p, L2-normalised."""
+    a = features.to(_acc_dtype(features)).abs().pow(p)
+    if pool == "mean":
+        a = a.mean(1)
+    elif pool == "sum":
+        a = a.sum(1)
+    elif pool == "max":
+        a = a.max(1).values  # the gradient goes to the first arg-max channel
+    else:
+        raise ValueError(f"unknown pool {pool!r}")
+    a = a.flatten(1)
+    return F.normalize(a, dim=1, eps=1e-12) if normalize else a
+
+
+def match_spatial(student, teacher):
+    """Adaptive-average-pools the feature map with more positions to the other's spatial size (RepDistiller)."""
+    s_size, t_size = student.shape[2:], teacher.shape[2:]
+    if s_size == t_size:
+        return student, teacher
+    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(s_size)]
+    if s_size.numel() > t_size.numel():
+        return pool(student, tuple(t_size)), teacher
+    return student, pool(teacher, tuple(s_size))
+
+
+def attention_transfer_loss(student_features, teacher_features, p=2.0, *, pool="mean", reduction="mean"):
+    """Reference of kdfast.attention_transfer_loss over one pair or equal-length sequences of pairs."""
+    if isinstance(student_features, torch.Tensor):
+        student_features, teacher_features = [student_features], [teacher_features]
+    per_sample, sums = [], []
+    for s, t in zip(student_features, teacher_features):
+        s, t = match_spatial(s, t)
+        d = (attention_map(s, p, pool=pool) - attention_map(t, p, pool=pool)).pow(2)
+        per_sample.append(d.mean(1))
+        sums.append(d.sum())
+    rows = torch.stack(per_sample)  # (pairs, B)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return torch.stack(sums).sum()
+    if reduction == "mean":
+        return rows.mean(1).sum()
+    raise ValueError(f"unknown reduction {reduction!r}")

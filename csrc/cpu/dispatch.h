@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "../common/attention.h"
 #include "../common/kd_div.h"
 
 namespace kdfast::cpu {
@@ -11,7 +12,9 @@ namespace kdfast::cpu {
 // to csrc/cpu/isa/kernels.h.
 #define KDFAST_CPU_KERNELS(X) \
   X(kd_forward, const KdProblem&) \
-  X(kd_backward, const KdProblem&)
+  X(kd_backward, const KdProblem&) \
+  X(attention_forward, const AttentionProblem&) \
+  X(attention_backward, const AttentionProblem&)
 
 #define KDFAST_DECLARE(name, arg) void name(arg);
 namespace DEFAULT { KDFAST_CPU_KERNELS(KDFAST_DECLARE) }
