@@ -1,0 +1,26 @@
+"""`python -m kdfast COMMAND ...`: train (the trainer's CLI), demo (kdfast's main job), bench (benchmarks)."""
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("kdfast.train.cli", "train a student (optionally distilled from a teacher)"),
+    "demo": ("kdfast.train.demo", "kdfast's main job: distillation on digits, table and chart"),
+    # "bench" is the benchmark suite's entry (the lead's).
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "\n".join(f"  {name:8s}{help_}" for name, (_, help_) in COMMANDS.items())
+        print(f"usage: python -m kdfast COMMAND [args]\n\ncommands:\n{usage}", file=sys.stdout if argv else sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

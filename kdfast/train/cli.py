@@ -1,0 +1,199 @@
+"""`python -m kdfast train`: train a student on digits or CIFAR, alone or distilled from a teacher.
+
+Without --teacher-checkpoint a --teacher is trained first (cross-entropy, --teacher-epochs). The run's folder
+(--out) gets checkpoint.pt (every epoch; --resume continues from it), log.jsonl (one line per epoch),
+student.pt (the final weights, loadable as a --teacher-checkpoint) and metrics.json. Under torchrun
+(`torchrun --nproc_per_node=N -m kdfast train ...`) it trains with DDP; --batch-size is the global batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+from .data import DATASETS, few_labels, load_dataset
+from .distiller import Distiller
+from .models import MODELS, build_model
+from .terms import METHODS, MissingOpError, kdfast_op
+from .trainer import AMP_DTYPES, OPTIMIZERS, Stage, Trainer, seed_everything
+
+NEEDS_TEACHER = ("kd", "at", "pa", "md", "dml")
+OPS = {"kd": "kd_div", "at": "attention_transfer_loss", "pa": "pairwise_affinity_loss",
+       "md": "manifold_distillation_loss", "dml": "kd_div"}
+
+
+class CliError(Exception):
+    pass
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _weight(text):
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weight of {name!r} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"weight of {name!r} must be finite and >= 0, got {value}")
+    return name, number
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kdfast train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--student", required=True, help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--teacher", help="teacher model name (needed by every method but ce)")
+    p.add_argument("--teacher-checkpoint", help="teacher weights: a student.pt or checkpoint.pt of an earlier run")
+    p.add_argument("--data", default="digits", choices=DATASETS)
+    p.add_argument("--data-root", help="folder holding cifar-10-batches-py / cifar-100-python (python pickles)")
+    p.add_argument("--method", default=None,
+                   help=f"comma-separated loss terms added to cross-entropy: {', '.join(METHODS)} "
+                        f"(default: kd with a teacher, ce without)")
+    p.add_argument("--weight", type=_weight, action="append", default=[], metavar="NAME=VALUE",
+                   help="a term's weight, e.g. --weight at=1000 (defaults: ce 1, kd 1, at 1000, pa 1, md 1)")
+    p.add_argument("--temperature", type=_positive(float), default=4.0)
+    p.add_argument("--rank", type=_positive(int), default=4, help="manifold rank (md)")
+    p.add_argument("--layers", default="stage1,stage2,stage3", help="feature layers of at and md")
+    p.add_argument("--labels-per-class", type=_positive(int),
+                   help="keep labels of only this many training images per class (the rest become an "
+                        "unlabelled transfer set for distillation)")
+    p.add_argument("--epochs", type=_positive(int), default=30)
+    p.add_argument("--teacher-epochs", type=_positive(int), default=30)
+    p.add_argument("--batch-size", type=_positive(int), default=64)
+    p.add_argument("--lr", type=_positive(float), default=0.05)
+    p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "step", "constant"))
+    p.add_argument("--warmup", type=float, default=0.0, help="linear learning-rate warm-up, in epochs")
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    p.add_argument("--grad-clip", type=_positive(float))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=_positive(int), help="torch CPU threads")
+    p.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _methods(args):
+    names = [m.strip() for m in (args.method or ("kd" if args.teacher else "ce")).split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise CliError(f"--method: unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                       f"available: {', '.join(METHODS)}")
+    needing = [m for m in names if m in NEEDS_TEACHER]
+    if needing and not args.teacher:
+        raise CliError(f"--method {','.join(needing)} needs a --teacher")
+    for m in names:
+        try:
+            kdfast_op(OPS[m], m) if m in OPS else None
+        except MissingOpError as e:
+            raise CliError(f"--method {m}: {e}") from None
+    if "dml" not in names and "ce" not in names:
+        names = ["ce"] + names  # cross-entropy on the labelled examples is always part of distillation
+    weights = dict(args.weight)
+    bad = [n for n in weights if n not in names]
+    if bad:
+        raise CliError(f"--weight: no term named {', '.join(map(repr, bad))} in this run (terms: {', '.join(names)})")
+    options = {"temperature": args.temperature, "rank": args.rank,
+               "layers": tuple(s.strip() for s in args.layers.split(",") if s.strip())}
+    if not options["layers"]:
+        raise CliError("--layers must name at least one feature")
+    return {n: (METHODS[n][0](options), weights.get(n, METHODS[n][1])) for n in names}
+
+
+def _teacher_weights(path):
+    if not os.path.isfile(path):
+        raise CliError(f"--teacher-checkpoint: no file {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "distiller" in state:  # a trainer checkpoint: its student is the teacher
+        state = {k[len("student."):]: v for k, v in state["distiller"].items() if k.startswith("student.")}
+    return state
+
+
+def run(args) -> dict:
+    if args.data != "digits" and not args.data_root:
+        raise CliError(f"--data {args.data} needs --data-root DIR (a folder with the python-pickle version of "
+                       f"{args.data}; kdfast does not download data)")
+    for name in ("student", "teacher"):
+        value = getattr(args, name)
+        if value is not None and value not in MODELS:
+            raise CliError(f"--{name}: unknown model {value!r}; available: {', '.join(MODELS)}")
+    if args.amp != "none" and args.amp not in AMP_DTYPES:
+        raise CliError(f"--amp must be none, bf16 or fp16, got {args.amp!r}")
+    if args.teacher_checkpoint and not args.teacher:
+        raise CliError("--teacher-checkpoint needs --teacher (the model the weights belong to)")
+    terms = _methods(args)
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a: None)  # one voice under torchrun
+    try:
+        data = load_dataset(args.data, args.data_root)
+    except FileNotFoundError as e:
+        raise CliError(f"--data-root: {e}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train = data.train
+    if args.labels_per_class:
+        train = few_labels(train, args.labels_per_class, args.seed)
+    common = dict(batch_size=args.batch_size, augment=data.augment, seed=args.seed,
+                  amp=None if args.amp == "none" else args.amp, grad_clip=args.grad_clip, device=args.device,
+                  progress=not args.no_progress)
+    stage = lambda epochs, name: Stage(epochs, name, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
+                                       optimizer=args.optimizer, weight_decay=args.weight_decay)
+    teacher = None
+    if args.teacher:
+        seed_everything(args.seed)
+        teacher = build_model(args.teacher, data.num_classes, data.in_channels)
+        if args.teacher_checkpoint:
+            try:
+                teacher.load_state_dict(_teacher_weights(args.teacher_checkpoint))
+            except RuntimeError as e:
+                raise CliError(f"--teacher-checkpoint does not fit --teacher {args.teacher}: {e}") from None
+        elif "dml" not in terms:
+            say(f"training the teacher {args.teacher} first ({args.teacher_epochs} epochs, all labels)")
+            t_trainer = Trainer(Distiller(teacher), data.train, [stage(args.teacher_epochs, "teacher")], data.test,
+                                out_dir=os.path.join(args.out, "teacher"), resume=args.resume, **common)
+            t_trainer.fit()
+            say(f"teacher: {json.dumps(t_trainer.evaluate(data.test, calibrate=False))}")
+    seed_everything(args.seed + 1)
+    student = build_model(args.student, data.num_classes, data.in_channels)
+    distiller = Distiller(student, teacher, terms, train_teacher="dml" in terms)
+    trainer = Trainer(distiller, train, [stage(args.epochs, "student")], data.test, out_dir=args.out,
+                      resume=args.resume, **common)
+    history = trainer.fit()
+    metrics = {"test": trainer.evaluate(data.test), "epochs": len(history),
+               "train_s": sum(h["time_s"] for h in history)}
+    if trainer.rank == 0:  # under torchrun every process holds the same weights; one writes them
+        torch.save(student.state_dict(), os.path.join(args.out, "student.pt"))
+        with open(os.path.join(args.out, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh, indent=1)
+    return metrics
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        metrics = run(args)
+    except CliError as e:
+        print(f"{p.prog}: error: {e}\n(see {p.prog} --help)", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(metrics["test"], indent=1))
+    return 0

@@ -1,0 +1,205 @@
+"""Data: scikit-learn's bundled digits (the default; no download), CIFAR-10/100 from a local folder in the standard
+python-pickle format, an in-memory loader with seeded shuffling and DDP sharding, and CIFAR's random-crop + flip
+augmentation written in torch (kdfast does not need torchvision)."""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("digits", "cifar10", "cifar100")
+AUGMENTATIONS = ("none", "shift", "crop_flip")
+UNLABELLED = -100  # the target of a transfer-set example without a label (cross-entropy's ignore_index)
+
+
+@dataclass
+class Split:
+    """Images (N, C, H, W) and int64 targets (UNLABELLED where there is no label). Float images are used as they
+    are; uint8 images (CIFAR: a quarter of the memory) are scaled to [0, 1] batch by batch, augmented, then
+    normalised with the per-channel mean and std."""
+    images: torch.Tensor
+    targets: torch.Tensor
+    mean: tuple | None = None
+    std: tuple | None = None
+
+    def __len__(self):
+        return len(self.targets)
+
+    def subset(self, index) -> "Split":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Split(self.images[index], self.targets[index], self.mean, self.std)
+
+    def relabel(self, targets: torch.Tensor) -> "Split":
+        return Split(self.images, targets, self.mean, self.std)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return x
+        return (x - torch.tensor(self.mean).view(1, -1, 1, 1)) / torch.tensor(self.std).view(1, -1, 1, 1)
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    augment: str  # "crop_flip" (CIFAR), "shift" (digits) or "none"
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+
+def load_digits() -> Dataset:
+    """The 1,797 8x8 digits of scikit-learn (shipped with it), scaled to [0, 1], split 1,297 train / 500 test by a
+    fixed stratified shuffle (the same on every machine)."""
+    from sklearn.datasets import load_digits as sk_digits
+    bunch = sk_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    targets = torch.tensor(bunch.target, dtype=torch.long)
+    test = stratified_indices(targets, 50, seed=0)
+    train = torch.tensor(sorted(set(range(len(targets))) - set(test.tolist())), dtype=torch.long)
+    return Dataset("digits", Split(images[train], targets[train]), Split(images[test], targets[test]), 10, "shift")
+
+
+def stratified_indices(targets: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Sorted indices of `per_class` examples of each class, chosen by a seeded permutation."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(targets), generator=g)
+    picked = [order[targets[order] == c][:per_class] for c in range(int(targets.max()) + 1)]
+    return torch.sort(torch.cat(picked)).values
+
+
+def stratified_split(split: Split, per_class: int, seed: int):
+    """(picked, rest): `per_class` labelled examples of each class, and everything else."""
+    picked = stratified_indices(split.targets, per_class, seed)
+    mask = torch.ones(len(split), dtype=torch.bool)
+    mask[picked] = False
+    return split.subset(picked), split.subset(mask.nonzero().flatten())
+
+
+def few_labels(split: Split, per_class: int, seed: int) -> Split:
+    """The same images with the labels of only `per_class` examples per class kept, the others UNLABELLED: a
+    transfer set for distillation with few labels."""
+    keep = torch.zeros(len(split), dtype=torch.bool)
+    keep[stratified_indices(split.targets, per_class, seed)] = True
+    return split.relabel(torch.where(keep, split.targets, torch.full_like(split.targets, UNLABELLED)))
+
+
+_CIFAR_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
+}
+_CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
+_CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
+
+
+def load_cifar(name: str, root) -> Dataset:
+    """CIFAR-10/100 from `root`, either the folder the official archive unpacks to (cifar-10-batches-py,
+    cifar-100-python) or a folder that contains it. Kept as uint8; batches are normalised per channel with the
+    usual mean and std after augmentation (as torchvision's RandomCrop, Flip, ToTensor, Normalize would)."""
+    if name not in _CIFAR_LAYOUT:
+        raise ValueError(f"unknown CIFAR data set {name!r}; expected one of {', '.join(_CIFAR_LAYOUT)}")
+    folder, train_files, test_files, label_key, classes = _CIFAR_LAYOUT[name]
+    root = os.fspath(root)
+    candidates = [os.path.join(root, folder), root]
+    base = next((c for c in candidates if all(os.path.isfile(os.path.join(c, f)) for f in train_files + test_files)),
+                None)
+    if base is None:
+        raise FileNotFoundError(
+            f"{name} not found: looked in {candidates[0]} and {candidates[1]} for the python-pickle files "
+            f"{', '.join(train_files + test_files)} (the 'CIFAR python version' archive from "
+            f"https://www.cs.toronto.edu/~kriz/cifar.html, unpacked; each file a pickled dict with b'data' "
+            f"(N x 3072 uint8) and {label_key!r})")
+    def read(files):
+        data, labels = [], []
+        for f in files:
+            with open(os.path.join(base, f), "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")
+            data.append(np.asarray(batch[b"data"], dtype=np.uint8))
+            labels.extend(batch[label_key])
+        x = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32)
+        return Split(x, torch.tensor(labels, dtype=torch.long), _CIFAR_MEAN[name], _CIFAR_STD[name])
+
+    return Dataset(name, read(train_files), read(test_files), classes, "crop_flip")
+
+
+def load_dataset(name: str, root=None) -> Dataset:
+    if name == "digits":
+        return load_digits()
+    if name in _CIFAR_LAYOUT:
+        if root is None:
+            raise ValueError(f"{name} needs a data folder (--data-root DIR): kdfast does not download data")
+        return load_cifar(name, root)
+    raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True):
+    """Per image: a random crop of the zero-padded image back to its size, then a horizontal flip with
+    probability 1/2 (the standard CIFAR augmentation), all from `generator`."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    if flip:
+        mirror = torch.rand(b, generator=generator) < 0.5
+        out = torch.where(mirror[:, None, None, None], out.flip(-1), out)
+    return out
+
+
+def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    if kind == "crop_flip":
+        return random_crop_flip(x, generator, 4, True)
+    if kind == "shift":  # digits: shift by up to one pixel; a flip would change what a digit is
+        return random_crop_flip(x, generator, 1, False)
+    return x
+
+
+class Loader:
+    """Batches of an in-memory Split. Epoch e's order and augmentation come from a generator seeded with
+    (seed, e), so a resumed run sees the same batches as an uninterrupted one. With world_size > 1 each global
+    batch of batch_size examples is cut into world_size equal contiguous shards and this rank gets its own
+    (a last partial batch is dropped then, so every shard has the same size and DDP's average of the shards'
+    mean gradients is the mean gradient of the global batch, as in one process)."""
+
+    def __init__(self, split: Split, batch_size: int, *, shuffle: bool = False, augment: str = "none",
+                 seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} must be a multiple of the world size {world_size}")
+        self.split, self.batch_size, self.shuffle, self.kind = split, batch_size, shuffle, augment
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.drop_last = drop_last or world_size > 1
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n = len(self.split)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        for i in range(len(self)):
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.split.images[index]
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+            x = self.split.normalize(augment(x, self.kind, g))
+            y = self.split.targets[index]
+            if self.world_size > 1:
+                x, y = x.chunk(self.world_size)[self.rank], y.chunk(self.world_size)[self.rank]
+            yield x, y
