@@ -106,8 +106,8 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd(const at::Tensor& grad_div, const std:
   const at::Tensor gc = use_ce ? grad_ce->to(acc).expand(rows).contiguous() : at::Tensor();
   const at::Tensor st = stats.contiguous();
   // Gradients come back in the caller's dtypes, also where a mixed float64 pair was promoted.
-  at::Tensor gs = student_grad ? at::empty(s.sizes(), s.options()) : at::empty({0}, student.options());
-  at::Tensor gt = teacher_grad ? at::empty(t.sizes(), t.options()) : at::empty({0}, teacher.options());
+  at::Tensor gs = student_grad ? empty_output(s.sizes(), s.options()) : at::empty({0}, student.options());
+  at::Tensor gt = teacher_grad ? empty_output(t.sizes(), t.options()) : at::empty({0}, teacher.options());
   if (p.rows() > 0 && (student_grad || teacher_grad)) {
     p.target = y ? y->data_ptr<int64_t>() : nullptr;
     p.stats = const_cast<void*>(st.data_ptr());
