@@ -161,8 +161,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_affinity_bwd(const at::Tensor& grad_
   TORCH_CHECK_VALUE(gram.sizes() == at::IntArrayRef({batch, rows, c}) && gram.scalar_type() == at::kDouble,
                     "kdfast: gram rows of shape ", gram.sizes(), " do not belong to these nodes and gradients ",
                     "(expected (", batch, ", ", rows, ", ", c, ") float64)");
-  at::Tensor gs = student_grad ? at::empty(s.sizes(), s.options()) : at::empty({0}, s.options());
-  at::Tensor gt = teacher_grad ? at::empty(t.sizes(), t.options()) : at::empty({0}, t.options());
+  at::Tensor gs = student_grad ? empty_output(s.sizes(), s.options()) : at::empty({0}, s.options());
+  at::Tensor gt = teacher_grad ? empty_output(t.sizes(), t.options()) : at::empty({0}, t.options());
   if (batch == 0 || !(student_grad || teacher_grad)) return {gs, gt};
   // With J = +1 on student rows and -1 on teacher rows, loss_b = sum_ij J_i J_j G_ij^2 / n^2, so the gradient
   // with respect to the normalised nodes is dK = 4 g_b / n^2 (J G J) K; only the wanted sides' rows are formed.

@@ -148,7 +148,7 @@ std::vector<at::Tensor> attention_backward_op(at::TensorList grad_maps, const st
         keep.push_back(argmax[i].contiguous());
         f.argmax = keep.back().data_ptr<int32_t>();
       }
-      grads.push_back(at::empty(x.sizes(), x.options()));
+      grads.push_back(empty_output(x.sizes(), x.options()));
       f.grad = grads.back().data_ptr();
       work = work || x.numel() > 0;
     } else {
