@@ -72,3 +72,59 @@ def kd_loss(student_logits, teacher_logits, target, temperature=4.0, alpha=0.9, 
                 reduction="batchmean", scale_t2=True)
     ce = cross_entropy_rows(student_logits, target, dim, ignore_index).sum() / keep.sum().clamp_min(1)
     return alpha * kd + (1 - alpha) * ce
+
+
+def batched_svd(A):
+    """Reduced SVD A = U diag(S) Vh of each matrix (..., m, n), S descending, in float32 (float64 for double)."""
+    return torch.linalg.svd(A.to(_acc_dtype(A)), full_matrices=False)
+
+
+def manifold_projection(features, rank, center=True):
+    """Coordinates (..., n, rank) of n points (..., n, d) on their top-`rank` singular directions: with the
+    centred X = U S Vh, X V_rank = U_rank S_rank, each column's sign set so that the entry of largest magnitude
+    in the matching column of V_rank is positive."""
+    X = features.to(_acc_dtype(features))
+    if center:
+        X = X - X.mean(-2, keepdim=True)
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    Vr = Vh[..., :rank, :]
+    top = Vr.gather(-1, Vr.abs().argmax(-1, keepdim=True))  # (..., rank, 1)
+    sign = torch.where(top < 0, -1.0, 1.0).to(X.dtype)
+    return U[..., :rank] * S[..., None, :rank] * sign.mT
+
+
+def manifold_set_loss(student, teacher, rank):
+    """||P_s - P_t||_F^2 per set, P = Y Y^T / ||Y Y^T||_F with Y = manifold_projection(X, rank) of each side
+    (..., n, d_s) and (..., n, d_t); P = 0 where Y = 0. Expanded through rank x rank products, using
+    ||Y Y^T||_F = ||Y^T Y||_F and <Ys Ys^T, Yt Yt^T> = ||Ys^T Yt||_F^2 (the n x n P is never formed)."""
+    acc = _acc_dtype(student, teacher)
+    Ys = manifold_projection(student.to(acc), rank)
+    Yt = manifold_projection(teacher.to(acc), rank)
+    tiny = torch.finfo(acc).tiny
+    ns = (Ys.mT @ Ys).square().sum((-2, -1)).sqrt()
+    nt = (Yt.mT @ Yt).square().sum((-2, -1)).sqrt()
+    cross = (Ys.mT @ Yt).square().sum((-2, -1))
+    ns_safe, nt_safe = ns.clamp_min(tiny), nt.clamp_min(tiny)
+    return ns / ns_safe + nt / nt_safe - 2 * cross / (ns_safe * nt_safe)
+
+
+def manifold_points(x):
+    """Feature tensor -> (sets, n points, d): (B, C, H, W) -> B sets of H*W points in C dims; (B, D) -> one set
+    of B points; (S, n, d) as is."""
+    if x.dim() == 4:
+        return x.flatten(2).mT
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    return x
+
+
+def manifold_distillation_loss(student_features, teacher_features, rank, weights=None, reduction="mean"):
+    """Sum over layer pairs i of gamma_i * (mean over sets of manifold_set_loss), or the list of per-set
+    values (times gamma_i) with reduction="none"; a single pair of tensors gives a tensor."""
+    single = isinstance(student_features, torch.Tensor)
+    pairs = list(zip([student_features], [teacher_features]) if single else zip(student_features, teacher_features))
+    weights = [1.0] * len(pairs) if weights is None else list(weights)
+    values = [w * manifold_set_loss(manifold_points(s), manifold_points(t), rank) for (s, t), w in zip(pairs, weights)]
+    if reduction == "none":
+        return values[0] if single else values
+    return sum(v.mean() for v in values)

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "../common/kd_div.h"
+#include "../common/svd.h"
 
 namespace kdfast::cpu {
 
@@ -11,7 +12,8 @@ namespace kdfast::cpu {
 // to csrc/cpu/isa/kernels.h.
 #define KDFAST_CPU_KERNELS(X) \
   X(kd_forward, const KdProblem&) \
-  X(kd_backward, const KdProblem&)
+  X(kd_backward, const KdProblem&) \
+  X(svd_forward, const SvdProblem&)
 
 #define KDFAST_DECLARE(name, arg) void name(arg);
 namespace DEFAULT { KDFAST_CPU_KERNELS(KDFAST_DECLARE) }
