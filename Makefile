@@ -3,7 +3,7 @@ PY ?= python3
 JOBS ?= 2
 OUT ?= gpu-results
 
-.PHONY: setup build test demo bench cuda-compile gpu-check clean
+.PHONY: setup build test demo bench bench-run cuda-compile gpu-check clean
 
 # Installs what is missing (torch only if absent: on a GPU machine the installed CUDA torch is kept) and builds
 # the extension in place, so that `python -m kdfast` and pytest use this checkout.
@@ -22,9 +22,14 @@ test: setup
 demo: setup
 	$(PY) -m kdfast demo
 
-# CPU benchmarks of every op, then the report (benchmarks/results/<device>.json, .md, .png).
-bench: setup
-	$(PY) -m kdfast bench
+# Benchmarks of every op on this machine (CPU, or the GPU where there is one), then the report
+# (benchmarks/results/<name>.json, .md, .png). BENCH=-k expression narrows the run.
+bench: setup bench-run
+
+bench-run:
+	cd benchmarks && MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m pytest . -o python_files='bench_*.py' -q \
+		-p no:cacheprovider --benchmark-json=$(CURDIR)/build/bench.json $(BENCH)
+	$(PY) benchmarks/report.py build/bench.json $(if $(NAME),--name $(NAME))
 
 # Compiles the torch-free CUDA kernels alone for sm_80 and sm_90 (CI's check; ptxas reports with VERBOSE=1).
 cuda-compile:

@@ -87,19 +87,7 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
     rows, _ = _kernel_rows(student_logits, teacher_logits, None, temperature, divergence, beta, dim, -100)
     if scale_t2:
         rows = rows * (temperature * temperature)
-    if mask is not None:
-        rows = torch.where(mask, rows, torch.zeros_like(rows))
-        count = mask.sum()
-    else:
-        count = torch.tensor(rows.numel(), device=rows.device)
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        count = count * student_logits.shape[dim]
-    return total / count.clamp_min(1)
+    return reference.reduce_rows(rows, mask, reduction, student_logits.shape[dim])
 
 
 def _check_target(target, student_logits, dim, ignore_index):

@@ -40,6 +40,11 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
     rows = kd_div_rows(student_logits, teacher_logits, temperature, divergence, beta, dim)
     if scale_t2:
         rows = rows * temperature**2
+    return reduce_rows(rows, mask, reduction, student_logits.shape[dim])
+
+
+def reduce_rows(rows, mask, reduction, classes):
+    """kd_div's masking and reduction of per-row values (shared with the kernel path)."""
     if mask is not None:
         rows = torch.where(mask, rows, torch.zeros_like(rows))
         count = mask.sum()
@@ -52,7 +57,7 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
     if reduction == "batchmean":
         return rows.sum() / count.clamp_min(1)
     if reduction == "mean":
-        return rows.sum() / (count * student_logits.shape[dim]).clamp_min(1)
+        return rows.sum() / (count * classes).clamp_min(1)
     raise ValueError(f"unknown reduction {reduction!r}")
 
 

@@ -15,7 +15,7 @@ CPU_CAPABILITIES = (["default", "avx2", "avx512"][: ["default", "avx2", "avx512"
 # (rtol, atol) for a kernel against the float64 reference, by input dtype.
 TOLERANCE = {
     torch.float64: (1e-10, 1e-12),
-    torch.float32: (2e-5, 2e-6),
+    torch.float32: (2e-5, 1e-5),  # the CPU kernels use a fast exp (about 1e-6 relative error)
     torch.float16: (2e-3, 1e-4),
     torch.bfloat16: (1e-2, 1e-3),
 }

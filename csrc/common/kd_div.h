@@ -48,7 +48,7 @@ struct KdProblem {
   void* grad_student;      // null when not wanted; dtype of the student
   void* grad_teacher;      // null when not wanted; dtype of the teacher
 
-  int64_t rows() const { return outer * inner; }
+  KDFAST_HD int64_t rows() const { return outer * inner; }
 };
 
 // Scalar and vector math used by the templates below. Specialised for float and double here, and for
@@ -125,6 +125,19 @@ template <class S> struct KdRowState {
   S z1, sy;
 };
 
+// Merge the accumulators of two disjoint parts of one row (lanes on CPU, threads on CUDA). z1 is relative to
+// T * m_s, so it rescales like z_s with exponents multiplied by T.
+template <class S>
+KDFAST_HD inline KdRowState<S> merge(const KdRowState<S>& x, const KdRowState<S>& y, S T) {
+  KdRowState<S> r;
+  r.s = merge(x.s, y.s);
+  r.t = merge(x.t, y.t);
+  const S ref = r.s.m == -INFINITY ? S(0) : r.s.m;
+  r.z1 = x.z1 * VMath<S>::exp((x.s.m - ref) * T) + y.z1 * VMath<S>::exp((y.s.m - ref) * T);
+  r.sy = x.sy + y.sy;
+  return r;
+}
+
 // Finish a row of the forward from its accumulators: write the statistics and the row outputs, and
 // return nothing else. jsd needs a second pass (jsd_terms) and fills kAux0/kAux1/div afterwards.
 template <class S>
@@ -148,6 +161,8 @@ KDFAST_HD inline void kd_finish_row(const KdProblem& p, int64_t row, const KdRow
     const int64_t y = p.target[row];
     // An out-of-range class (checked on the host where that costs no synchronisation) gives NaN.
     static_cast<S*>(p.ce)[row] = y == p.ignore_index ? S(0) : (y >= 0 && y < p.classes ? lse1 - st.sy : S(NAN));
+  } else {
+    stats[kLseStudent1 * rows + row] = S(0);  // unused; written so that the op's outputs are all defined
   }
 }
 

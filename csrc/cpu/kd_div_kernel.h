@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <functional>
 #include <limits>
+#include <type_traits>
 
 #include "vec_math.h"
 
@@ -111,10 +112,10 @@ template <class A> struct KdLaneStats {
   V lse_s, lse_t, aux0, aux1, lse1, g, gce, y;
 };
 
-// Backward of one staged block: gradients with respect to the raw logits, written over s and t.
+// Backward of one block: gradients with respect to the raw logits into gs_out (and gt_out unless null).
 template <class A>
-inline void bwd_block(const KdConsts<A>& k, A* s, A* t, const Vectorized<A>* cls, const KdLaneStats<A>& r,
-                      int nvec) {
+inline void bwd_block(const KdConsts<A>& k, const A* s, const A* t, const Vectorized<A>* cls,
+                      const KdLaneStats<A>& r, int nvec, A* gs_out, A* gt_out) {
   using V = Vectorized<A>;
   constexpr int W = V::size();
   using M = VMath<V>;
@@ -130,8 +131,8 @@ inline void bwd_block(const KdConsts<A>& k, A* s, A* t, const Vectorized<A>* cls
       const V p1 = M::exp(sv - r.lse1) - V::blendv(zero, V(A(1)), cls[j] == r.y);
       gs = gs + M::mul_nonzero(r.gce, p1);
     }
-    gs.store(s + j * W);
-    M::mul_nonzero(g, db).store(t + j * W);
+    gs.store(gs_out + j * W);
+    if (gt_out) M::mul_nonzero(g, db).store(gt_out + j * W);
   }
 }
 
@@ -152,7 +153,11 @@ struct KdKernel {
   A target_of(int64_t row) const { return p.target ? A(p.target[row]) : A(-1); }
 
   // ---- row mode (inner == 1) ----
-  // Calls f(c0, n, nvec, cls) for each block of one row after staging classes [c0, c0 + n) into bs, bt.
+  // Inputs already of the accumulator type are read in place, but for a row's last, partial block.
+  static constexpr bool kInPlace = std::is_same_v<TS, A> && std::is_same_v<TT, A>;
+
+  // Calls f(c0, n, nvec, cls, sp, tp) for each block of classes [c0, c0 + n) of one row; sp and tp point to the
+  // block's values as A, staged into bs and bt where they need converting or padding.
   template <class F>
   void row_blocks(int64_t row, A* bs, A* bt, F&& f) const {
     const int64_t C = p.classes;
@@ -163,10 +168,17 @@ struct KdKernel {
     for (int64_t c0 = 0; c0 < C; c0 += kRowBlock) {
       const int64_t n = std::min(kRowBlock, C - c0);
       const int nvec = int((n + W - 1) / W);
+      if (k.target)
+        for (int j = 0; j < nvec; ++j) cls[j] = V::arange(A(c0 + int64_t(j) * W), A(1));
+      if constexpr (kInPlace) {
+        if (n == kRowBlock) {
+          f(c0, n, nvec, cls, reinterpret_cast<const A*>(srow + c0), reinterpret_cast<const A*>(trow + c0));
+          continue;
+        }
+      }
       stage(srow + c0, bs, n, int64_t(nvec) * W, ninf);
       stage(trow + c0, bt, n, int64_t(nvec) * W, ninf);
-      for (int j = 0; j < nvec; ++j) cls[j] = V::arange(A(c0 + int64_t(j) * W), A(1));
-      f(c0, n, nvec, cls);
+      f(c0, n, nvec, cls, static_cast<const A*>(bs), static_cast<const A*>(bt));
     }
   }
 
@@ -174,42 +186,38 @@ struct KdKernel {
     alignas(64) A bs[kRowBlock], bt[kRowBlock];
     KdLanes<A> L;
     const V y(target_of(row));
-    row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V* cls) { fwd_block(k, bs, bt, cls, y, nvec, L); });
+    row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V* cls, const A* sp, const A* tp) {
+      fwd_block(k, sp, tp, cls, y, nvec, L);
+    });
     KdRowState<A> st = L.lane(0);
-    for (int l = 1; l < W; ++l) st = merge_lanes(st, L.lane(l));
+    for (int l = 1; l < W; ++l) st = merge(st, L.lane(l), k.T);
     kd_finish_row(p, row, st);
     if (k.div == Divergence::JSD) {
       const A* stats = static_cast<const A*>(p.stats);
       const V lse_s(stats[kLseStudent * p.rows() + row]), lse_t(stats[kLseTeacher * p.rows() + row]);
       V kl_t(A(0)), kl_s(A(0));
-      row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V*) {
-        jsd_block(k, bs, bt, nvec, lse_s, lse_t, kl_t, kl_s);
+      row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V*, const A* sp, const A* tp) {
+        jsd_block(k, sp, tp, nvec, lse_s, lse_t, kl_t, kl_s);
       });
       jsd_finish_row<A>(p, row, at::vec::vec_reduce_all<A>(std::plus<V>(), kl_t),
                         at::vec::vec_reduce_all<A>(std::plus<V>(), kl_s));
     }
   }
 
-  // Merge the state of two lanes of one row.
-  KdRowState<A> merge_lanes(const KdRowState<A>& x, const KdRowState<A>& y) const {
-    KdRowState<A> r;
-    r.s = merge(x.s, y.s);
-    r.t = merge(x.t, y.t);
-    // z1 is relative to T * m_s: rescale it like z_s, with exponents multiplied by T.
-    const A m = r.s.m, ref = m == -std::numeric_limits<A>::infinity() ? A(0) : m;
-    r.z1 = x.z1 * std::exp((x.s.m - ref) * k.T) + y.z1 * std::exp((y.s.m - ref) * k.T);
-    r.sy = x.sy + y.sy;
-    return r;
-  }
-
   void backward_row(int64_t row, TS* gs, TT* gt) const {
     alignas(64) A bs[kRowBlock], bt[kRowBlock];
     const int64_t C = p.classes;
     const KdLaneStats<A> r = lane_stats(row, 1);
-    row_blocks(row, bs, bt, [&](int64_t c0, int64_t n, int nvec, const V* cls) {
-      bwd_block(k, bs, bt, cls, r, nvec);
-      if (gs) unstage(bs, gs + row * C + c0, n);
-      if (gt) unstage(bt, gt + row * C + c0, n);
+    alignas(64) A os[kRowBlock], ot[kRowBlock];
+    row_blocks(row, bs, bt, [&](int64_t c0, int64_t n, int nvec, const V* cls, const A* sp, const A* tp) {
+      // Full blocks of accumulator-typed gradients are written in place; the rest goes through os/ot.
+      A* gs_out = os;
+      A* gt_out = gt ? ot : nullptr;
+      if constexpr (std::is_same_v<TS, A>) if (n == kRowBlock && gs) gs_out = gs + row * C + c0;
+      if constexpr (std::is_same_v<TT, A>) if (n == kRowBlock && gt) gt_out = gt + row * C + c0;
+      bwd_block(k, sp, tp, cls, r, nvec, gs_out, gt_out);
+      if (gs && gs_out == os) unstage(os, gs + row * C + c0, n);
+      if (gt && gt_out == ot) unstage(ot, gt + row * C + c0, n);
     });
   }
 
@@ -228,10 +236,14 @@ struct KdKernel {
     r.g = load(gd);
     if (k.target) {
       r.lse1 = load(st + kLseStudent1 * R);
-      r.gce = gc ? load(gc) : V(A(0));
-      alignas(64) A y[W] = {};
-      for (int l = 0; l < n; ++l) y[l] = target_of(row + l);
+      // An ignored row's cross-entropy is the constant 0: no gradient flows through it.
+      alignas(64) A y[W] = {}, g[W] = {};
+      for (int l = 0; l < n; ++l) {
+        y[l] = target_of(row + l);
+        g[l] = gc && p.target[row + l] != p.ignore_index ? gc[row + l] : A(0);
+      }
       r.y = n == 1 ? V(y[0]) : V::loadu(y);
+      r.gce = n == 1 ? V(g[0]) : V::loadu(g);
     } else {
       r.lse1 = r.gce = r.y = V(A(0));
     }
@@ -281,15 +293,15 @@ struct KdKernel {
   }
 
   void backward_pixels(int64_t o, int64_t i0, int nl, TS* gs, TT* gt) const {
-    alignas(64) A bs[kBlock * W], bt[kBlock * W];
+    alignas(64) A bs[kBlock * W], bt[kBlock * W], os[kBlock * W], ot[kBlock * W];
     const int64_t C = p.classes, I = p.inner;
     const KdLaneStats<A> r = lane_stats(o * I + i0, nl);
     pixel_blocks(o, i0, nl, bs, bt, [&](int64_t c0, int nk, const V* cls) {
-      bwd_block(k, bs, bt, cls, r, nk);
+      bwd_block(k, bs, bt, cls, r, nk, os, gt ? ot : nullptr);
       for (int j = 0; j < nk; ++j) {
         const int64_t off = (o * C + c0 + j) * I + i0;
-        if (gs) unstage(bs + j * W, gs + off, nl);
-        if (gt) unstage(bt + j * W, gt + off, nl);
+        if (gs) unstage(os + j * W, gs + off, nl);
+        if (gt) unstage(ot + j * W, gt + off, nl);
       }
     });
   }

@@ -1,17 +1,6 @@
 // The kernels for AVX-512 (F, BW, VL, DQ). See avx2.cpp for why the target and macros are set here.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "avx2_macros.h"
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif

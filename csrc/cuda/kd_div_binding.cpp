@@ -1,0 +1,42 @@
+// CUDA registration of kd_fwd / kd_bwd: the device-independent op code (csrc/kd_div.cpp) with the CUDA launchers
+// on the current stream. Compiled only in CUDA builds.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../kd_div.h"
+#include "kd_div.h"
+
+namespace kdfast {
+namespace {
+
+KdLauncher on_stream(cudaError_t (*kernel)(const KdProblem&, cudaStream_t)) {
+  return [kernel](const KdProblem& p) {
+    const cudaError_t err = kernel(p, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "kdfast: CUDA kd kernel failed: ", cudaGetErrorString(err));
+  };
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& s, const at::Tensor& t,
+                                                   const std::optional<at::Tensor>& y, double T, c10::string_view d,
+                                                   double beta, int64_t ignore) {
+  const c10::cuda::CUDAGuard guard(s.device());
+  return kd_fwd(s, t, y, T, std::string(d), beta, ignore, on_stream(cuda::kd_forward));
+}
+
+std::tuple<at::Tensor, at::Tensor> bwd(const at::Tensor& gd, const std::optional<at::Tensor>& gc, const at::Tensor& s,
+                                       const at::Tensor& t, const std::optional<at::Tensor>& y,
+                                       const at::Tensor& stats, double T, c10::string_view d, double beta,
+                                       int64_t ignore, bool sg, bool tg) {
+  const c10::cuda::CUDAGuard guard(s.device());
+  return kd_bwd(gd, gc, s, t, y, stats, T, std::string(d), beta, ignore, sg, tg, on_stream(cuda::kd_backward));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
+  m.impl("kd_fwd", &fwd);
+  m.impl("kd_bwd", &bwd);
+}
+
+}  // namespace kdfast
