@@ -54,7 +54,7 @@ def _svd(A: torch.Tensor):
     batch = A.shape[:-2]
     m, n = A.shape[-2:]
     k = min(m, n)
-    U, S, Vh = torch.ops.kdfast.batched_svd(A.reshape(-1, m, n))
+    U, S, Vh = torch.ops.kdfast.batched_svd(A.reshape(math.prod(batch), m, n))
     return U.reshape(*batch, m, k), S.reshape(*batch, k), Vh.reshape(*batch, k, n)
 
 
@@ -113,12 +113,8 @@ def _set_loss(student, teacher, rank):
     acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     Us, Ss, _ = _projection(student.to(acc), rank, True)
     Ut, St, _ = _projection(teacher.to(acc), rank, True)
-    tiny = torch.finfo(acc).tiny
-    ns = Ss.square().square().sum(-1).sqrt()
-    nt = St.square().square().sum(-1).sqrt()
     cross = ((Us.mT @ Ut) * (Ss.unsqueeze(-1) * St.unsqueeze(-2))).square().sum((-2, -1))
-    ns_safe, nt_safe = ns.clamp_min(tiny), nt.clamp_min(tiny)
-    return ns / ns_safe + nt / nt_safe - 2 * cross / (ns_safe * nt_safe)
+    return reference.manifold_combine(Ss.square().square().sum(-1), St.square().square().sum(-1), cross)
 
 
 def _check_pair(s, t, rank, i):

@@ -105,12 +105,17 @@ def manifold_set_loss(student, teacher, rank):
     acc = _acc_dtype(student, teacher)
     Ys = manifold_projection(student.to(acc), rank)
     Yt = manifold_projection(teacher.to(acc), rank)
-    tiny = torch.finfo(acc).tiny
-    ns = (Ys.mT @ Ys).square().sum((-2, -1)).sqrt()
-    nt = (Yt.mT @ Yt).square().sum((-2, -1)).sqrt()
-    cross = (Ys.mT @ Yt).square().sum((-2, -1))
-    ns_safe, nt_safe = ns.clamp_min(tiny), nt.clamp_min(tiny)
-    return ns / ns_safe + nt / nt_safe - 2 * cross / (ns_safe * nt_safe)
+    return manifold_combine((Ys.mT @ Ys).square().sum((-2, -1)), (Yt.mT @ Yt).square().sum((-2, -1)),
+                            (Ys.mT @ Yt).square().sum((-2, -1)))
+
+
+def manifold_combine(ns2, nt2, cross):
+    """||P_s - P_t||_F^2 = ||P_s||^2 + ||P_t||^2 - 2 <P_s, P_t> from ns2 = ||Ys^T Ys||_F^2, nt2 = ||Yt^T Yt||_F^2
+    and cross = ||Ys^T Yt||_F^2; a side with Y = 0 has P = 0 (and a finite gradient: no sqrt at 0)."""
+    ps, pt = ns2 > 0, nt2 > 0
+    ns = torch.where(ps, ns2, torch.ones_like(ns2)).sqrt()
+    nt = torch.where(pt, nt2, torch.ones_like(nt2)).sqrt()
+    return ps.to(ns.dtype) + pt.to(nt.dtype) - 2 * cross / (ns * nt)
 
 
 def manifold_points(x):

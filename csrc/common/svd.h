@@ -35,7 +35,7 @@ struct SvdProblem {
 
 // Sweeps stop when no pair of columns needed a rotation; this caps them for inputs that never settle
 // (NaN, or rounding that keeps re-exciting a pair). Jacobi converges quadratically: 6-12 sweeps are typical.
-constexpr int kSvdMaxSweeps = 40;
+constexpr int kSvdMaxSweeps = 30;
 
 template <class S> struct SvdLimits;
 template <> struct SvdLimits<float> {
@@ -45,13 +45,20 @@ template <> struct SvdLimits<double> {
   static constexpr double eps = 2.220446049250313e-16;
 };
 
-// A pair (i, j) of columns with squared norms alpha, beta and inner product gamma is rotated only when
-// |gamma| > tol * sqrt(alpha * beta): tol relative to the column norms is what gives one-sided Jacobi its
-// high relative accuracy, and skipping settled pairs makes a matrix's result independent of the others
-// processed beside it (in SIMD lanes on CPU).
+// A pair (i, j) of columns with squared norms alpha, beta and inner product gamma is rotated when
+// |gamma| > tol * sqrt(alpha * beta): tol relative to the column norms is what gives one-sided Jacobi its high
+// relative accuracy. Two tolerances: rotations are made down to kSvdPolishTol, near the rounding of one
+// product, which halves the final loss of orthogonality, but a dot product of `rows` terms is only accurate to
+// about sqrt(rows) eps, so a matrix is converged (and frozen) after a sweep with no rotation above
+// svd_converged_tol; waiting for the polish tolerance would never end. Freezing each matrix on its own
+// convergence keeps its result independent of the others processed beside it (in SIMD lanes on CPU).
 template <class S>
-KDFAST_HD inline S svd_tolerance(int64_t rows) {
-  return SvdLimits<S>::eps * S(rows < 16 ? 4 : 1) * std::sqrt(S(rows));
+KDFAST_HD inline S svd_polish_tol() {
+  return S(2) * SvdLimits<S>::eps;
+}
+template <class S>
+KDFAST_HD inline S svd_converged_tol(int64_t rows) {
+  return SvdLimits<S>::eps * S(rows < 16 ? 4 : 1) * ::sqrt(S(rows));
 }
 
 // Elementwise operations the rotation needs, for a scalar here and for at::vec::Vectorized in csrc/cpu.

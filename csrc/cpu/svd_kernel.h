@@ -23,8 +23,8 @@ template <class T> struct SvdOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   static V abs(V x) { return x.abs(); }
   static V sqrt(V x) { return x.sqrt(); }
-  static V max(V x, V y) { return at::vec::maximum(x, y); }
-  static V min(V x, V y) { return at::vec::minimum(x, y); }
+  static V max(V x, V y) { return V::blendv(y, x, x > y); }
+  static V min(V x, V y) { return V::blendv(y, x, x < y); }
   static V sign_of(V x, V y) { return V::blendv(x, -x, y < V(T(0))); }
 };
 
@@ -93,22 +93,25 @@ struct SvdGroup {
   }
 
   void sweeps() {
-    const V tol(svd_tolerance<S>(rows)), zero(S(0)), one(S(1));
+    const V polish(svd_polish_tol<S>()), converged(svd_converged_tol<S>(rows)), zero(S(0)), one(S(1));
+    const int all = (1 << W) - 1;
+    V done = zero;  // all-ones in the lanes whose matrix has converged: they get no further rotation
     for (int sweep = 0; sweep < kSvdMaxSweeps; ++sweep) {
       // Exact squared norms at the start of each sweep stop the drift of the per-rotation updates.
       for (int64_t c = 0; c < cols; ++c) {
         const S* xc = &x[c * rows * W];
         dot(xc, xc, rows).store(&d[c * W]);
       }
-      bool rotated = false;
+      V big = zero;  // lanes that made a rotation above the convergence tolerance in this sweep
       for (int64_t i = 0; i + 1 < cols; ++i) {
         for (int64_t j = i + 1; j < cols; ++j) {
           S* xi = &x[i * rows * W];
           S* xj = &x[j * rows * W];
           const V gamma = dot(xi, xj, rows);
           const V alpha = V::loadu(&d[i * W]), beta = V::loadu(&d[j * W]);
-          const V need = gamma.abs() > tol * (alpha * beta).sqrt();
-          if (need.zero_mask() == (1 << W) - 1) continue;
+          const V scale = (alpha * beta).sqrt();
+          const V need = (gamma.abs() > polish * scale) & (done == zero);
+          if (need.zero_mask() == all) continue;
           V c, s, t;
           jacobi_rotation(alpha, beta, gamma, c, s, t);
           c = V::blendv(one, c, need);
@@ -118,10 +121,12 @@ struct SvdGroup {
           rotate(&v[i * cols * W], &v[j * cols * W], cols, c, s);
           at::vec::fmadd(-t, gamma, alpha).store(&d[i * W]);
           at::vec::fmadd(t, gamma, beta).store(&d[j * W]);
-          rotated = rotated || t.zero_mask() != (1 << W) - 1;
+          // t == 0 (a rotation lost to rounding) makes no progress, so it does not keep the sweeps going.
+          big = big | ((gamma.abs() > converged * scale) & (t != zero) & need);
         }
       }
-      if (!rotated) break;
+      done = done | (big == zero);
+      if (done.zero_mask() == 0) break;
     }
   }
 
