@@ -23,11 +23,11 @@ struct SvdProblem {
   void* s;                           // (batch, k) contiguous
   void* vh;                          // (batch, k, n) contiguous
 
-  int64_t k() const { return m < n ? m : n; }
-  int64_t rows() const { return m >= n ? m : n; }  // of the tall view T
-  int64_t cols() const { return m >= n ? n : m; }
+  KDFAST_HD int64_t k() const { return m < n ? m : n; }
+  KDFAST_HD int64_t rows() const { return m >= n ? m : n; }  // of the tall view T
+  KDFAST_HD int64_t cols() const { return m >= n ? n : m; }
   // Element (r, c) of T for matrix b.
-  int64_t t_offset(int64_t b, int64_t r, int64_t c) const {
+  KDFAST_HD int64_t t_offset(int64_t b, int64_t r, int64_t c) const {
     return m >= n ? b * a_stride[0] + r * a_stride[1] + c * a_stride[2]
                   : b * a_stride[0] + c * a_stride[1] + r * a_stride[2];
   }
@@ -90,6 +90,18 @@ KDFAST_HD inline void jacobi_rotation(V alpha, V beta, V gamma, V& c, V& s, V& t
   t = O::sign_of(one / (az + big * O::sqrt(one + small * small)), zeta);
   c = one / O::sqrt(one + t * t);
   s = c * t;
+}
+
+// The CUDA kernel's sweep order: round-robin ("circle") tournament over the columns padded to an even count
+// n2. Each of the n2 - 1 rounds pairs every column once, so a round's n2 / 2 rotations are independent and run
+// in parallel (one warp each); over a sweep every pair meets exactly once. A pair with the padding column
+// (index >= cols) is skipped. (On CPU the row-cyclic order measured faster: it keeps column i in L1.)
+KDFAST_HD inline int64_t svd_padded_cols(int64_t cols) { return cols + (cols & 1); }
+KDFAST_HD inline void svd_pair(int64_t n2, int64_t round, int64_t k, int64_t& i, int64_t& j) {
+  const int64_t a = k == 0 ? n2 - 1 : (round + k) % (n2 - 1);
+  const int64_t b = k == 0 ? round : (round - k + (n2 - 1)) % (n2 - 1);
+  i = a < b ? a : b;
+  j = a < b ? b : a;
 }
 
 // Column order by descending squared norm (insertion sort: k <= 64, stable, deterministic).
