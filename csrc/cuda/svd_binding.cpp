@@ -1,6 +1,7 @@
 // CUDA registration of batched_svd: the device-independent op code (csrc/svd.cpp) with the CUDA launcher on the
 // current stream. Compiled only in CUDA builds.
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
