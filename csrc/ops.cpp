@@ -37,6 +37,10 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("pairwise_affinity_fwd(Tensor student, Tensor teacher) -> (Tensor loss, Tensor gram)");
   m.def("pairwise_affinity_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor gram, bool student_grad, "
         "bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+  // Reduced SVD of each (m, n) matrix of a (batch, m, n) float32/float64 tensor, by one-sided Jacobi:
+  // U (batch, m, k), S (batch, k) descending, Vh (batch, k, n), k = min(m, n). Its backward is written with
+  // torch ops in kdfast/_ops.py.
+  m.def("batched_svd(Tensor a) -> (Tensor U, Tensor S, Tensor Vh)");
 }
 
 PYBIND11_MODULE(_C, m) {

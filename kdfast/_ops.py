@@ -50,6 +50,47 @@ def _acc_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
 
 
+def svd_backward(U, S, Vh, gU, gS, gVh):
+    """Gradient of A = U diag(S) Vh (reduced SVD, S descending, real) from the gradients of U, S and Vh (any
+    may be None): the standard SVD adjoint, as torch.linalg.svd's backward computes it, made finite everywhere.
+
+    Regularisation: the adjoint divides by s_j^2 - s_i^2 and by s_i. Both are taken on the spectrum scaled by
+    s_max (x = (s_j^2 - s_i^2) / s_max^2, x = s_i / s_max), where 1/x is replaced by x / (x^2 + eps^2), eps the
+    dtype's machine epsilon. That equals 1/x to a relative eps^2/x^2 (invisible where the singular values are
+    distinct and non-zero), is 0 at exactly repeated or zero singular values, and is bounded by 1 / (2 eps)
+    (times 1/s_max) near them, so the gradient is never NaN or inf for finite inputs.
+    """
+    m, n, k = U.shape[-2], Vh.shape[-1], S.shape[-1]
+    if gU is None and gVh is None:
+        if gS is None:
+            return U.new_zeros(U.shape[:-1] + (n,))
+        return U @ (gS.unsqueeze(-1) * Vh)
+    eps = torch.finfo(S.dtype).eps
+    smax = S[..., :1]
+    scale = torch.where(smax > 0, smax, torch.ones_like(smax))
+    s = S / scale
+    gap = s.unsqueeze(-2) ** 2 - s.unsqueeze(-1) ** 2  # [i, j] = s_j^2 - s_i^2
+    inv_gap = gap / (gap * gap + eps * eps)
+    inner = 0
+    if gU is not None:
+        UtgU = U.mT @ gU
+        inner = (UtgU - UtgU.mT) * s.unsqueeze(-2)
+    if gVh is not None:
+        VtgV = Vh @ gVh.mT
+        inner = inner + s.unsqueeze(-1) * (VtgV - VtgV.mT)
+    inner = inner * inv_gap / scale.unsqueeze(-1)
+    if gS is not None:
+        inner = inner + torch.diag_embed(gS)
+    inv_s = s / (s * s + eps * eps) / scale
+    if m > k and gU is not None:  # + (I - U U^T) gU S^-1, the part of gU outside U's span
+        gUs = gU * inv_s.unsqueeze(-2)
+        return (U @ (inner - U.mT @ gUs) + gUs) @ Vh
+    if n > k and gVh is not None:  # + S^-1 gVh (I - V V^T)
+        gVs = gVh * inv_s.unsqueeze(-1)
+        return U @ ((inner - gVs @ Vh.mT) @ Vh + gVs)
+    return U @ inner @ Vh
+
+
 if _C is not None:
 
     @torch.library.register_fake("kdfast::kd_fwd")
@@ -191,3 +232,16 @@ if _C is not None:
 
     torch.library.register_autograd("kdfast::pairwise_affinity_fwd", _pairwise_affinity_backward,
                                     setup_context=_pairwise_affinity_setup_context)
+    @torch.library.register_fake("kdfast::batched_svd")
+    def _batched_svd_fake(a):
+        batch, m, n = a.shape
+        k = min(m, n)
+        return a.new_empty((batch, m, k)), a.new_empty((batch, k)), a.new_empty((batch, k, n))
+
+    def _svd_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output)
+
+    def _svd_backward(ctx, gU, gS, gVh):
+        return svd_backward(*ctx.saved_tensors, gU, gS, gVh)
+
+    torch.library.register_autograd("kdfast::batched_svd", _svd_backward, setup_context=_svd_setup_context)

@@ -171,3 +171,64 @@ def similarity_preserving_loss(student_features, teacher_features, *, reduction=
     if reduction == "mean":
         return total / max(b * b, 1)
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def batched_svd(A):
+    """Reduced SVD A = U diag(S) Vh of each matrix (..., m, n), S descending, in float32 (float64 for double)."""
+    return torch.linalg.svd(A.to(_acc_dtype(A)), full_matrices=False)
+
+
+def manifold_projection(features, rank, center=True):
+    """Coordinates (..., n, rank) of n points (..., n, d) on their top-`rank` singular directions: with the
+    centred X = U S Vh, X V_rank = U_rank S_rank, each column's sign set so that the entry of largest magnitude
+    in the matching column of V_rank is positive."""
+    X = features.to(_acc_dtype(features))
+    if center:
+        X = X - X.mean(-2, keepdim=True)
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    Vr = Vh[..., :rank, :]
+    top = Vr.gather(-1, Vr.abs().argmax(-1, keepdim=True))  # (..., rank, 1)
+    sign = torch.where(top < 0, -1.0, 1.0).to(X.dtype)
+    return U[..., :rank] * S[..., None, :rank] * sign.mT
+
+
+def manifold_set_loss(student, teacher, rank):
+    """||P_s - P_t||_F^2 per set, P = Y Y^T / ||Y Y^T||_F with Y = manifold_projection(X, rank) of each side
+    (..., n, d_s) and (..., n, d_t); P = 0 where Y = 0. Expanded through rank x rank products, using
+    ||Y Y^T||_F = ||Y^T Y||_F and <Ys Ys^T, Yt Yt^T> = ||Ys^T Yt||_F^2 (the n x n P is never formed)."""
+    acc = _acc_dtype(student, teacher)
+    Ys = manifold_projection(student.to(acc), rank)
+    Yt = manifold_projection(teacher.to(acc), rank)
+    return manifold_combine((Ys.mT @ Ys).square().sum((-2, -1)), (Yt.mT @ Yt).square().sum((-2, -1)),
+                            (Ys.mT @ Yt).square().sum((-2, -1)))
+
+
+def manifold_combine(ns2, nt2, cross):
+    """||P_s - P_t||_F^2 = ||P_s||^2 + ||P_t||^2 - 2 <P_s, P_t> from ns2 = ||Ys^T Ys||_F^2, nt2 = ||Yt^T Yt||_F^2
+    and cross = ||Ys^T Yt||_F^2; a side with Y = 0 has P = 0 (and a finite gradient: no sqrt at 0)."""
+    ps, pt = ns2 > 0, nt2 > 0
+    ns = torch.where(ps, ns2, torch.ones_like(ns2)).sqrt()
+    nt = torch.where(pt, nt2, torch.ones_like(nt2)).sqrt()
+    return ps.to(ns.dtype) + pt.to(nt.dtype) - 2 * cross / (ns * nt)
+
+
+def manifold_points(x):
+    """Feature tensor -> (sets, n points, d): (B, C, H, W) -> B sets of H*W points in C dims; (B, D) -> one set
+    of B points; (S, n, d) as is."""
+    if x.dim() == 4:
+        return x.flatten(2).mT
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    return x
+
+
+def manifold_distillation_loss(student_features, teacher_features, rank, weights=None, reduction="mean"):
+    """Sum over layer pairs i of gamma_i * (mean over sets of manifold_set_loss), or the list of per-set
+    values (times gamma_i) with reduction="none"; a single pair of tensors gives a tensor."""
+    single = isinstance(student_features, torch.Tensor)
+    pairs = list(zip([student_features], [teacher_features]) if single else zip(student_features, teacher_features))
+    weights = [1.0] * len(pairs) if weights is None else list(weights)
+    values = [w * manifold_set_loss(manifold_points(s), manifold_points(t), rank) for (s, t), w in zip(pairs, weights)]
+    if reduction == "none":
+        return values[0] if single else values
+    return sum(v.mean() for v in values)

@@ -6,6 +6,7 @@
 #include "../common/attention.h"
 #include "../common/affinity.h"
 #include "../common/kd_div.h"
+#include "../common/svd.h"
 
 namespace kdfast::cpu {
 
@@ -17,7 +18,8 @@ namespace kdfast::cpu {
   X(attention_forward, const AttentionProblem&) \
   X(attention_backward, const AttentionProblem&) \
   X(affinity_stage, const AffinityChunk&) \
-  X(affinity_grad, const AffinityChunk&)
+  X(affinity_grad, const AffinityChunk&) \
+  X(svd_forward, const SvdProblem&)
 
 #define KDFAST_DECLARE(name, arg) void name(arg);
 namespace DEFAULT { KDFAST_CPU_KERNELS(KDFAST_DECLARE) }

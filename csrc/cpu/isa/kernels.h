@@ -3,3 +3,4 @@
 #include "../affinity_kernel.h"
 #include "../attention_kernel.h"
 #include "../kd_div_kernel.h"
+#include "../svd_kernel.h"

@@ -1,0 +1,200 @@
+"""Batched small-matrix SVD with a safe backward (batched_svd), and neuron manifold distillation built on it:
+manifold_projection, manifold_distillation_loss and the nn.Module ManifoldDistillation."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _validate as check
+from . import reference
+from ._ops import has_kernel, svd_backward
+
+REDUCTIONS = ("mean", "none")
+# The Jacobi kernels take k = min(m, n) <= 64 columns; on CPU the other side may be long (point clouds of a
+# feature map: 1024 x 16), on CUDA the tall view must fit in one block's shared memory.
+KERNEL_MAX_K = 64
+CPU_MAX_ROWS = 4096
+CUDA_MAX_SHARED_BYTES = 96 * 1024
+
+
+def _kernel_fits(A: torch.Tensor) -> bool:
+    m, n = A.shape[-2:]
+    k, rows = min(m, n), max(m, n)
+    if k > KERNEL_MAX_K:
+        return False
+    if A.device.type == "cuda":
+        return (rows * k + k * k) * A.element_size() <= CUDA_MAX_SHARED_BYTES
+    return rows <= CPU_MAX_ROWS
+
+
+class _LinalgSvd(torch.autograd.Function):
+    """torch.linalg.svd (shapes past the kernels, devices without them) with kdfast's finite backward."""
+
+    @staticmethod
+    def forward(A):
+        return torch.linalg.svd(A, full_matrices=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output)
+
+    @staticmethod
+    def backward(ctx, gU, gS, gVh):
+        return svd_backward(*ctx.saved_tensors, gU, gS, gVh)
+
+
+def _svd(A: torch.Tensor):
+    """batched_svd of a validated floating tensor, in its accumulator dtype."""
+    acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+    A = A.to(acc)
+    if not (_kernel_fits(A) and has_kernel(A.device)):
+        return _LinalgSvd.apply(A)
+    batch = A.shape[:-2]
+    m, n = A.shape[-2:]
+    k = min(m, n)
+    U, S, Vh = torch.ops.kdfast.batched_svd(A.reshape(math.prod(batch), m, n))
+    return U.reshape(*batch, m, k), S.reshape(*batch, k), Vh.reshape(*batch, k, n)
+
+
+def batched_svd(A):
+    """Reduced SVD of every matrix of A (..., m, n): A = U diag(S) Vh with k = min(m, n), S descending.
+
+    Returns U (..., m, k), S (..., k), Vh (..., k, n) in float32 (float64 for float64 input; half-precision
+    input is computed in float32). Matrices with min(m, n) <= 64 run on kdfast's one-sided Jacobi kernels (CPU,
+    CUDA without host synchronisation); others on torch.linalg.svd. Gradients through U, S and Vh equal
+    torch.linalg.svd's where the singular values are distinct and non-zero, and stay finite where they repeat
+    or vanish (regularisation: kdfast._ops.svd_backward). NaN or inf in a matrix gives NaN outputs for it.
+    """
+    check.floating(A, "A")
+    if A.dim() < 2:
+        raise ValueError(f"A must have at least 2 dimensions (..., m, n), got shape {tuple(A.shape)}")
+    return _svd(A)
+
+
+def _check_rank(rank, n: int, d: int, name: str) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    if not 1 <= rank <= min(n, d):
+        raise ValueError(f"rank must be in [1, min(n, d)] = [1, {min(n, d)}] for {name} of {n} points in {d} "
+                         f"dimensions, got {rank}")
+    return rank
+
+
+def _projection(X: torch.Tensor, rank: int, center: bool):
+    """(Y, U_rank, S_rank) of points X (..., n, d), Y = U_rank S_rank without the sign convention."""
+    X = X.to(torch.float64 if X.dtype == torch.float64 else torch.float32)
+    if center:
+        X = X - X.mean(-2, keepdim=True)
+    U, S, Vh = _svd(X)
+    return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+
+
+def manifold_projection(features, rank, *, center=True):
+    """Coordinates X V_rank = U_rank S_rank (..., n, rank) of the n points of features (..., n, d) on their
+    top-`rank` singular directions, after centring by the mean point (center=True). Signs: the entry of
+    largest magnitude in each column of V_rank is positive. float32 result (float64 for float64 features)."""
+    check.floating(features, "features")
+    if features.dim() < 2:
+        raise ValueError(f"features must have shape (..., n, d), got {tuple(features.shape)}")
+    _check_rank(rank, features.shape[-2], features.shape[-1], "features")
+    if not isinstance(center, bool):
+        raise TypeError(f"center must be a bool, got {type(center).__name__}")
+    U, S, Vh = _projection(features, rank, center)
+    top = Vh.gather(-1, Vh.abs().argmax(-1, keepdim=True))
+    sign = torch.where(top < 0, -1.0, 1.0).to(S.dtype)
+    return U * (S.unsqueeze(-2) * sign.mT)
+
+
+def _set_loss(student, teacher, rank):
+    """Per-set ||P_s - P_t||_F^2 (see reference.manifold_set_loss), from the SVD factors: Y^T Y = S_rank^2, so
+    ||Y Y^T||_F = ||S_rank^2|| and Ys^T Yt = S_s (Us^T Ut) S_t, a rank x rank product."""
+    acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    Us, Ss, _ = _projection(student.to(acc), rank, True)
+    Ut, St, _ = _projection(teacher.to(acc), rank, True)
+    cross = ((Us.mT @ Ut) * (Ss.unsqueeze(-1) * St.unsqueeze(-2))).square().sum((-2, -1))
+    return reference.manifold_combine(Ss.square().square().sum(-1), St.square().square().sum(-1), cross)
+
+
+def _check_pair(s, t, rank, i):
+    where = "" if i is None else f"[{i}]"
+    check.floating(s, f"student_features{where}")
+    check.floating(t, f"teacher_features{where}")
+    check.same_device({f"student_features{where}": s, f"teacher_features{where}": t})
+    for x, name in ((s, "student_features"), (t, "teacher_features")):
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(f"{name}{where} must be (B, D), (sets, n, d) or (B, C, H, W), got {tuple(x.shape)}")
+    ps, pt = reference.manifold_points(s), reference.manifold_points(t)
+    if ps.shape[:-1] != pt.shape[:-1]:
+        raise ValueError(f"student_features{where} and teacher_features{where} must give the same sets of points, "
+                         f"got {tuple(ps.shape[:-1])} and {tuple(pt.shape[:-1])} (sets, points) from shapes "
+                         f"{tuple(s.shape)} and {tuple(t.shape)}")
+    _check_rank(rank, ps.shape[-2], ps.shape[-1], f"student_features{where}")
+    _check_rank(rank, pt.shape[-2], pt.shape[-1], f"teacher_features{where}")
+    return ps, pt
+
+
+def _check_weights(weights, pairs: int):
+    if weights is None:
+        return [1.0] * pairs
+    if isinstance(weights, torch.Tensor) or not hasattr(weights, "__len__"):
+        raise TypeError(f"weights must be a sequence of numbers, got {type(weights).__name__}")
+    if len(weights) != pairs:
+        raise ValueError(f"weights must have one value per layer pair ({pairs}), got {len(weights)}")
+    out = [check.real(w, f"weights[{i}]") for i, w in enumerate(weights)]
+    for i, w in enumerate(out):
+        if not math.isfinite(w):
+            raise ValueError(f"weights[{i}] must be finite, got {w}")
+    return out
+
+
+def manifold_distillation_loss(student_features, teacher_features, rank, *, weights=None, reduction="mean"):
+    """Neuron manifold distillation: how differently student and teacher features lie on their top-`rank`
+    linear manifolds.
+
+    student_features, teacher_features: one tensor each, or equal-length sequences (layer pairs). A (B, C, H, W)
+    map is B sets of H*W points in C dimensions; (B, D) is one set of B points in D dimensions; (S, n, d) is S
+    sets. Both sides need the same sets and points; d may differ. Per set, Y = U_rank S_rank of the centred
+    points, P = Y Y^T / ||Y Y^T||_F (P = 0 if Y = 0), loss = ||P_s - P_t||_F^2 in [0, 2], computed through
+    rank x rank products. weights: gamma_i per pair (default 1). reduction: "mean" = sum_i gamma_i * mean over
+    sets; "none" = the per-set values (sets,) times gamma_i, a list for sequences. float32 result (float64 if
+    either side is float64); gradients reach both sides.
+    """
+    check.choice(reduction, "reduction", REDUCTIONS)
+    single = isinstance(student_features, torch.Tensor)
+    if single != isinstance(teacher_features, torch.Tensor):
+        raise TypeError("student_features and teacher_features must both be tensors or both be sequences")
+    if single:
+        pairs = [_check_pair(student_features, teacher_features, rank, None)]
+    else:
+        student_features, teacher_features = list(student_features), list(teacher_features)
+        if len(student_features) != len(teacher_features) or not student_features:
+            raise ValueError(f"student_features and teacher_features must be non-empty sequences of equal length, "
+                             f"got {len(student_features)} and {len(teacher_features)}")
+        pairs = [_check_pair(s, t, rank, i) for i, (s, t) in enumerate(zip(student_features, teacher_features))]
+    weights = _check_weights(weights, len(pairs))
+    values = [w * _set_loss(s, t, rank) for (s, t), w in zip(pairs, weights)]
+    if reduction == "none":
+        return values[0] if single else values
+    return sum(v.mean() for v in values)
+
+
+class ManifoldDistillation(nn.Module):
+    """nn.Module form of manifold_distillation_loss with fixed rank, weights and reduction."""
+
+    def __init__(self, rank, *, weights=None, reduction="mean"):
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        check.choice(reduction, "reduction", REDUCTIONS)
+        self.rank, self.weights, self.reduction = rank, weights, reduction
+
+    def forward(self, student_features, teacher_features):
+        return manifold_distillation_loss(student_features, teacher_features, self.rank, weights=self.weights,
+                                          reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, weights={self.weights}, reduction={self.reduction!r}"
