@@ -23,13 +23,17 @@ demo: setup
 	$(PY) -m kdfast demo
 
 # Benchmarks of every op on this machine (CPU, or the GPU where there is one), then the report
-# (benchmarks/results/<name>.json, .md, .png). BENCH=-k expression narrows the run.
+# (benchmarks/results/<name>.json, .md, .png). BENCH_FILES=bench_logits.py and BENCH='-k llm' narrow the run.
 bench: setup bench-run
 
+# One process per bench file, so that no file's compiled graphs or allocator state colour another's.
+BENCH_FILES ?= $(notdir $(wildcard benchmarks/bench_*.py))
 bench-run:
-	cd benchmarks && MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m pytest . -o python_files='bench_*.py' -q \
-		-p no:cacheprovider --benchmark-json=$(CURDIR)/build/bench.json $(BENCH)
-	$(PY) benchmarks/report.py build/bench.json $(if $(NAME),--name $(NAME))
+	@rm -rf build/bench && mkdir -p build/bench
+	cd benchmarks && for f in $(BENCH_FILES); do MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m pytest $$f \
+		-o python_files='bench_*.py' -q -p no:cacheprovider --benchmark-json=$(CURDIR)/build/bench/$${f%.py}.json \
+		$(BENCH) || exit 1; done
+	$(PY) benchmarks/report.py build/bench/*.json $(if $(NAME),--name $(NAME))
 
 # Compiles the torch-free CUDA kernels alone for sm_80 and sm_90 (CI's check; ptxas reports with VERBOSE=1).
 cuda-compile:

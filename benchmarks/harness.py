@@ -33,6 +33,9 @@ def make_impl(impl: str, kdfast_fn, reference_fn):
     if impl == "reference":
         return reference_fn
     if impl == "compiled":
+        # A fresh compile per row: rows share the reference's code objects, and recompiles across rows would hit
+        # dynamo's recompile limit (then the row would time guard failures, not the compiled code).
+        torch._dynamo.reset()
         return torch.compile(reference_fn, dynamic=False)
     raise ValueError(f"unknown impl {impl!r}")
 

@@ -1,7 +1,7 @@
 """Turns a pytest-benchmark JSON run of the suite into benchmarks/results/<device>.json, a markdown table of
 ratios (kdfast vs each baseline) and a PNG bar chart.
 
-    python benchmarks/report.py RUN.json [--name cpu-2core]
+    python benchmarks/report.py RUN.json [RUN.json ...] [--name cpu-2core]
 """
 from __future__ import annotations
 
@@ -96,12 +96,18 @@ def chart(rat: list, path: str, title: str) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", help="pytest-benchmark JSON file")
+    ap.add_argument("runs", nargs="+", help="pytest-benchmark JSON files of one machine (merged)")
     ap.add_argument("--name", help="result name (default: cpu-<cores>core or the GPU's name)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
-    with open(args.run) as f:
-        run = json.load(f)
+    run = None
+    for path in args.runs:
+        with open(path) as f:
+            part = json.load(f)
+        if run is None:
+            run = part
+        else:
+            run["benchmarks"] += part["benchmarks"]
     mi = run["machine_info"]
     name = args.name or (mi.get("gpu", "").split()[-1].lower() if mi.get("gpu") else f"cpu-{os.cpu_count()}core")
     rows, bandwidth = rows_of(run), mi.get("kdfast_copy_bandwidth")
