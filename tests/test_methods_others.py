@@ -112,16 +112,3 @@ def test_registry_builds_every_method_and_names_its_source():
     assert methods.build("kd", temperature=2.0).temperature == 2.0
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         methods.build("nope")
-
-
-def test_fused_ops_are_kdfasts_when_present(monkeypatch):
-    import kdfast
-    from kdfast.methods import _fused
-
-    def sentinel(*args, **kwargs):
-        return "fused"
-
-    monkeypatch.setattr(kdfast, "similarity_preserving_loss", sentinel, raising=False)
-    assert _fused.op("similarity_preserving_loss") is sentinel
-    monkeypatch.delattr(kdfast, "similarity_preserving_loss")
-    assert _fused.op("similarity_preserving_loss") is _fused._FALLBACKS["similarity_preserving_loss"]

@@ -8,7 +8,6 @@ from torch import nn
 
 import kdfast
 
-from ._fused import op
 from ._util import frozen_call
 
 
@@ -36,7 +35,7 @@ class PairwiseKD(nn.Module):
     def forward(self, student_features, teacher_features):
         h, w = teacher_features.shape[2:]
         size = (max(1, int(h * self.pool_scale)), max(1, int(w * self.pool_scale)))
-        loss = op("pairwise_affinity_loss")(student_features, teacher_features.detach(), pool_size=size)
+        loss = kdfast.pairwise_affinity_loss(student_features, teacher_features.detach(), pool_size=size)
         return self.weight * loss
 
 

@@ -1,15 +1,16 @@
 """Feature-based distillation losses (intermediate activations). Teacher features are detached: a frozen
 teacher never receives gradient; learned adapters (regressors, connectors) are part of the loss module and are
-trained with the student. Fused kdfast ops are used where one applies (see _fused.op)."""
+trained with the student. Fused kdfast ops are used where one applies."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+
+import kdfast
 import torch.nn.functional as F
 from torch import nn
 
-from ._fused import op
 from ._util import upcast_half
 
 
@@ -57,7 +58,7 @@ class AttentionTransfer(nn.Module):
         if isinstance(student_features, torch.Tensor):
             student_features, teacher_features = [student_features], [teacher_features]
         teachers = [t.detach() for t in teacher_features]
-        return self.beta * op("attention_transfer_loss")(list(student_features), teachers, self.p)
+        return self.beta * kdfast.attention_transfer_loss(list(student_features), teachers, self.p)
 
 
 class GradientAttentionTransfer(nn.Module):
@@ -113,7 +114,7 @@ class SimilarityPreserving(nn.Module):
         self.gamma = gamma
 
     def forward(self, student_features, teacher_features):
-        return self.gamma * op("similarity_preserving_loss")(student_features, teacher_features.detach())
+        return self.gamma * kdfast.similarity_preserving_loss(student_features, teacher_features.detach())
 
 
 def _pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -10,7 +10,6 @@ from torch import nn
 
 import kdfast
 
-from ._fused import op
 
 
 def confident_calibration(teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -42,6 +41,6 @@ class NeuronManifoldKD(nn.Module):
             raise ValueError(f"expected {len(self.gammas)} stages (one per gamma), got {len(student_features)}")
         t = confident_calibration(teacher_logits, target) if self.calibrate else teacher_logits.detach()
         kd = kdfast.kd_div(student_logits, t, self.temperature)
-        manifold = op("manifold_distillation_loss")(list(student_features), [f.detach() for f in teacher_features],
+        manifold = kdfast.manifold_distillation_loss(list(student_features), [f.detach() for f in teacher_features],
                                                     self.rank, weights=self.gammas)
         return self.alpha * F.cross_entropy(student_logits, target) + self.beta * kd + manifold
