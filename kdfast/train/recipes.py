@@ -158,6 +158,13 @@ class MultiExit(nn.Module):
                         "exit_features": exit_feats + [feats[self.stages[-1]]]}
 
 
+def deployed(model: nn.Module) -> nn.Module:
+    """The plain network inside a recipe's student (the deployed peer or leader, the multi-exit network)."""
+    if isinstance(model, Peers):
+        return model.networks[model.deploy]
+    return model.network if isinstance(model, MultiExit) else model
+
+
 def stage_names(model: nn.Module) -> list:
     """The stage outputs a zoo model returns ("stage1", "stage2", ...; SegNet: "features")."""
     names = [n for n in getattr(model, "feature_names", ()) if re.fullmatch(r"stage\d+", n)]
