@@ -110,6 +110,8 @@ def _recipe(args):
                        f"(kdfast.train.recipes)")
     if name not in TEACHER_FREE and not args.teacher:
         raise CliError(f"--method {name} needs a --teacher")
+    if args.assistant not in MODELS:
+        raise CliError(f"--assistant: unknown model {args.assistant!r}; available: {', '.join(MODELS)}")
     return name
 
 
@@ -168,10 +170,7 @@ def _recipe_run(name, student, teacher, train, args, data, stage, common, say):
             seed_everything(args.seed + 100 + k)
             teachers.append(build_model(args.teacher, data.num_classes, data.in_channels))
             _train_teacher(teachers[-1], f"teacher {k + 1}", args, data, stage, common, say)
-    try:
-        assistant = MODELS[args.assistant]
-    except KeyError:
-        raise CliError(f"--assistant: unknown model {args.assistant!r}; available: {', '.join(MODELS)}") from None
+    assistant = MODELS[args.assistant]
     built = [student]  # the first student is the one built (and seeded) by the caller; peers are fresh
 
     def fresh_student():
