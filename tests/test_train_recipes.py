@@ -129,3 +129,14 @@ def test_ensemble_and_peers_deploy_one_network():
     assert torch.allclose(ens(x), torch.stack([t(x) for t in s.teachers]).mean(0))
     peers = build_recipe("okddip", s).distiller.student
     assert torch.equal(peers(x), peers.networks[3](x))
+
+
+def test_compare_smoke(capsys):
+    from kdfast.train import compare
+    assert compare.main(["--methods", "kd,pairwise", "--epochs", "2", "--teacher-epochs", "1", "--shapes-train",
+                         "32", "--shapes-test", "16", "--shapes-size", "16"]) == 0
+    out = capsys.readouterr().out
+    for name in ("| digits | ce ", "| digits | kd ", "| shapes | ce ", "| shapes | pairwise", "wall time"):
+        assert name in out, out
+    with pytest.raises(SystemExit):
+        compare.main(["--methods", "kd,nope"])

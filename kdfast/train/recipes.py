@@ -9,8 +9,9 @@ a preliminary network (TAKD's assistant). Conventions shared by all recipes:
   label term of its own, as `python -m kdfast train` does;
 - a loss that needs a label for every example gets the teacher's prediction where the transfer set has none
   (UNLABELLED): the teacher labels the transfer set, as in model compression;
-- methods without a teacher (online, self-distillation) train on the labelled examples only: their losses average
-  cross-entropy over the batch, which a batch without labels would not have;
+- methods without a teacher (online, self-distillation) train on the labelled examples only (repeated up to the
+  split's size, so that their epochs have as many steps): their losses average cross-entropy over the batch, which
+  a batch without labels would not have;
 - two-stage methods (FitNets, AB) spend a quarter of the epochs in their first stage, so every recipe trains for
   the same number of epochs.
 """
@@ -28,6 +29,7 @@ from ..methods import FEED, QuEST, ScoreMapDiscriminator, feature_vectors, kmean
 from .data import UNLABELLED, Split
 from .distiller import Distiller
 from .terms import CrossEntropy, Term
+from .schedules import Linear
 from .trainer import Stage
 
 
@@ -83,6 +85,14 @@ class AdversarialTerm(MethodTerm):
     def adversary_loss(self):
         last, self._last = self._last, None  # release the step's tensors once used
         return self.adversary_call(self, *last)
+
+
+def labelled_examples(split: Split) -> Split:
+    """The labelled examples of a split, repeated up to its size: an epoch has as many steps as on the split."""
+    index = torch.nonzero((split.targets != UNLABELLED).reshape(len(split), -1).any(1)).flatten()
+    if len(index) == 0:
+        raise ValueError("the split has no labelled example")
+    return split.subset(index.repeat(-(-len(split) // len(index)))[:len(split)])
 
 
 def labels(targets, teacher_logits):
@@ -212,15 +222,15 @@ class _Builder:
     def recipe(self, terms, *, student=None, teacher=None, stages=None, labelled_only=False, train_teacher=False):
         split = self.setting.train
         if labelled_only:
-            split = split.subset(torch.nonzero(split.targets != UNLABELLED).flatten())
+            split = labelled_examples(split)
         distiller = Distiller(student or self.student, teacher, terms, train_teacher=train_teacher)
         return Recipe(self.name, distiller, stages or [self.stage(self.setting.epochs)], split)
 
-    def two_stages(self, first: str, second: str):
+    def two_stages(self, first: str, second: str, first_weight: float = 1.0):
         """A first stage (FitNets' hint, AB's initialisation) of a quarter of the epochs, then the second."""
         total = self.setting.epochs
         n1 = max(1, total // 4)
-        return [self.stage(n1, first, weights={first: 1.0}),
+        return [self.stage(n1, first, weights={first: first_weight}),
                 self.stage(max(1, total - n1), second, weights={second: 1.0})]
 
 
@@ -264,7 +274,11 @@ def _ab(b: _Builder):
     ab = MethodTerm(loss, lambda term, s, t, f, y: term.loss([f.student[n] for n in b.stages],
                                                              [f.teacher[n] for n in pre]),
                     student_taps=b.stages, teacher_taps=pre)
-    return b.recipe({"ab": ab, "kd": _kd_term(b)}, teacher=b.teacher, stages=b.two_stages("ab", "kd"))
+    # AB's loss is a sum over positions and channels (hundreds at the start on digits, against KD's ~10): at weight 1
+    # the initialisation stage's SGD steps blow the student's weights up and KD never recovers (65% accuracy on
+    # digits, KD alone 97%); weight 1e-3 keeps the stage at the scale of the other losses.
+    stages = b.two_stages("ab", "kd", first_weight=1e-3)
+    return b.recipe({"ab": ab, "kd": _kd_term(b)}, teacher=b.teacher, stages=stages)
 
 
 def _feature_plus_kd(b: _Builder):
@@ -403,8 +417,11 @@ def _takd(b: _Builder):
     return b.recipe({"takd": term()}, teacher=assistant)
 
 
-def _end2(b: _Builder):
-    term = MethodTerm(b.loss(), lambda term, s, t, f, y: term.loss(s, f.teacher["members"]),
+def _end2(b: _Builder, start: float = 10.0):
+    """The temperature is annealed from `start` to 1 over the first half of training, as EnD^2 does (a Dirichlet
+    fit to near one-hot members at T = 1 from the start does not learn: measured on digits, 32% accuracy)."""
+    temperature = Linear(start, 1.0, max(1.0, b.setting.epochs / 2))
+    term = MethodTerm(b.loss(), lambda term, s, t, f, y: term.loss(s, f.teacher["members"], temperature(f.epoch)),
                       teacher_taps=["members"])
     return b.recipe({"ce": CrossEntropy(), "end2": term}, teacher=Ensemble(b.setting.teachers))
 
