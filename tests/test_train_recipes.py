@@ -140,3 +140,18 @@ def test_compare_smoke(capsys):
         assert name in out, out
     with pytest.raises(SystemExit):
         compare.main(["--methods", "kd,nope"])
+
+
+def test_adversarial_recipe_resumes_to_the_same_weights(tmp_path):
+    """The discriminator's optimiser state is checkpointed with the networks'."""
+    def run(out, stop_after=None):
+        recipe = build_recipe("holistic", setting("holistic", epochs=2))
+        kw = dict(progress=False, batch_size=8, seed=0, out_dir=str(out))
+        Trainer(recipe.distiller, recipe.train, recipe.stages, **kw).fit(stop_after)
+        if stop_after is not None:
+            recipe = build_recipe("holistic", setting("holistic", epochs=2))
+            Trainer(recipe.distiller, recipe.train, recipe.stages, resume=True, **kw).fit()
+        return recipe.distiller.state_dict()
+
+    whole, resumed = run(tmp_path / "a"), run(tmp_path / "b", stop_after=1)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
