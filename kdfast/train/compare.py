@@ -159,7 +159,7 @@ class _EvalOnly:
 def table(rows) -> str:
     head = ["task", "method", "family", "metric", "score", "vs ce", "train time"]
     cells = [head] + [[r["task"], r["method"], r["family"], r["metric"],
-                       f"{r['mean']:.3f}" + (f" ± {r['std']:.3f}" if r["std"] else ""),
+                       f"{r['mean']:.3f}" + (f" ± {r['std']:.3f}" if len(r["scores"]) > 1 else ""),
                        "" if r["method"] in (BASELINE, LABELLED_BASELINE) else
                        f"{r['delta']:+.3f}" + ("*" if r["baseline"] == LABELLED_BASELINE else ""),
                        f"{r['train_s']:.1f} s"]
