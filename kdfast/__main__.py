@@ -5,6 +5,7 @@ import sys
 COMMANDS = {
     "train": ("kdfast.train.cli", "train a student (optionally distilled from a teacher)"),
     "demo": ("kdfast.train.demo", "kdfast's main job: distillation on digits, table and chart"),
+    "compare": ("kdfast.train.compare", "every distillation method against cross-entropy alone (digits, shapes)"),
     # "bench" is the benchmark suite's entry (the lead's).
 }
 

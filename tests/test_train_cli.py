@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kdfast.__main__ import main as kdfast_main
 from kdfast.train import cli, demo
@@ -22,6 +23,12 @@ def run_cli(capsys, *argv):
     (["--student", "cnn_tiny", "--teacher", "vgg"], "--teacher: unknown model 'vgg'"),
     (["--student", "cnn_tiny", "--method", "kd"], "needs a --teacher"),
     (["--student", "cnn_tiny", "--teacher", "cnn_small", "--method", "kd,fitnet"], "unknown method(s) 'fitnet'"),
+    (["--student", "cnn_tiny", "--method", "fitnet"], "--method fitnet needs a --teacher"),
+    (["--student", "cnn_tiny", "--teacher", "cnn_small", "--method", "pixelwise"], "kdfast compare --methods"),
+    (["--student", "cnn_tiny", "--method", "dml", "--weight", "kd=2", "--epochs", "1"],
+     "no term named 'kd' in recipe dml"),
+    (["--student", "cnn_tiny", "--teacher", "cnn_small", "--method", "takd", "--assistant", "vgg"],
+     "--assistant: unknown model 'vgg'"),
     (["--student", "cnn_tiny", "--weight", "kd=2"], "no term named 'kd'"),
     (["--student", "cnn_tiny", "--weight", "ce"], "expected NAME=VALUE"),
     (["--student", "cnn_tiny", "--weight", "ce=-1"], "finite and >= 0"),
@@ -60,12 +67,26 @@ def test_train_then_distil_from_its_checkpoint(tmp_path, capsys):
                      str(teacher_dir / "student.pt"), "--method", "kd", "--weight", "kd=0.5", "--epochs", "1",
                      "--labels-per-class", "2", "--amp", "bf16", "--out", str(student_dir), "--no-progress"]) == 0
     log = [json.loads(line) for line in (student_dir / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 1 and set(log[0]["train"]) == {"loss", "ce", "kd"}
+    assert len(log) == 1 and set(log[0]["train"]) == {"loss", "kd"}  # the kd recipe: Hinton's CE + KD in one term
     metrics = json.loads((student_dir / "metrics.json").read_text())
     assert 0 <= metrics["test"]["accuracy"] <= 1
     code, err = run_cli(capsys, "--student", "cnn_tiny", "--teacher", "cnn_large", "--teacher-checkpoint",
                         str(teacher_dir / "student.pt"), "--epochs", "1", "--out", str(tmp_path / "x"))
     assert code == 2 and "does not fit --teacher cnn_large" in err
+
+
+@pytest.mark.parametrize("method,extra,terms", [
+    ("fitnet", ["--teacher", "cnn_small"], {"loss", "kd"}),  # the last (KD) stage's log line
+    ("dml", [], {"loss", "dml"}),
+])
+def test_method_recipes_from_the_cli(tmp_path, method, extra, terms):
+    out = tmp_path / method
+    assert cli.main(["--student", "cnn_tiny", "--method", method, *extra, "--epochs", "2", "--teacher-epochs", "1",
+                     "--labels-per-class", "3", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and set(log[-1]["train"]) == terms
+    from kdfast.train.models import build_model
+    build_model("cnn_tiny", 10, 1).load_state_dict(torch.load(out / "student.pt"))  # the deployed network alone
 
 
 def test_dispatch(capsys):

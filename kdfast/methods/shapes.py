@@ -50,7 +50,10 @@ class ShapesDataset(torch.utils.data.TensorDataset):
 class SegNet(nn.Module):
     """A small encoder-decoder segmentation network: two conv stages (the second at half resolution), a 1x1
     classifier, bilinear upsampling of the score map to the input size. forward(x) -> logits (B, classes, H, W);
-    with return_features=True also the (B, 2*width, H/2, W/2) encoder features."""
+    with return_features=True also the (B, 2*width, H/2, W/2) encoder features; with features=True (the trainer's
+    convention, see kdfast.train.models) (logits, {"features": encoder features})."""
+
+    feature_names = ("features",)
 
     def __init__(self, width: int = 8, num_classes: int = 4, in_channels: int = 3):
         super().__init__()
@@ -62,10 +65,12 @@ class SegNet(nn.Module):
         self.stage2 = nn.Sequential(block(width, 2 * width, 2), block(2 * width, 2 * width, 1))
         self.classifier = nn.Conv2d(2 * width, num_classes, 1)
 
-    def forward(self, x, return_features: bool = False):
-        features = self.stage2(self.stage1(x))
-        logits = F.interpolate(self.classifier(features), size=x.shape[2:], mode="bilinear", align_corners=False)
-        return (logits, features) if return_features else logits
+    def forward(self, x, return_features: bool = False, features: bool = False):
+        encoded = self.stage2(self.stage1(x))
+        logits = F.interpolate(self.classifier(encoded), size=x.shape[2:], mode="bilinear", align_corners=False)
+        if features:
+            return logits, {"features": encoded}
+        return (logits, encoded) if return_features else logits
 
 
 def shapes_teacher(num_classes: int = 4) -> SegNet:

@@ -18,6 +18,8 @@ import torch
 from .data import DATASETS, few_labels, load_dataset
 from .distiller import Distiller
 from .models import MODELS, build_model
+from .recipes import DENSE, NEEDS_ENSEMBLE, RECIPES, TEACHER_FREE, Setting, build_recipe, deployed
+from .schedules import Constant
 from .terms import METHODS, MissingOpError, kdfast_op
 from .trainer import AMP_DTYPES, OPTIMIZERS, Stage, Trainer, seed_everything
 
@@ -63,8 +65,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits", choices=DATASETS)
     p.add_argument("--data-root", help="folder holding cifar-10-batches-py / cifar-100-python (python pickles)")
     p.add_argument("--method", default=None,
-                   help=f"comma-separated loss terms added to cross-entropy: {', '.join(METHODS)} "
-                        f"(default: kd with a teacher, ce without)")
+                   help=f"one method recipe of kdfast.methods ({', '.join(sorted(set(RECIPES) - set(DENSE)))}; "
+                        f"kdfast.train.recipes), or comma-separated loss terms added to cross-entropy: "
+                        f"{', '.join(METHODS)} (default: kd with a teacher, ce without); a single name that is "
+                        f"both is the recipe")
+    p.add_argument("--ensemble", type=_positive(int), default=3,
+                   help="teachers trained for the ensemble methods (ensemble_*, feed, end2; default 3)")
+    p.add_argument("--assistant", default="cnn_small", help="TAKD's teacher-assistant model (default cnn_small)")
     p.add_argument("--weight", type=_weight, action="append", default=[], metavar="NAME=VALUE",
                    help="a term's weight, e.g. --weight at=1000 (defaults: ce 1, kd 1, at 1000, pa 1, md 1)")
     p.add_argument("--temperature", type=_positive(float), default=4.0)
@@ -92,12 +99,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _recipe(args):
+    """The recipe name when --method names one method recipe, else None (loss terms)."""
+    name = (args.method or "").strip()
+    if name not in RECIPES:
+        return None
+    if name in DENSE:
+        raise CliError(f"--method {name}: the dense methods train segmentation networks on kdfast's shapes set; "
+                       f"run them with `python -m kdfast compare --methods {name}` or from Python "
+                       f"(kdfast.train.recipes)")
+    if name not in TEACHER_FREE and not args.teacher:
+        raise CliError(f"--method {name} needs a --teacher")
+    if args.assistant not in MODELS:
+        raise CliError(f"--assistant: unknown model {args.assistant!r}; available: {', '.join(MODELS)}")
+    return name
+
+
 def _methods(args):
     names = [m.strip() for m in (args.method or ("kd" if args.teacher else "ce")).split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
+        recipes = [m for m in unknown if m in RECIPES]
         raise CliError(f"--method: unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                       f"available: {', '.join(METHODS)}")
+                       f"available: {', '.join(METHODS)}"
+                       + (f"; method recipes ({', '.join(recipes)}) are used alone" if recipes else ""))
     needing = [m for m in names if m in NEEDS_TEACHER]
     if needing and not args.teacher:
         raise CliError(f"--method {','.join(needing)} needs a --teacher")
@@ -128,6 +153,44 @@ def _teacher_weights(path):
     return state
 
 
+def _train_teacher(teacher, name, args, data, stage, common, say):
+    say(f"training the {name} {args.teacher} first ({args.teacher_epochs} epochs, all labels)")
+    t_trainer = Trainer(Distiller(teacher), data.train, [stage(args.teacher_epochs, name)], data.test,
+                        out_dir=os.path.join(args.out, name.replace(" ", "_")), resume=args.resume, **common)
+    t_trainer.fit()
+    say(f"{name}: {json.dumps(t_trainer.evaluate(data.test, calibrate=False))}")
+
+
+def _recipe_run(name, student, teacher, train, args, data, stage, common, say):
+    """(distiller, stages, training split) of method recipe `name`; ensembles train --ensemble - 1 more teachers,
+    TAKD its assistant, first."""
+    teachers = [teacher] if teacher is not None else []
+    if name in NEEDS_ENSEMBLE:
+        for k in range(1, args.ensemble):
+            seed_everything(args.seed + 100 + k)
+            teachers.append(build_model(args.teacher, data.num_classes, data.in_channels))
+            _train_teacher(teachers[-1], f"teacher {k + 1}", args, data, stage, common, say)
+    assistant = MODELS[args.assistant]
+    built = [student]  # the first student is the one built (and seeded) by the caller; peers are fresh
+
+    def fresh_student():
+        return built.pop() if built else build_model(args.student, data.num_classes, data.in_channels)
+
+    setting = Setting(student=fresh_student,
+                      train=train, teachers=teachers, epochs=args.epochs, lr=args.lr,
+                      assistant=lambda: assistant(data.num_classes, data.in_channels),
+                      fit=lambda d, stages, split: Trainer(d, split, stages, **common).fit(),
+                      stage_options=dict(lr_schedule=args.lr_schedule, warmup=args.warmup, optimizer=args.optimizer,
+                                         weight_decay=args.weight_decay))
+    recipe = build_recipe(name, setting)
+    for term, weight in args.weight:
+        if term not in recipe.distiller.weights:
+            raise CliError(f"--weight: no term named {term!r} in recipe {name} (terms: "
+                           f"{', '.join(recipe.distiller.term_names)})")
+        recipe.distiller.weights[term] = Constant(weight)
+    return recipe.distiller, recipe.stages, recipe.train
+
+
 def run(args) -> dict:
     if args.data != "digits" and not args.data_root:
         raise CliError(f"--data {args.data} needs --data-root DIR (a folder with the python-pickle version of "
@@ -140,7 +203,8 @@ def run(args) -> dict:
         raise CliError(f"--amp must be none, bf16 or fp16, got {args.amp!r}")
     if args.teacher_checkpoint and not args.teacher:
         raise CliError("--teacher-checkpoint needs --teacher (the model the weights belong to)")
-    terms = _methods(args)
+    recipe_name = _recipe(args)
+    terms = None if recipe_name else _methods(args)
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a: None)  # one voice under torchrun
     try:
         data = load_dataset(args.data, args.data_root)
@@ -165,22 +229,21 @@ def run(args) -> dict:
                 teacher.load_state_dict(_teacher_weights(args.teacher_checkpoint))
             except RuntimeError as e:
                 raise CliError(f"--teacher-checkpoint does not fit --teacher {args.teacher}: {e}") from None
-        elif "dml" not in terms:
-            say(f"training the teacher {args.teacher} first ({args.teacher_epochs} epochs, all labels)")
-            t_trainer = Trainer(Distiller(teacher), data.train, [stage(args.teacher_epochs, "teacher")], data.test,
-                                out_dir=os.path.join(args.out, "teacher"), resume=args.resume, **common)
-            t_trainer.fit()
-            say(f"teacher: {json.dumps(t_trainer.evaluate(data.test, calibrate=False))}")
+        elif recipe_name not in TEACHER_FREE and "dml" not in (terms or ()):
+            _train_teacher(teacher, "teacher", args, data, stage, common, say)
     seed_everything(args.seed + 1)
     student = build_model(args.student, data.num_classes, data.in_channels)
-    distiller = Distiller(student, teacher, terms, train_teacher="dml" in terms)
-    trainer = Trainer(distiller, train, [stage(args.epochs, "student")], data.test, out_dir=args.out,
-                      resume=args.resume, **common)
+    if recipe_name:
+        distiller, stages, train = _recipe_run(recipe_name, student, teacher, train, args, data, stage, common, say)
+    else:
+        distiller = Distiller(student, teacher, terms, train_teacher="dml" in terms)
+        stages = [stage(args.epochs, "student")]
+    trainer = Trainer(distiller, train, stages, data.test, out_dir=args.out, resume=args.resume, **common)
     history = trainer.fit()
     metrics = {"test": trainer.evaluate(data.test), "epochs": len(history),
                "train_s": sum(h["time_s"] for h in history)}
     if trainer.rank == 0:  # under torchrun every process holds the same weights; one writes them
-        torch.save(student.state_dict(), os.path.join(args.out, "student.pt"))
+        torch.save(deployed(distiller.student).state_dict(), os.path.join(args.out, "student.pt"))
         with open(os.path.join(args.out, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=1)
     return metrics

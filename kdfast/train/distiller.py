@@ -11,9 +11,12 @@ from .schedules import as_schedule
 
 
 class Features(NamedTuple):
-    """The tapped features of one batch: student[name] and teacher[name]."""
+    """The tapped features of one batch: student[name] and teacher[name]; epoch = the training progress in epochs
+    since the stage began (for losses with their own schedule) and inputs = the batch (for input-gradient losses)."""
     student: dict
     teacher: dict
+    epoch: float = 0.0
+    inputs: torch.Tensor | None = None
 
 
 class StepOutput(NamedTuple):
@@ -121,7 +124,15 @@ class Distiller(nn.Module):
             raise ValueError(f"unknown term(s) {unknown}; the distiller has {self.term_names}")
         return {n: float(s(epoch)) for n, s in schedules.items()}
 
-    def forward(self, x, targets, weights=None) -> StepOutput:
+    def adversaries(self, active=None) -> dict:
+        """{term name: term} of the (active) terms that train an adversary, e.g. a discriminator: such a term has
+        an nn.Module `adversary`, `adversary_loss()` on its last forward's detached outputs, and
+        `adversary_optimizer` (keyword arguments of torch.optim.Adam). The trainer updates the adversary with its
+        own optimiser after each step of the networks, alternating as GAN training does."""
+        return {n: t for n, t in self.terms.items()
+                if hasattr(t, "adversary_loss") and (active is None or n in active)}
+
+    def forward(self, x, targets, weights=None, epoch: float = 0.0) -> StepOutput:
         weights = self.weights_at(0.0) if weights is None else weights
         s_logits, s_feats = self.student_tap(self.student, x)
         t_logits, t_feats = None, {}
@@ -131,7 +142,7 @@ class Distiller(nn.Module):
             else:
                 with torch.no_grad():
                     t_logits, t_feats = self.teacher_tap(self.teacher, x)
-        features = Features(s_feats, t_feats)
+        features = Features(s_feats, t_feats, epoch, x)
         loss, parts = 0.0, {}
         for name, weight in weights.items():
             value = self.term(name)(s_logits, t_logits, features, targets)

@@ -123,8 +123,7 @@ class Trainer:
         self._base_trainable = {n: p.requires_grad for n, p in distiller.named_parameters()}
         self.history: list = []
         self.position = (0, 0)  # (stage index, epochs done in it)
-        self._optimizer_state = None
-        self._scaler_state = None
+        self._optimizer_state = self._scaler_state = self._adversary_state = None
         if self.cfg.resume and self.cfg.out_dir and os.path.exists(self.checkpoint_path):
             self._load(load_checkpoint(self.checkpoint_path))
 
@@ -134,11 +133,12 @@ class Trainer:
     def checkpoint_path(self):
         return os.path.join(self.cfg.out_dir, "checkpoint.pt") if self.cfg.out_dir else None
 
-    def _save(self, optimizer, scaler):
+    def _save(self, optimizer, scaler, adversary):
         if not self.cfg.out_dir or self.rank != 0:
             return
         state = {"distiller": self.distiller.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None, "position": self.position,
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 "adversary": adversary.state_dict() if adversary is not None else None, "position": self.position,
                  "history": self.history, "rng": torch.get_rng_state(), "seed": self.cfg.seed}
         save_checkpoint(state, self.checkpoint_path)
         write_json_lines(self.history, os.path.join(self.cfg.out_dir, "log.jsonl"))
@@ -150,12 +150,19 @@ class Trainer:
         self.distiller.load_state_dict(state["distiller"])
         self.position, self.history = tuple(state["position"]), list(state["history"])
         self._optimizer_state, self._scaler_state = state["optimizer"], state["scaler"]
+        self._adversary_state = state.get("adversary")
         torch.set_rng_state(state["rng"])
 
     # --- one stage ---
 
+    def _active(self, stage: Stage) -> set:
+        return set(stage.weights) if stage.weights is not None else set(self.distiller.term_names)
+
     def _trainable(self, stage: Stage):
-        active = set(stage.weights) if stage.weights is not None else set(self.distiller.term_names)
+        active = self._active(stage)
+        # Adversaries (discriminators) are trained by their own optimiser (see _adversary_optimizer), never by the
+        # networks' loss.
+        adversarial = {id(p) for t in self.distiller.adversaries().values() for p in t.adversary.parameters()}
         params = []
         for name, p in self.distiller.named_parameters():
             keep = self._base_trainable[name]
@@ -164,7 +171,7 @@ class Trainer:
             if stage.trainable is not None:
                 keep = keep and any(name == t or name.startswith(t + ".") for t in stage.trainable)
             p.requires_grad_(keep)
-            if keep:
+            if keep and id(p) not in adversarial:
                 params.append(p)
         if not params:
             raise ValueError(f"stage {stage.name!r} has no trainable parameters (trainable={stage.trainable})")
@@ -182,6 +189,11 @@ class Trainer:
         cls = torch.optim.Adam if stage.optimizer == "adam" else torch.optim.AdamW
         return cls(groups, lr=stage.lr)
 
+    def _adversary_optimizer(self, stage: Stage):
+        terms = self.distiller.adversaries(self._active(stage)).values()
+        groups = [{"params": list(t.adversary.parameters()), **t.adversary_optimizer} for t in terms]
+        return torch.optim.Adam(groups) if groups else None
+
     def fit(self, stop_after: int | None = None) -> list:
         """Trains to the end of the last stage (or for at most `stop_after` epochs in this call, as if
         interrupted there) and returns the history: one dict of metrics per epoch."""
@@ -195,18 +207,21 @@ class Trainer:
                 model = DistributedDataParallel(self.distiller, device_ids=None if self.device.type == "cpu"
                                                 else [self.device])
             optimizer = self._optimizer(stage, params)
+            adversary = self._adversary_optimizer(stage)
             scaler = torch.amp.GradScaler(self.device.type) if self.cfg.amp in ("fp16", "float16") else None
             if self._optimizer_state is not None:
                 optimizer.load_state_dict(self._optimizer_state)
                 if scaler is not None and self._scaler_state is not None:
                     scaler.load_state_dict(self._scaler_state)
-                self._optimizer_state = self._scaler_state = None
+                if adversary is not None and self._adversary_state is not None:
+                    adversary.load_state_dict(self._adversary_state)
+                self._optimizer_state = self._scaler_state = self._adversary_state = None
             loader = Loader(self.train_split, self.cfg.batch_size, shuffle=True, augment=self.cfg.augment,
                             seed=self.cfg.seed * 1009 + index, rank=self.rank, world_size=self.world)
             for epoch in range(start, stage.epochs):
                 if stop_after is not None and done >= stop_after:
                     return self.history
-                record = self._epoch(model, stage, index, epoch, loader, optimizer, scaler)
+                record = self._epoch(model, stage, index, epoch, loader, optimizer, scaler, adversary)
                 if self.world > 1:
                     # DDP sends rank 0's buffers at each forward, but the last step's BatchNorm statistics
                     # update is local: share rank 0's so that every rank evaluates and resumes the same model.
@@ -216,11 +231,11 @@ class Trainer:
                     record["test"] = self.evaluate(self.test_split, calibrate=False)
                 self.history.append(record)
                 self.position = (index, epoch + 1) if epoch + 1 < stage.epochs else (index + 1, 0)
-                self._save(optimizer, scaler)
+                self._save(optimizer, scaler, adversary)
                 done += 1
         return self.history
 
-    def _epoch(self, model, stage, index, epoch, loader, optimizer, scaler) -> dict:
+    def _epoch(self, model, stage, index, epoch, loader, optimizer, scaler, adversary) -> dict:
         from tqdm import tqdm
         loader.set_epoch(epoch)
         self.distiller.train()
@@ -238,7 +253,7 @@ class Trainer:
                 group["lr"] = lr
             weights = self.distiller.weights_at(progress, stage.weights)
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(x, y, weights)
+                out = model(x, y, weights, progress)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(out.loss).backward()
@@ -253,6 +268,12 @@ class Trainer:
                 scaler.update()
             else:
                 optimizer.step()
+            if adversary is not None:
+                adversary.zero_grad(set_to_none=True)
+                adv_loss = sum(t.adversary_loss() for t in self.distiller.adversaries(weights).values())
+                adv_loss.backward()
+                adversary.step()
+                sums["adversary"] = sums.get("adversary", 0.0) + float(adv_loss.detach()) * len(y)
             n = len(y)
             seen += n
             sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * n
@@ -260,7 +281,7 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + float(value) * n
             mask = y != UNLABELLED
             labelled += int(mask.sum())
-            correct += int((out.student_logits.argmax(-1)[mask] == y[mask]).sum())
+            correct += int((out.student_logits.argmax(1)[mask] == y[mask]).sum())  # classes: dim 1 (dense too)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
         record = {"stage": stage.name, "stage_index": index, "epoch": epoch + 1,
