@@ -52,7 +52,7 @@ class FeatureModel(nn.Module):
         x = self._stem(x)
         feats = {"stem": x}
         for i, stage in enumerate(self.stages, 1):
-            pre, x = stage(x, preact=True)
+            pre, x = stage(self._enter(i, x), preact=True)
             feats[f"stage{i}.pre"], feats[f"stage{i}"] = pre, x
         x = self._last(x, feats)
         pooled = self._head(x)
@@ -61,6 +61,10 @@ class FeatureModel(nn.Module):
             return logits
         feats["pool"] = pooled
         return logits, feats
+
+    def _enter(self, i, x):
+        """What stage i (1-based) receives: the previous output unless a model resamples between stages."""
+        return x
 
     def _last(self, x, feats):
         return x
@@ -196,20 +200,8 @@ class SmallCNN(FeatureModel):
     def _stem(self, x):
         return x
 
-    def forward(self, x, features: bool = False):
-        x = self._stem(x)
-        feats = {"stem": x}
-        for i, stage in enumerate(self.stages, 1):
-            if i > 1:
-                x = F.max_pool2d(x, 2)
-            pre, x = stage(x, preact=True)
-            feats[f"stage{i}.pre"], feats[f"stage{i}"] = pre, x
-        pooled = self._head(x)
-        logits = self.fc(pooled)
-        if not features:
-            return logits
-        feats["pool"] = pooled
-        return logits, feats
+    def _enter(self, i, x):
+        return F.max_pool2d(x, 2) if i > 1 else x
 
 
 _RESNET_DEPTHS = {f"resnet{d}": d for d in (8, 14, 20, 32, 44, 56, 110)}
