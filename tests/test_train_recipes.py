@@ -115,6 +115,25 @@ def test_fitnet_hint_stage_trains_only_the_layers_below_the_guided_one_and_the_r
     assert not any(n.startswith(("student.fc", "student.stages.2", "terms.kd")) for n in moved)
 
 
+def test_defensive_trains_its_own_teacher_at_the_temperature():
+    s = setting("defensive", epochs=4)
+    given = snapshot(s.teachers[0])
+    x = s.train.images
+    recipe = build_recipe("defensive", s, temperature=8.0)
+    teacher = recipe.distiller.teacher
+    assert teacher is not s.teachers[0] and not changed(given, s.teachers[0])
+    assert not any(p.requires_grad for p in teacher.parameters())  # frozen for the student's stage
+    assert list(recipe.distiller.term_names) == ["defensive"]       # soft labels only, no cross-entropy
+    # Trained at T = 8 on the given teacher's labels: it agrees with them, with logits larger than a T = 1 net's.
+    with torch.no_grad():
+        z, z_given = teacher(x), s.teachers[0](x)
+    assert (z.argmax(1) == z_given.argmax(1)).float().mean() > 0.7  # chance: 0.25
+    assert z.std(1).mean() > 2 * z_given.std(1).mean()
+    s.fit = None
+    with pytest.raises(ValueError, match="needs Setting.fit"):
+        build_recipe("defensive", s)
+
+
 def test_online_and_self_distillation_train_on_the_labelled_examples_only():
     s = setting("dml")
     for name in ("dml", "byot"):

@@ -63,11 +63,13 @@ class AttentionTransfer(nn.Module):
 
 class GradientAttentionTransfer(nn.Module):
     """Zagoruyko & Komodakis 2017, gradient-based AT: CE(student) + beta/2 ||J_s - J_t||_2 with J = d CE / d input
-    of each network (the student's through a double backward, the teacher's a fixed target); beta=1000 as the
-    paper's activation-based AT (METHODS.md gives none for this variant: kdfast's default).
+    of each network (the student's through a double backward, the teacher's a fixed target). beta=1: METHODS.md and
+    the paper give no value for this variant; measured on digits (cnn_small -> cnn_tiny, 20 epochs, 3 seeds) beta
+    1 / 10 / 100 / 1000 give 97.8 / 96.3 / 76.7 / 35.7% accuracy (from 1000, activation AT's weight, the
+    input-gradient term swamps cross-entropy).
     Called with the networks: forward(student, teacher, inputs, target) -> (loss, student_logits)."""
 
-    def __init__(self, beta: float = 1000.0):
+    def __init__(self, beta: float = 1.0):
         super().__init__()
         self.beta = beta
 

@@ -116,12 +116,14 @@ class FEEDTransform(nn.Module):
 
 class FEED(nn.Module):
     """Park & Kwak 2019 (FEED): one FEEDTransform per teacher on the student's last feature map, each matched to
-    its teacher's feature map by factor transfer's loss (Kim et al. 2018, which FEED builds on): mean |u_s - u_t|
-    of the L2-normalised flattened maps; summed over teachers. Spatial sizes must match."""
+    its teacher's feature map by factor transfer's loss (Kim et al. 2018, which FEED builds on): weight * mean
+    |u_s - u_t| of the L2-normalised flattened maps, summed over teachers; weight=200 (factor transfer's weight in
+    RepDistiller's scripts). Spatial sizes must match."""
 
-    def __init__(self, student_channels: int, teacher_channels: Sequence[int]):
+    def __init__(self, student_channels: int, teacher_channels: Sequence[int], weight: float = 200.0):
         super().__init__()
         self.transforms = nn.ModuleList(FEEDTransform(student_channels, c) for c in teacher_channels)
+        self.weight = weight
 
     def forward(self, student_features, teacher_features: Sequence[torch.Tensor]):
         total = 0
@@ -129,7 +131,7 @@ class FEED(nn.Module):
             u_s = F.normalize(transform(student_features).flatten(1), dim=1)
             u_t = F.normalize(t.detach().flatten(1), dim=1)
             total = total + (u_s - u_t).abs().mean()
-        return total
+        return self.weight * total
 
 
 # --- TAKD -------------------------------------------------------------------------------------------------------
