@@ -97,7 +97,29 @@ def test_gradient_penalty_is_zero_for_a_unit_slope_critic():
             return (x * self.w).flatten(1).sum(1)
 
     s, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    p_s, p_t = s.softmax(1), t.softmax(1)  # the critic reads class probabilities
     d = methods.HolisticKD(Linear())
-    expected = s[:, 0, 0, 0].mean() - t[:, 0, 0, 0].mean()
+    expected = p_s[:, 0, 0, 0].mean() - p_t[:, 0, 0, 0].mean()
     torch.testing.assert_close(d.discriminator_loss(s, t), expected)
-    torch.testing.assert_close(d.student_loss(s), -0.1 * s[:, 0, 0, 0].mean())
+    torch.testing.assert_close(d.student_loss(s), -0.1 * p_s[:, 0, 0, 0].mean())
+
+
+def test_holistic_critic_sees_each_map_with_its_image():
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.detach())
+            return x[:, -1].flatten(1).mean(1)  # reads only the (last) image channel
+
+    s, t, images = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.rand(2, 1, 6, 6)
+    d = methods.HolisticKD(Spy(), gp_weight=0.0)
+    loss = d.discriminator_loss(s, t, images)
+    assert seen[-1].shape == (2, 5, 3, 3)
+    torch.testing.assert_close(seen[-1][:, 4:], torch.nn.functional.interpolate(images, size=(3, 3),
+                                                                               mode="bilinear"))
+    torch.testing.assert_close(loss, torch.tensor(0.0))  # same image under both maps: no difference
+    expected = -0.1 * seen[-1][:, 4].flatten(1).mean(1).mean()
+    torch.testing.assert_close(d.student_loss(s, images), expected)
+    with pytest.raises(ValueError, match="images hold 1 samples"):
+        d.student_loss(s, images[:1])

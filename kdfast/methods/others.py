@@ -161,10 +161,13 @@ def takd_steps(chain: Sequence):
 class EnsembleDistributionDistillation(nn.Module):
     """Malinin et al. 2020 (EnD^2): a prior network's logits z give Dirichlet concentrations alpha = exp(z / T);
     loss = mean over ensemble members and batch of -log Dir(pi_m | alpha), pi_m = softmax(member logits / T),
-    smoothed towards uniform by smoothing=1e-4 so that log pi stays finite (kdfast's choice; EnD^2 also anneals T
-    from high to 1 early in training: pass the current T)."""
+    smoothed towards uniform by `smoothing` (EnD^2 also anneals T from high to 1 early in training: pass the
+    current T). smoothing=1e-2 is kdfast's choice: near one-hot members make the NLL unbounded below as the
+    concentration grows, and its gradient (about alpha * digamma(alpha)) with it; measured on digits (4 seeds),
+    smoothing 1e-4 / 1e-3 / 1e-2 give 78 / 81 / 96% accuracy, the smaller ones with late collapses (NLL -57,
+    training accuracy 98% -> 56% within an epoch)."""
 
-    def __init__(self, temperature: float = 1.0, smoothing: float = 1e-4):
+    def __init__(self, temperature: float = 1.0, smoothing: float = 1e-2):
         super().__init__()
         self.temperature, self.smoothing = temperature, smoothing
 

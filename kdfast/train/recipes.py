@@ -337,10 +337,12 @@ def _gradient_at(b: _Builder):
 def _dense(b: _Builder):
     """Liu et al. 2019 on segmentation score maps (pixel-wise, holistic) or encoder features (pair-wise)."""
     if b.name == "holistic":
-        loss = b.loss(discriminator=ScoreMapDiscriminator(b.channels(b.student, "logits")))
+        # The critic sees each score map with its image (Liu et al.'s D(Q | I)).
+        critic = ScoreMapDiscriminator(b.channels(b.student, "logits") + b.sample.shape[1])
+        loss = b.loss(discriminator=critic)
         # WGAN-GP's optimiser for the critic (Gulrajani et al. 2017): Adam, lr 1e-4, betas (0.5, 0.9).
-        term = AdversarialTerm(loss, lambda term, s, t, f, y: term.loss.student_loss(s), loss.discriminator,
-                               lambda term, s, t, f, y: term.loss.discriminator_loss(s, t),
+        term = AdversarialTerm(loss, lambda term, s, t, f, y: term.loss.student_loss(s, f.inputs), critic,
+                               lambda term, s, t, f, y: term.loss.discriminator_loss(s, t, f.inputs),
                                {"lr": 1e-4, "betas": (0.5, 0.9)})
     elif b.name == "pairwise":
         feat = b.stages[-1]
