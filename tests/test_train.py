@@ -309,6 +309,28 @@ def test_shapes_split_and_labelled_fraction():
 
 # --- trainer: stages, resume, atomic checkpoints, AMP, clipping ---
 
+class _LabelMaps(torch.nn.Module):
+    """Per-pixel logits that predict the class stored in the input image (confidently)."""
+
+    def forward(self, x):
+        return 10.0 * F.one_hot(x[:, 0].long(), 3).movedim(-1, 1).float()
+
+
+def test_dense_evaluation_over_the_labelled_pixels():
+    predicted = torch.tensor([[[0, 1], [1, 2]], [[0, 0], [2, 2]]])
+    targets = torch.tensor([[[0, 1], [2, 2]], [[0, UNLABELLED], [2, 1]]])
+    split = Split(predicted.unsqueeze(1).float(), targets)
+    trainer = Trainer(Distiller(_LabelMaps()), split, [Stage(1)], **quiet(holdout=split))
+    report = trainer.evaluate(split, calibrate=False)
+    # 5 of the 7 labelled pixels right; IoU of class 0: 2/2, class 1: 1/3, class 2: 2/4 (the unlabelled pixel,
+    # predicted 0, counts nowhere).
+    assert report["pixel_accuracy"] == pytest.approx(5 / 7) and report["miou"] == pytest.approx((1 + 1 / 3 + 0.5) / 3)
+    confidence = 1 / (1 + 2 * math.exp(-10))
+    assert report["ece"] == pytest.approx(confidence - 5 / 7) and report["coverage"] == 1.0
+    # Temperature scaling on the held-out pixels (here the same 7): softer, so better calibrated.
+    calibrated = trainer.evaluate(split)
+    assert calibrated["temperature"] > 1 and calibrated["ece_calibrated"] < calibrated["ece"] == report["ece"]
+
 def test_hint_stage_then_kd_stage():
     student, teacher = pair()
     hint = Hint("stage1", "stage1", 4, 8)
