@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
+from kdfast.methods import make_shapes
 from kdfast.train import checkpoint as ckpt
 from kdfast.train import (UNLABELLED, AttentionTransfer, Constant, Cosine, CrossEntropy, Distiller, Features, Hint,
                           KD, KDLoss, Linear, Loader, ManifoldDistillation, MissingOpError, MutualLearning,
-                          PairwiseAffinity, Split, Stage, StageWise, Trainer, build_model, load_cifar, seed_everything)
-from kdfast.train.data import random_crop_flip
+                          PairwiseAffinity, Split, Stage, StageWise, Trainer, build_model, load_cifar, load_dataset,
+                          seed_everything)
+from kdfast.train.data import labelled_fraction, load_shapes, random_crop_flip
 from kdfast.train.models import MODELS, SmallCNN
 from kdfast.train.schedules import lr_schedule
 
@@ -238,6 +240,14 @@ def test_zoo_depths_and_errors():
         build_model("resnet9")
 
 
+def test_zoo_segmentation_pair():
+    teacher, student = build_model("segnet", 5, 1), build_model("segnet_small", 5, 1)
+    x = torch.randn(2, 1, 12, 12)
+    logits, feats = teacher(x, features=True)
+    assert logits.shape == student(x).shape == (2, 5, 12, 12) and list(feats) == list(teacher.feature_names)
+    assert feats["features"].shape == (2, 64, 6, 6) and student(x, features=True)[1]["features"].shape[1] == 16
+
+
 # --- data ---
 
 def test_crop_flip_augmentation():
@@ -281,7 +291,45 @@ def test_cifar_from_a_local_pickle_folder(tmp_path):
         load_cifar("cifar100", tmp_path)
 
 
+def test_shapes_split_and_labelled_fraction():
+    data = load_shapes(10, 4, 12, seed=3)
+    x, y = make_shapes(14, 12, seed=3)  # one draw, the first images for training
+    assert torch.equal(data.train.images, x[:10]) and torch.equal(data.test.targets, y[10:])
+    assert data.dense and data.num_classes == 4 and data.in_channels == 3 and data.augment == "none"
+    assert data.train.targets.dtype == torch.int64 and data.train.targets.shape == (10, 12, 12)
+    assert load_dataset("shapes").train.images.shape == (512, 3, 24, 24) and not load_dataset("digits").dense
+    few = labelled_fraction(data.train, 0.25)  # round(2.5) = 2 images keep their labels
+    assert torch.equal(few.targets[:2], data.train.targets[:2]) and (few.targets[2:] == UNLABELLED).all()
+    assert few.images is data.train.images
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 0"):
+        labelled_fraction(data.train, 0)
+    with pytest.raises(ValueError, match="digits has no size options"):
+        load_dataset("digits", size=8)
+
+
 # --- trainer: stages, resume, atomic checkpoints, AMP, clipping ---
+
+class _LabelMaps(torch.nn.Module):
+    """Per-pixel logits that predict the class stored in the input image (confidently)."""
+
+    def forward(self, x):
+        return 10.0 * F.one_hot(x[:, 0].long(), 3).movedim(-1, 1).float()
+
+
+def test_dense_evaluation_over_the_labelled_pixels():
+    predicted = torch.tensor([[[0, 1], [1, 2]], [[0, 0], [2, 2]]])
+    targets = torch.tensor([[[0, 1], [2, 2]], [[0, UNLABELLED], [2, 1]]])
+    split = Split(predicted.unsqueeze(1).float(), targets)
+    trainer = Trainer(Distiller(_LabelMaps()), split, [Stage(1)], **quiet(holdout=split))
+    report = trainer.evaluate(split, calibrate=False)
+    # 5 of the 7 labelled pixels right; IoU of class 0: 2/2, class 1: 1/3, class 2: 2/4 (the unlabelled pixel,
+    # predicted 0, counts nowhere).
+    assert report["pixel_accuracy"] == pytest.approx(5 / 7) and report["miou"] == pytest.approx((1 + 1 / 3 + 0.5) / 3)
+    confidence = 1 / (1 + 2 * math.exp(-10))
+    assert report["ece"] == pytest.approx(confidence - 5 / 7) and report["coverage"] == 1.0
+    # Temperature scaling on the held-out pixels (here the same 7): softer, so better calibrated.
+    calibrated = trainer.evaluate(split)
+    assert calibrated["temperature"] > 1 and calibrated["ece_calibrated"] < calibrated["ece"] == report["ece"]
 
 def test_hint_stage_then_kd_stage():
     student, teacher = pair()

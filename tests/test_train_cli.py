@@ -1,5 +1,6 @@
 """`python -m kdfast train` and `python -m kdfast demo`: clear errors for bad input, and short real runs."""
 import json
+import math
 import subprocess
 import sys
 
@@ -24,7 +25,25 @@ def run_cli(capsys, *argv):
     (["--student", "cnn_tiny", "--method", "kd"], "needs a --teacher"),
     (["--student", "cnn_tiny", "--teacher", "cnn_small", "--method", "kd,fitnet"], "unknown method(s) 'fitnet'"),
     (["--student", "cnn_tiny", "--method", "fitnet"], "--method fitnet needs a --teacher"),
-    (["--student", "cnn_tiny", "--teacher", "cnn_small", "--method", "pixelwise"], "kdfast compare --methods"),
+    (["--student", "cnn_tiny", "--teacher", "cnn_small", "--method", "pixelwise"],
+     "--method pixelwise is a dense (segmentation) method: run it on --data shapes"),
+    (["--data", "shapes", "--student", "segnet_small", "--teacher", "segnet", "--method", "fitnet"],
+     "--method fitnet is a classification method; on --data shapes use a dense method (pixelwise, pairwise, "
+     "holistic) or ce"),
+    (["--data", "shapes", "--student", "segnet_small", "--teacher", "segnet", "--method", "ce,kd,at"],
+     "--method kd,at: the loss terms but ce are for classification logits; on --data shapes use a dense method"),
+    (["--data", "shapes", "--student", "cnn_tiny"], "--student cnn_tiny is a classifier; --data shapes needs a "
+     "segmentation model: one of segnet, segnet_small"),
+    (["--data", "shapes", "--student", "segnet_small", "--teacher", "resnet8"], "--teacher resnet8 is a classifier"),
+    (["--student", "segnet_small"], "--student segnet_small is a segmentation model; --data digits needs a "
+     "classifier"),
+    (["--data", "shapes", "--student", "segnet_small", "--labels-per-class", "5"],
+     "--labels-per-class is for classification data; on --data shapes use --labelled-fraction F"),
+    (["--student", "cnn_tiny", "--labelled-fraction", "0.5"],
+     "--labelled-fraction is for segmentation data (--data shapes); on --data digits use --labels-per-class N"),
+    (["--data", "shapes", "--student", "segnet_small", "--labelled-fraction", "1.5"], "must be in (0, 1], got 1.5"),
+    (["--data", "shapes", "--student", "segnet_small", "--labelled-fraction", "0"], "must be > 0, got 0"),
+    (["--student", "cnn_tiny", "--shapes-size", "16"], "--shapes-size: only for --data shapes, not --data digits"),
     (["--student", "cnn_tiny", "--method", "dml", "--weight", "kd=2", "--epochs", "1"],
      "no term named 'kd' in recipe dml"),
     (["--student", "cnn_tiny", "--teacher", "cnn_small", "--method", "takd", "--assistant", "vgg"],
@@ -87,6 +106,50 @@ def test_method_recipes_from_the_cli(tmp_path, method, extra, terms):
     assert len(log) == 2 and set(log[-1]["train"]) == terms
     from kdfast.train.models import build_model
     build_model("cnn_tiny", 10, 1).load_state_dict(torch.load(out / "student.pt"))  # the deployed network alone
+
+
+SHAPES_TINY = ["--data", "shapes", "--shapes-train", "48", "--shapes-test", "16", "--shapes-size", "16",
+               "--batch-size", "16", "--epochs", "1", "--no-progress", "--threads", "1"]
+
+
+def _shapes_run_checks(out, terms):
+    """The run folder of a shapes run: its log's terms, and a metrics.json whose mIoU and pixel accuracy are those
+    of the saved student.pt on the test images."""
+    from kdfast.methods import mean_iou
+    from kdfast.train.data import load_shapes
+    from kdfast.train.models import build_model
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and set(log[0]["train"]) == terms
+    assert all(math.isfinite(v) for v in log[0]["train"].values())
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert {"pixel_accuracy", "miou", "ece"} <= set(test) and "accuracy" not in test
+    assert 0 <= test["miou"] <= 1 and 0 <= test["pixel_accuracy"] <= 1 and 0 <= test["ece"] <= 1
+    student = build_model("segnet_small", 4, 3)
+    student.load_state_dict(torch.load(out / "student.pt"))
+    images, targets = load_shapes(48, 16, 16).test.images, load_shapes(48, 16, 16).test.targets
+    with torch.no_grad():
+        logits = student.eval()(images)
+    assert test["miou"] == pytest.approx(mean_iou(logits, targets, 4), abs=1e-6)
+    assert test["pixel_accuracy"] == pytest.approx(float((logits.argmax(1) == targets).float().mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("method,terms", [("pixelwise", {"loss", "ce", "pixelwise"}),
+                                          ("pairwise", {"loss", "ce", "pairwise"}),
+                                          ("holistic", {"loss", "ce", "holistic", "adversary"})])
+def test_dense_method_recipes_from_the_cli(tmp_path, capsys, method, terms):
+    out = tmp_path / method
+    assert cli.main([*SHAPES_TINY, "--student", "segnet_small", "--teacher", "segnet", "--method", method,
+                     "--teacher-epochs", "1", "--labelled-fraction", "0.25", "--out", str(out)]) == 0
+    assert "training the teacher segnet first (1 epochs, all labels)" in capsys.readouterr().out
+    _shapes_run_checks(out, terms)
+    teacher_log = [json.loads(line) for line in (out / "teacher" / "log.jsonl").read_text().splitlines()]
+    assert set(teacher_log[0]["train"]) == {"loss", "ce"} and 0 <= teacher_log[0]["test"]["miou"] <= 1
+
+
+def test_segmentation_with_cross_entropy_alone(tmp_path):
+    assert cli.main([*SHAPES_TINY, "--student", "segnet_small", "--method", "ce", "--out", str(tmp_path)]) == 0
+    _shapes_run_checks(tmp_path, {"loss", "ce"})
+    assert not (tmp_path / "teacher").exists()
 
 
 def test_dispatch(capsys):

@@ -1,4 +1,5 @@
-"""`python -m kdfast train`: train a student on digits or CIFAR, alone or distilled from a teacher.
+"""`python -m kdfast train`: train a student on digits or CIFAR, or a segmentation student on kdfast's shapes, alone
+or distilled from a teacher.
 
 Without --teacher-checkpoint a --teacher is trained first (cross-entropy, --teacher-epochs). The run's folder
 (--out) gets checkpoint.pt (every epoch; --resume continues from it), log.jsonl (one line per epoch),
@@ -15,9 +16,9 @@ import sys
 
 import torch
 
-from .data import DATASETS, few_labels, load_dataset
+from .data import DATASETS, DENSE_DATASETS, few_labels, labelled_fraction, load_dataset
 from .distiller import Distiller
-from .models import MODELS, build_model
+from .models import MODELS, SEGMENTATION_MODELS, build_model
 from .recipes import DENSE, NEEDS_ENSEMBLE, RECIPES, TEACHER_FREE, Setting, build_recipe, deployed
 from .schedules import Constant
 from .terms import METHODS, MissingOpError, kdfast_op
@@ -44,6 +45,13 @@ def _positive(kind):
     return parse
 
 
+def _fraction(text):
+    value = _positive(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _weight(text):
     name, sep, value = text.partition("=")
     if not sep:
@@ -65,10 +73,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits", choices=DATASETS)
     p.add_argument("--data-root", help="folder holding cifar-10-batches-py / cifar-100-python (python pickles)")
     p.add_argument("--method", default=None,
-                   help=f"one method recipe of kdfast.methods ({', '.join(sorted(set(RECIPES) - set(DENSE)))}; "
-                        f"kdfast.train.recipes), or comma-separated loss terms added to cross-entropy: "
-                        f"{', '.join(METHODS)} (default: kd with a teacher, ce without); a single name that is "
-                        f"both is the recipe")
+                   help=f"one method recipe of kdfast.methods (kdfast.train.recipes): for classification "
+                        f"{', '.join(sorted(set(RECIPES) - set(DENSE)))}; for segmentation (--data shapes) "
+                        f"{', '.join(DENSE)}; or comma-separated loss terms added to cross-entropy: "
+                        f"{', '.join(METHODS)} (on shapes only ce) (default: kd with a teacher, pixelwise on "
+                        f"shapes; ce without); a single name that is both is the recipe")
     p.add_argument("--ensemble", type=_positive(int), default=3,
                    help="teachers trained for the ensemble methods (ensemble_*, feed, end2; default 3)")
     p.add_argument("--assistant", default="cnn_small", help="TAKD's teacher-assistant model (default cnn_small)")
@@ -80,6 +89,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-per-class", type=_positive(int),
                    help="keep labels of only this many training images per class (the rest become an "
                         "unlabelled transfer set for distillation)")
+    p.add_argument("--labelled-fraction", type=_fraction, metavar="F",
+                   help="segmentation (--data shapes): keep the labels of only the first fraction F of the training "
+                        "images, in (0, 1] (the rest become an unlabelled transfer set for distillation)")
+    p.add_argument("--shapes-train", type=_positive(int), metavar="N", help="shapes training images (default 512)")
+    p.add_argument("--shapes-test", type=_positive(int), metavar="N", help="shapes test images (default 128)")
+    p.add_argument("--shapes-size", type=_positive(int), metavar="PX", help="shapes image side (default 24)")
     p.add_argument("--epochs", type=_positive(int), default=30)
     p.add_argument("--teacher-epochs", type=_positive(int), default=30)
     p.add_argument("--batch-size", type=_positive(int), default=64)
@@ -101,13 +116,17 @@ def parser() -> argparse.ArgumentParser:
 
 def _recipe(args):
     """The recipe name when --method names one method recipe, else None (loss terms)."""
-    name = (args.method or "").strip()
+    dense = args.data in DENSE_DATASETS
+    name = (args.method or ("pixelwise" if dense and args.teacher else "")).strip()
     if name not in RECIPES:
         return None
-    if name in DENSE:
-        raise CliError(f"--method {name}: the dense methods train segmentation networks on kdfast's shapes set; "
-                       f"run them with `python -m kdfast compare --methods {name}` or from Python "
-                       f"(kdfast.train.recipes)")
+    if name in DENSE and not dense:
+        raise CliError(f"--method {name} is a dense (segmentation) method: run it on --data "
+                       f"{' or '.join(DENSE_DATASETS)} with segmentation models (e.g. --student segnet_small "
+                       f"--teacher segnet)")
+    if dense and name not in DENSE:
+        raise CliError(f"--method {name} is a classification method; on --data {args.data} use a dense method "
+                       f"({', '.join(DENSE)}) or ce")
     if name not in TEACHER_FREE and not args.teacher:
         raise CliError(f"--method {name} needs a --teacher")
     if args.assistant not in MODELS:
@@ -123,6 +142,10 @@ def _methods(args):
         raise CliError(f"--method: unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
                        f"available: {', '.join(METHODS)}"
                        + (f"; method recipes ({', '.join(recipes)}) are used alone" if recipes else ""))
+    classifying = [m for m in names if m != "ce"]
+    if args.data in DENSE_DATASETS and classifying:
+        raise CliError(f"--method {','.join(classifying)}: the loss terms but ce are for classification logits; on "
+                       f"--data {args.data} use a dense method recipe ({', '.join(DENSE)}) or ce")
     needing = [m for m in names if m in NEEDS_TEACHER]
     if needing and not args.teacher:
         raise CliError(f"--method {','.join(needing)} needs a --teacher")
@@ -191,8 +214,32 @@ def _recipe_run(name, student, teacher, train, args, data, stage, common, say):
     return recipe.distiller, recipe.stages, recipe.train
 
 
+def _data_options(args) -> dict:
+    """load_dataset's size options, after checking that the models and options fit the data: segmentation models
+    and --labelled-fraction on shapes, classifiers and --labels-per-class elsewhere."""
+    dense = args.data in DENSE_DATASETS
+    fitting = [m for m in MODELS if (m in SEGMENTATION_MODELS) == dense]
+    for name in ("student", "teacher"):
+        value = getattr(args, name)
+        if value is not None and value not in fitting:
+            raise CliError(f"--{name} {value} is a {'classifier' if dense else 'segmentation model'}; --data "
+                           f"{args.data} needs a {'segmentation model' if dense else 'classifier'}: one of "
+                           f"{', '.join(fitting)}")
+    if dense and args.labels_per_class:
+        raise CliError(f"--labels-per-class is for classification data; on --data {args.data} use "
+                       f"--labelled-fraction F")
+    if not dense and args.labelled_fraction:
+        raise CliError(f"--labelled-fraction is for segmentation data (--data {' or '.join(DENSE_DATASETS)}); on "
+                       f"--data {args.data} use --labels-per-class N")
+    sizes = {k: getattr(args, f"shapes_{k}") for k in ("train", "test", "size")
+             if getattr(args, f"shapes_{k}") is not None}
+    if sizes and args.data != "shapes":
+        raise CliError(f"{', '.join('--shapes-' + k for k in sizes)}: only for --data shapes, not --data {args.data}")
+    return sizes
+
+
 def run(args) -> dict:
-    if args.data != "digits" and not args.data_root:
+    if args.data not in ("digits", *DENSE_DATASETS) and not args.data_root:
         raise CliError(f"--data {args.data} needs --data-root DIR (a folder with the python-pickle version of "
                        f"{args.data}; kdfast does not download data)")
     for name in ("student", "teacher"):
@@ -203,11 +250,12 @@ def run(args) -> dict:
         raise CliError(f"--amp must be none, bf16 or fp16, got {args.amp!r}")
     if args.teacher_checkpoint and not args.teacher:
         raise CliError("--teacher-checkpoint needs --teacher (the model the weights belong to)")
+    sizes = _data_options(args)
     recipe_name = _recipe(args)
     terms = None if recipe_name else _methods(args)
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a: None)  # one voice under torchrun
     try:
-        data = load_dataset(args.data, args.data_root)
+        data = load_dataset(args.data, args.data_root, **sizes)
     except FileNotFoundError as e:
         raise CliError(f"--data-root: {e}") from None
     if args.threads:
@@ -215,6 +263,8 @@ def run(args) -> dict:
     train = data.train
     if args.labels_per_class:
         train = few_labels(train, args.labels_per_class, args.seed)
+    if args.labelled_fraction:
+        train = labelled_fraction(train, args.labelled_fraction)
     common = dict(batch_size=args.batch_size, augment=data.augment, seed=args.seed,
                   amp=None if args.amp == "none" else args.amp, grad_clip=args.grad_clip, device=args.device,
                   progress=not args.no_progress)

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from ..methods import SegNet, make_shapes, mean_iou, registry
-from .data import UNLABELLED, Split, few_labels, load_digits
+from ..methods import SegNet, mean_iou, registry
+from .data import UNLABELLED, few_labels, labelled_fraction, load_digits, load_shapes
 from .distiller import Distiller
 from .models import build_model
 from .recipes import DENSE, NEEDS_ENSEMBLE, TEACHER_FREE, Setting, build_recipe, labelled_examples
@@ -102,13 +102,11 @@ def digits_task(args) -> Task:
 
 
 def shapes_task(args) -> Task:
-    x, y = make_shapes(args.shapes_train + args.shapes_test, args.shapes_size, seed=args.seed)
-    train, test = Split(x[:args.shapes_train], y[:args.shapes_train]), Split(x[args.shapes_train:],
-                                                                             y[args.shapes_train:])
-    keep = int(round(args.shapes_labelled * len(train)))
-    transfer = train.relabel(torch.cat([train.targets[:keep], torch.full_like(train.targets[keep:], UNLABELLED)]))
-    task = Task("shapes", transfer, test, lambda: SegNet(width=8), lambda: SegNet(width=32), "mIoU", "none", args)
-    task.full_labels = train
+    data = load_shapes(args.shapes_train, args.shapes_test, args.shapes_size, seed=args.seed)
+    transfer = labelled_fraction(data.train, args.shapes_labelled)
+    task = Task("shapes", transfer, data.test, lambda: SegNet(width=8), lambda: SegNet(width=32), "mIoU", "none",
+                args)
+    task.full_labels = data.train
     return task
 
 

@@ -1,6 +1,7 @@
 """Data: scikit-learn's bundled digits (the default; no download), CIFAR-10/100 from a local folder in the standard
-python-pickle format, an in-memory loader with seeded shuffling and DDP sharding, and CIFAR's random-crop + flip
-augmentation written in torch (kdfast does not need torchvision)."""
+python-pickle format, kdfast's generated shapes segmentation set (per-pixel targets; no download), an in-memory
+loader with seeded shuffling and DDP sharding, and CIFAR's random-crop + flip augmentation written in torch (kdfast
+does not need torchvision)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("digits", "cifar10", "cifar100")
+from ..methods.shapes import SHAPE_CLASSES, make_shapes
+
+DATASETS = ("digits", "cifar10", "cifar100", "shapes")
+DENSE_DATASETS = ("shapes",)  # per-pixel targets (B, H, W): segmentation
 AUGMENTATIONS = ("none", "shift", "crop_flip")
 UNLABELLED = -100  # the target of a transfer-set example without a label (cross-entropy's ignore_index)
 
@@ -54,6 +58,10 @@ class Dataset:
     def in_channels(self) -> int:
         return self.train.images.shape[1]
 
+    @property
+    def dense(self) -> bool:
+        return self.train.targets.dim() > 1
+
 
 def load_digits() -> Dataset:
     """The 1,797 8x8 digits of scikit-learn (shipped with it), scaled to [0, 1], split 1,297 train / 500 test by a
@@ -88,7 +96,29 @@ def few_labels(split: Split, per_class: int, seed: int) -> Split:
     transfer set for distillation with few labels."""
     keep = torch.zeros(len(split), dtype=torch.bool)
     keep[stratified_indices(split.targets, per_class, seed)] = True
+    return _keep_labels(split, keep)
+
+
+def _keep_labels(split: Split, keep: torch.Tensor) -> Split:
+    """The split with every target of the examples where `keep` (N,) is False made UNLABELLED."""
+    keep = keep.view(-1, *([1] * (split.targets.dim() - 1)))
     return split.relabel(torch.where(keep, split.targets, torch.full_like(split.targets, UNLABELLED)))
+
+
+def load_shapes(train: int = 512, test: int = 128, size: int = 24, seed: int = 0) -> Dataset:
+    """kdfast.methods.make_shapes as a segmentation data set: `train` + `test` images of size x size pixels drawn
+    from one seed, the first `train` for training (the same split on every machine for a given seed)."""
+    x, y = make_shapes(train + test, size, seed=seed)
+    return Dataset("shapes", Split(x[:train], y[:train]), Split(x[train:], y[train:]), len(SHAPE_CLASSES), "none")
+
+
+def labelled_fraction(split: Split, fraction: float) -> Split:
+    """The same images with the labels of only the first round(fraction * N) kept, every pixel of the others
+    UNLABELLED: a segmentation transfer set (shapes images are independent draws, so the first are a random
+    sample)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return _keep_labels(split, torch.arange(len(split)) < int(round(fraction * len(split))))
 
 
 _CIFAR_LAYOUT = {
@@ -129,7 +159,12 @@ def load_cifar(name: str, root) -> Dataset:
     return Dataset(name, read(train_files), read(test_files), classes, "crop_flip")
 
 
-def load_dataset(name: str, root=None) -> Dataset:
+def load_dataset(name: str, root=None, **sizes) -> Dataset:
+    """A data set by name; `sizes` are load_shapes' train, test and size (shapes only)."""
+    if sizes and name != "shapes":
+        raise ValueError(f"{name} has no size options (given: {', '.join(sizes)}); only shapes has")
+    if name == "shapes":
+        return load_shapes(**sizes)
     if name == "digits":
         return load_digits()
     if name in _CIFAR_LAYOUT:

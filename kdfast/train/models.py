@@ -1,9 +1,12 @@
 """The model zoo: CIFAR ResNets of He et al. (resnet8 .. resnet110), RepDistiller's resnet8x4 / resnet32x4, wide
-ResNets (WRN-16-2, WRN-40-2) and small CNNs for the digits demo.
+ResNets (WRN-16-2, WRN-40-2), small CNNs for the digits demo, and the SegNet segmentation pair of kdfast's shapes
+set (segnet, segnet_small: kdfast.methods.SegNet of width 32 and 8).
 
-Every model maps (B, C, H, W) images to logits; `model(x, features=True)` returns (logits, features) where features
-is a dict of named tensors, `model.feature_names` in order: "stem", then per stage i "stage{i}.pre" (before the
-stage's final activation) and "stage{i}" (after it), then "pool" (the pooled embedding the classifier reads).
+Every classifier maps (B, C, H, W) images to logits (B, classes), a segmentation model (SEGMENTATION_MODELS) to
+per-pixel logits (B, classes, H, W); `model(x, features=True)` returns (logits, features) where features is a
+dict of named tensors, `model.feature_names` in order: "stem", then per stage i "stage{i}.pre" (before the stage's
+final activation) and "stage{i}" (after it), then "pool" (the pooled embedding the classifier reads); a SegNet's
+only feature is "features" (its encoder's output).
 Calling the model the same way through DDP or torch.compile passes `features` on unchanged.
 """
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..methods.shapes import SegNet
 
 
 def _init(module: nn.Module) -> None:
@@ -216,7 +221,10 @@ MODELS = {
     "cnn_tiny": lambda nc, ic: SmallCNN((8, 16, 32), nc, ic),
     "cnn_small": lambda nc, ic: SmallCNN((16, 32, 64), nc, ic),
     "cnn_large": lambda nc, ic: SmallCNN((32, 64, 128), nc, ic),
+    "segnet": lambda nc, ic: SegNet(32, nc, ic),
+    "segnet_small": lambda nc, ic: SegNet(8, nc, ic),
 }
+SEGMENTATION_MODELS = ("segnet", "segnet_small")
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> FeatureModel:

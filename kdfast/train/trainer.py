@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..methods.shapes import mean_iou
 from .calibration import calibration_report
 from .checkpoint import load_checkpoint, save_checkpoint, write_json_lines
 from .data import AUGMENTATIONS, UNLABELLED, Loader, Split
@@ -309,9 +310,23 @@ class Trainer:
 
     def evaluate(self, split: Split, calibrate: bool = True) -> dict:
         """Accuracy and ECE on a split; with calibrate and a holdout split, also temperature scaling and the
-        confident-prediction coverage and selective accuracy (see calibration.calibration_report)."""
+        confident-prediction coverage and selective accuracy (see calibration.calibration_report). On dense
+        (segmentation) targets the same report over the labelled pixels, its accuracy named pixel_accuracy, and
+        the mean IoU over classes ("miou", kdfast.methods.mean_iou)."""
         logits = self.predict(split)
         holdout = self.cfg.holdout if calibrate else None
-        h_logits = self.predict(holdout) if holdout is not None else None
-        return calibration_report(logits, split.targets, h_logits, holdout.targets if holdout is not None else None,
-                                  threshold=self.cfg.confidence)
+        held = (self.predict(holdout), holdout.targets) if holdout is not None else (None, None)
+        if split.targets.dim() == 1:
+            return calibration_report(logits, split.targets, *held, threshold=self.cfg.confidence)
+        report = calibration_report(*_pixels(logits, split.targets),
+                                    *(_pixels(*held) if holdout is not None else held), threshold=self.cfg.confidence)
+        miou = mean_iou(logits, split.targets, logits.shape[1], UNLABELLED)
+        return {"pixel_accuracy": report.pop("accuracy"), "miou": miou, **report}
+
+
+def _pixels(logits: torch.Tensor, targets: torch.Tensor):
+    """(logits (P, classes), targets (P,)) of the labelled pixels of (B, classes, H, W) logits and (B, H, W)
+    targets: each pixel as one classification."""
+    logits, targets = logits.movedim(1, -1).flatten(0, -2), targets.flatten()
+    keep = targets != UNLABELLED
+    return logits[keep], targets[keep]
