@@ -108,6 +108,22 @@ def test_method_recipes_from_the_cli(tmp_path, method, extra, terms):
     build_model("cnn_tiny", 10, 1).load_state_dict(torch.load(out / "student.pt"))  # the deployed network alone
 
 
+def test_recipes_get_the_small_data_options_unless_paper_defaults(tmp_path, monkeypatch):
+    from kdfast.train import recipes
+    seen = []
+
+    def spy(name, setting, **overrides):
+        seen.append(overrides)
+        return recipes.build_recipe(name, setting, **overrides)
+
+    monkeypatch.setattr(cli, "build_recipe", spy)
+    common = ["--student", "cnn_tiny", "--teacher", "cnn_tiny", "--method", "at", "--epochs", "1", "--teacher-epochs",
+              "1", "--no-progress", "--threads", "1"]
+    assert cli.main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert cli.main([*common, "--paper-defaults", "--out", str(tmp_path / "b")]) == 0
+    assert seen == [recipes.SMALL_DATA["at"], {}] and seen[0] == {"beta": 100.0}
+
+
 SHAPES_TINY = ["--data", "shapes", "--shapes-train", "48", "--shapes-test", "16", "--shapes-size", "16",
                "--batch-size", "16", "--epochs", "1", "--no-progress", "--threads", "1"]
 

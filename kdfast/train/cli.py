@@ -19,7 +19,7 @@ import torch
 from .data import DATASETS, DENSE_DATASETS, few_labels, labelled_fraction, load_dataset
 from .distiller import Distiller
 from .models import MODELS, SEGMENTATION_MODELS, build_model
-from .recipes import DENSE, NEEDS_ENSEMBLE, RECIPES, TEACHER_FREE, Setting, build_recipe, deployed
+from .recipes import DENSE, NEEDS_ENSEMBLE, RECIPES, SMALL_DATA, TEACHER_FREE, Setting, build_recipe, deployed
 from .schedules import Constant
 from .terms import METHODS, MissingOpError, kdfast_op
 from .trainer import AMP_DTYPES, OPTIMIZERS, Stage, Trainer, seed_everything
@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
                         f"{', '.join(DENSE)}; or comma-separated loss terms added to cross-entropy: "
                         f"{', '.join(METHODS)} (on shapes only ce) (default: kd with a teacher, pixelwise on "
                         f"shapes; ce without); a single name that is both is the recipe")
+    p.add_argument("--paper-defaults", action="store_true",
+                   help="method recipes: the losses' paper defaults everywhere (without it, on digits and shapes "
+                        "a few are adapted to short runs on small data: kdfast.train.recipes.SMALL_DATA)")
     p.add_argument("--ensemble", type=_positive(int), default=3,
                    help="teachers trained for the ensemble methods (ensemble_*, feed, end2; default 3)")
     p.add_argument("--assistant", default="cnn_small", help="TAKD's teacher-assistant model (default cnn_small)")
@@ -205,7 +208,8 @@ def _recipe_run(name, student, teacher, train, args, data, stage, common, say):
                       fit=lambda d, stages, split: Trainer(d, split, stages, **common).fit(),
                       stage_options=dict(lr_schedule=args.lr_schedule, warmup=args.warmup, optimizer=args.optimizer,
                                          weight_decay=args.weight_decay))
-    recipe = build_recipe(name, setting)
+    small = args.data in ("digits", *DENSE_DATASETS) and not args.paper_defaults
+    recipe = build_recipe(name, setting, **(SMALL_DATA.get(name, {}) if small else {}))
     for term, weight in args.weight:
         if term not in recipe.distiller.weights:
             raise CliError(f"--weight: no term named {term!r} in recipe {name} (terms: "

@@ -18,7 +18,7 @@ from ..methods import SegNet, mean_iou, registry
 from .data import UNLABELLED, few_labels, labelled_fraction, load_digits, load_shapes
 from .distiller import Distiller
 from .models import build_model
-from .recipes import DENSE, NEEDS_ENSEMBLE, TEACHER_FREE, Setting, build_recipe, labelled_examples
+from .recipes import DENSE, NEEDS_ENSEMBLE, SMALL_DATA, TEACHER_FREE, Setting, build_recipe, labelled_examples
 from .trainer import Stage, Trainer, seed_everything
 
 BASELINE = "ce"
@@ -76,20 +76,10 @@ class Task:
             seed_everything(seed)  # every student starts from the same weights
             setting = Setting(self.student_factory, self.train, teachers, epochs=self.args.epochs, lr=self.args.lr,
                               assistant=lambda: build_model("cnn_small", 10, 1), fit=self.fit)
-            recipe = build_recipe(method, setting, **OVERRIDES.get(method, {}))
+            recipe = build_recipe(method, setting, **SMALL_DATA.get(method, {}))
             distiller, stages, split = recipe.distiller, recipe.stages, recipe.train
         trainer = self.fit(distiller, stages, split)
         return self.score(trainer), time.perf_counter() - started
-
-
-# Where a paper's default does not train in this budget (each measured here, 3 seeds):
-# - AT: the paper's weight 1000 was tuned for CIFAR's 32x32 .. 8x8 maps; these mean-over-positions losses are about
-#   16 times larger on the digits' 8x8 .. 2x2 maps (the demo's finding: 1000 swamps KD), so 100.
-# - pixel-wise KD: weight 10 (Liu et al., with lr 0.01) diverges on some seeds at this lr 0.05 (mIoU 0.53 or 0.80;
-#   weight 1: 0.77-0.79).
-# - defensive distillation: networks trained at temperature T need about T^2 as many steps to grow their logits
-#   T-fold; in 20 epochs the paper's T = 20 teacher reaches 73% and its student 16% (T 10: 36%, 5: 92%, 2: 96.5%).
-OVERRIDES = {"at": {"beta": 100.0}, "pixelwise": {"weight": 1.0}, "defensive": {"temperature": 5.0}}
 
 
 def digits_task(args) -> Task:
