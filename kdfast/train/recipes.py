@@ -420,6 +420,11 @@ def _online(b: _Builder):
 
 
 def _self(b: _Builder):
+    """BYOT / MSD on a MultiExit network, deployed at its deepest exit. On digits' cnn_tiny (8-16-32 channels, 50
+    labels) they come out 0.02-0.04 below cross-entropy on the labelled examples: measured over 5 seeds, the exits
+    alone (BYOT with kd_weight=0, feature_weight=0) cost as much (0.838 vs 0.859), so the cost is the shallow exits'
+    cross-entropy pulling a tiny backbone, not the distillation; on cnn_small the gap is -0.004 (BYOT) and -0.017
+    (MSD, whose deepest exit also learns from the weaker shallow ones)."""
     net = MultiExit(b.student, b.sample)
     epochs = b.setting.epochs
     if b.name == "byot":
