@@ -1,4 +1,5 @@
-"""`python -m kdfast COMMAND ...`: train (the trainer's CLI), demo (kdfast's main job), bench (benchmarks)."""
+"""`python -m kdfast COMMAND ...`: train (the trainer's CLI), demo (kdfast's main job), compare (every method
+against cross-entropy). The benchmarks run with `make bench` (benchmarks/)."""
 import importlib
 import sys
 
@@ -6,7 +7,6 @@ COMMANDS = {
     "train": ("kdfast.train.cli", "train a student (optionally distilled from a teacher)"),
     "demo": ("kdfast.train.demo", "kdfast's main job: distillation on digits, table and chart"),
     "compare": ("kdfast.train.compare", "every distillation method against cross-entropy alone (digits, shapes)"),
-    # "bench" is the benchmark suite's entry (the lead's).
 }
 
 
