@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd(const at::Tensor& student,
   const auto acc = s.options().dtype(p.acc_double ? at::kDouble : at::kFloat);
   at::Tensor div = at::empty({p.outer, p.inner}, acc);
   at::Tensor ce = y ? at::empty({p.outer, p.inner}, acc) : at::empty({0}, acc);
-  at::Tensor stats = at::empty({kKdStats, p.outer, p.inner}, acc);
+  at::Tensor stats = at::empty({kd_stat_planes(p.divergence, y.has_value()), p.outer, p.inner}, acc);
   if (p.rows() > 0) {
     p.target = y ? y->data_ptr<int64_t>() : nullptr;
     p.div = div.data_ptr();
@@ -99,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd(const at::Tensor& grad_div, const std:
   KdProblem p = base_problem(s, t, y, temperature, divergence, beta, ignore_index);
   const auto acc = p.acc_double ? at::kDouble : at::kFloat;
   const std::array<int64_t, 2> rows{p.outer, p.inner};
-  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({kKdStats, p.outer, p.inner}) && stats.scalar_type() == acc,
+  const int64_t planes = kd_stat_planes(p.divergence, y.has_value());
+  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({planes, p.outer, p.inner}) && stats.scalar_type() == acc,
                     "kdfast: stats of shape ", stats.sizes(), " do not belong to these logits");
   const at::Tensor gd = grad_div.to(acc).expand(rows).contiguous();
   const bool use_ce = y && grad_ce && grad_ce->numel() > 0;

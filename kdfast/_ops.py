@@ -98,8 +98,9 @@ if _C is not None:
         acc = _acc_dtype(student, teacher)
         rows = (student.shape[0], student.shape[2])
         ce_shape = rows if target is not None else (0,)
+        planes = 3 + (divergence == "jsd") + (target is not None)  # kd_stat_planes in csrc/common/kd_div.h
         return (student.new_empty(rows, dtype=acc), student.new_empty(ce_shape, dtype=acc),
-                student.new_empty((5, *rows), dtype=acc))
+                student.new_empty((planes, *rows), dtype=acc))
 
     @torch.library.register_fake("kdfast::kd_bwd")
     def _kd_bwd_fake(grad_div, grad_ce, student, teacher, target, stats, temperature, divergence, beta,

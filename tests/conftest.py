@@ -1,9 +1,19 @@
 """Device and dtype grids shared by the tests, and helpers to compare kernels with the reference."""
+import hashlib
+import os
+import pathlib
+
 import pytest
 import torch
 
 import kdfast
 from kdfast import _ops
+
+# Inductor's on-disk cache does not key on the ops' fake (shape) functions: a graph compiled before one changed
+# would be reused with stale output shapes. Cache per version of kdfast/_ops.py, inside the checkout.
+_OPS_VERSION = hashlib.sha256(pathlib.Path(_ops.__file__).read_bytes()).hexdigest()[:16]
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      str(pathlib.Path(__file__).resolve().parents[1] / "build" / "inductor-cache" / _OPS_VERSION))
 
 CUDA = torch.cuda.is_available() and kdfast.backends()["cuda"]
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])

@@ -226,6 +226,20 @@ def test_opcheck(device, with_target):
     torch.library.opcheck(torch.ops.kdfast.kd_bwd.default,
                           (g, gce, s.detach(), t.detach(), y, stats, 2.0, "kl", 0.5, -100, True, True))
 
+@pytest.mark.skipif(_ops._C is None, reason="extension not built")
+@pytest.mark.parametrize("divergence,with_target,planes", [("kl", False, 3), ("reverse_kl", False, 3),
+                                                           ("jsd", False, 4), ("kl", True, 4), ("jsd", True, 5)])
+def test_forward_saves_only_the_row_statistics_its_backward_reads(device, divergence, with_target, planes):
+    s, t = make_logits((3, 17, 2), torch.float32, device)
+    y = torch.tensor([[0, 16], [5, -100], [3, 3]], device=device) if with_target else None
+    div, ce, stats = torch.ops.kdfast.kd_fwd(s, t, y, 2.0, divergence, 0.5, -100)
+    assert stats.shape == (planes, 3, 2)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = torch.ops.kdfast.kd_fwd(mode.from_tensor(s), mode.from_tensor(t),
+                                       None if y is None else mode.from_tensor(y), 2.0, divergence, 0.5, -100)
+    assert fake[2].shape == stats.shape
+
+
 def test_torch_compile_fullgraph(device):
     s, t = make_logits((4, 33), torch.float32, device)
     y = torch.tensor([0, 5, -100, 32], device=device)

@@ -11,15 +11,22 @@ namespace kdfast {
 
 enum class Divergence : int { KL = 0, ReverseKL = 1, JSD = 2 };
 
-// Per-row statistics saved by the forward for the backward, stored as kKdStats planes of `rows` values.
+// Per-row statistics saved by the forward for the backward: planes of `rows` values, only those the
+// configuration needs (kd_stat_planes): the two logsumexps, the divergence's row statistics (one for kl and
+// reverse_kl, two for jsd), then logsumexp(s) when there is a target.
 enum KdStat : int {
   kLseStudent = 0,  // logsumexp(s / T)
   kLseTeacher = 1,  // logsumexp(t / T)
   kAux0 = 2,        // kl, reverse_kl: the divergence itself; jsd: KL(p_t || m)
-  kAux1 = 3,        // jsd: KL(p_s || m)
-  kLseStudent1 = 4, // logsumexp(s), for the cross-entropy term (only with a target)
-  kKdStats = 5
+  kAux1 = 3,        // jsd only: KL(p_s || m)
 };
+
+KDFAST_HD inline int kd_stat_planes(Divergence d, bool target) {
+  return 3 + (d == Divergence::JSD ? 1 : 0) + (target ? 1 : 0);
+}
+
+// The plane of logsumexp(s), for the cross-entropy term (only with a target).
+KDFAST_HD inline int kd_lse1_plane(Divergence d) { return d == Divergence::JSD ? 4 : 3; }
 
 // The logits are read as (outer, classes, inner), element (o, c, i) at (o * classes + c) * inner + i:
 // inner == 1 for a softmax over the last dim, inner = H*W for dim=1 of a contiguous (B, C, H, W) tensor.
@@ -36,7 +43,7 @@ struct KdProblem {
   const int64_t* target;   // optional, one class index per row (kd_loss)
   int64_t ignore_index;
   bool acc_double;         // accumulate (and store rows/stats) in double instead of float
-  void* stats;             // kKdStats * rows accumulators, written by forward, read by backward
+  void* stats;             // kd_stat_planes() * rows accumulators, written by forward, read by backward
 
   // forward outputs (rows each, accumulator type)
   void* div;               // the unscaled divergence per row
@@ -151,18 +158,15 @@ KDFAST_HD inline void kd_finish_row(const KdProblem& p, int64_t row, const KdRow
     const S div = p.divergence == Divergence::KL ? st.t.w / st.t.z - lse_t + lse_s
                                                  : st.s.w / st.s.z - lse_s + lse_t;
     stats[kAux0 * rows + row] = div;
-    stats[kAux1 * rows + row] = S(0);
     static_cast<S*>(p.div)[row] = div;
   }
   if (p.target) {
     const S T = S(p.temperature);
     const S lse1 = T == S(1) ? lse_s : T * st.s.m + VMath<S>::log(st.z1);
-    stats[kLseStudent1 * rows + row] = lse1;
+    stats[kd_lse1_plane(p.divergence) * rows + row] = lse1;
     const int64_t y = p.target[row];
     // An out-of-range class (checked on the host where that costs no synchronisation) gives NaN.
     static_cast<S*>(p.ce)[row] = y == p.ignore_index ? S(0) : (y >= 0 && y < p.classes ? lse1 - st.sy : S(NAN));
-  } else {
-    stats[kLseStudent1 * rows + row] = S(0);  // unused; written so that the op's outputs are all defined
   }
 }
 

@@ -232,10 +232,10 @@ struct KdKernel {
     r.lse_s = load(st + kLseStudent * R);
     r.lse_t = load(st + kLseTeacher * R);
     r.aux0 = load(st + kAux0 * R);
-    r.aux1 = load(st + kAux1 * R);
+    r.aux1 = k.div == Divergence::JSD ? load(st + kAux1 * R) : V(A(0));
     r.g = load(gd);
     if (k.target) {
-      r.lse1 = load(st + kLseStudent1 * R);
+      r.lse1 = load(st + kd_lse1_plane(k.div) * R);
       // An ignored row's cross-entropy is the constant 0: no gradient flows through it.
       alignas(64) A y[W] = {}, g[W] = {};
       for (int l = 0; l < n; ++l) {
