@@ -121,7 +121,7 @@ def test_recipes_get_the_small_data_options_unless_paper_defaults(tmp_path, monk
               "1", "--no-progress", "--threads", "1"]
     assert cli.main([*common, "--out", str(tmp_path / "a")]) == 0
     assert cli.main([*common, "--paper-defaults", "--out", str(tmp_path / "b")]) == 0
-    assert seen == [recipes.SMALL_DATA["at"], {}] and seen[0] == {"beta": 100.0}
+    assert seen == [recipes.SMALL_DATA["at"], {}] and seen[0] == {"beta": 10.0}
 
 
 SHAPES_TINY = ["--data", "shapes", "--shapes-train", "48", "--shapes-test", "16", "--shapes-size", "16",
