@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <utility>
 #include <torch/library.h>
 
 #include "cpu/dispatch.h"
@@ -65,6 +66,15 @@ KdProblem base_problem(const at::Tensor& s, const at::Tensor& t, const std::opti
   return p;
 }
 
+// An upstream gradient of the (outer, inner) rows and the row stride to read it with: a value broadcast to every
+// row (the gradient of a sum or mean of the rows) is read in place with stride 0 instead of being materialised.
+std::pair<at::Tensor, int64_t> row_gradient(const at::Tensor& grad, at::ScalarType acc,
+                                            const std::array<int64_t, 2>& rows) {
+  at::Tensor g = grad.to(acc).expand(rows);
+  if (g.stride(0) == 0 && g.stride(1) == 0) return {g, 0};
+  return {g.contiguous(), 1};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd(const at::Tensor& student, const at::Tensor& teacher,
@@ -102,9 +112,9 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd(const at::Tensor& grad_div, const std:
   const int64_t planes = kd_stat_planes(p.divergence, y.has_value());
   TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({planes, p.outer, p.inner}) && stats.scalar_type() == acc,
                     "kdfast: stats of shape ", stats.sizes(), " do not belong to these logits");
-  const at::Tensor gd = grad_div.to(acc).expand(rows).contiguous();
+  const auto [gd, gd_stride] = row_gradient(grad_div, acc, rows);
   const bool use_ce = y && grad_ce && grad_ce->numel() > 0;
-  const at::Tensor gc = use_ce ? grad_ce->to(acc).expand(rows).contiguous() : at::Tensor();
+  const auto [gc, gc_stride] = use_ce ? row_gradient(*grad_ce, acc, rows) : std::pair<at::Tensor, int64_t>();
   const at::Tensor st = stats.contiguous();
   // Gradients come back in the caller's dtypes, also where a mixed float64 pair was promoted.
   at::Tensor gs = student_grad ? empty_output(s.sizes(), s.options()) : at::empty({0}, student.options());
@@ -114,6 +124,8 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd(const at::Tensor& grad_div, const std:
     p.stats = const_cast<void*>(st.data_ptr());
     p.grad_div = gd.data_ptr();
     p.grad_ce = use_ce ? gc.data_ptr() : nullptr;
+    p.grad_div_stride = gd_stride;
+    p.grad_ce_stride = gc_stride;
     p.grad_student = student_grad ? gs.data_ptr() : nullptr;
     p.grad_teacher = teacher_grad ? gt.data_ptr() : nullptr;
     launch(p);

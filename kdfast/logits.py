@@ -85,9 +85,9 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
         return reference.kd_div(student_logits, teacher_logits, temperature, divergence=divergence, beta=beta,
                                 dim=dim, mask=mask, reduction=reduction, scale_t2=scale_t2)
     rows, _ = _kernel_rows(student_logits, teacher_logits, None, temperature, divergence, beta, dim, -100)
-    if scale_t2:
-        rows = rows * (temperature * temperature)
-    return reference.reduce_rows(rows, mask, reduction, student_logits.shape[dim])
+    # Scaled after the reduction: the rows' gradient then stays one broadcast value, which the kernel reads in place.
+    out = reference.reduce_rows(rows, mask, reduction, student_logits.shape[dim])
+    return out * (temperature * temperature) if scale_t2 else out
 
 
 def _check_target(target, student_logits, dim, ignore_index):

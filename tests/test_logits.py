@@ -91,6 +91,23 @@ def test_every_cpu_instruction_set(cpu_capability, case, divergence):
         assert_close(gs, rgs, dtype)
         assert_close(gt, rgt, dtype)
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_row_gradients_broadcast_or_per_row(device, divergence, dim):
+    """The backward reads a uniform upstream gradient (the gradient of a sum or mean) in place, and per-row ones
+    row by row: both must give the reference's gradients."""
+    s, t = make_logits((3, 7, 5), torch.float64, device)
+    out = kdfast.kd_div(s, t, 2.0, divergence=divergence, dim=dim, reduction="none", beta=0.3)
+    ref = reference.kd_div(s, t, 2.0, divergence=divergence, dim=dim, reduction="none", beta=0.3)
+    weights = torch.rand(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
+    for upstream in (torch.full_like(out, 0.7), weights, torch.tensor(0.7, dtype=torch.float64,
+                                                                       device=device).expand(out.shape)):
+        got = torch.autograd.grad(out, (s, t), upstream, retain_graph=True)
+        want = torch.autograd.grad(ref, (s, t), upstream, retain_graph=True)
+        for g, w in zip(got, want):
+            assert_close(g, w, torch.float64)
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 @pytest.mark.parametrize("scale_t2", [True, False])
 def test_reductions_and_masks(device, reduction, scale_t2):

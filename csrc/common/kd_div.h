@@ -50,8 +50,10 @@ struct KdProblem {
   void* ce;                // cross-entropy per row at T = 1 (with a target), 0 on ignored rows
 
   // backward inputs and outputs
-  const void* grad_div;    // rows, accumulator type
-  const void* grad_ce;     // rows or null
+  const void* grad_div;    // rows, accumulator type, element r at grad_div[r * grad_div_stride]
+  const void* grad_ce;     // the same for cross-entropy, or null
+  int64_t grad_div_stride; // 1, or 0 for one value broadcast to every row (the gradient of a sum or mean)
+  int64_t grad_ce_stride;
   void* grad_student;      // null when not wanted; dtype of the student
   void* grad_teacher;      // null when not wanted; dtype of the teacher
 

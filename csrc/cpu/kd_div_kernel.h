@@ -233,14 +233,14 @@ struct KdKernel {
     r.lse_t = load(st + kLseTeacher * R);
     r.aux0 = load(st + kAux0 * R);
     r.aux1 = k.div == Divergence::JSD ? load(st + kAux1 * R) : V(A(0));
-    r.g = load(gd);
+    r.g = p.grad_div_stride == 0 ? V(gd[0]) : load(gd);
     if (k.target) {
       r.lse1 = load(st + kd_lse1_plane(k.div) * R);
       // An ignored row's cross-entropy is the constant 0: no gradient flows through it.
       alignas(64) A y[W] = {}, g[W] = {};
       for (int l = 0; l < n; ++l) {
         y[l] = target_of(row + l);
-        g[l] = gc && p.target[row + l] != p.ignore_index ? gc[row + l] : A(0);
+        g[l] = gc && p.target[row + l] != p.ignore_index ? gc[(row + l) * p.grad_ce_stride] : A(0);
       }
       r.y = n == 1 ? V(y[0]) : V::loadu(y);
       r.gce = n == 1 ? V(g[0]) : V::loadu(g);

@@ -215,10 +215,10 @@ template <class A> __device__ __forceinline__ RowGrad<A> row_grad(const KdProble
   r.lse_t = st[kLseTeacher * R + row];
   r.aux0 = st[kAux0 * R + row];
   r.aux1 = k.div == Divergence::JSD ? st[kAux1 * R + row] : A(0);
-  r.g = static_cast<const A*>(p.grad_div)[row] * k.inv_T;
+  r.g = static_cast<const A*>(p.grad_div)[row * p.grad_div_stride] * k.inv_T;
   r.y = k.target ? p.target[row] : -1;
   // An ignored row's cross-entropy is the constant 0: no gradient flows through it.
-  r.gce = k.target && p.grad_ce && r.y != p.ignore_index ? static_cast<const A*>(p.grad_ce)[row] : A(0);
+  r.gce = k.target && p.grad_ce && r.y != p.ignore_index ? static_cast<const A*>(p.grad_ce)[row * p.grad_ce_stride] : A(0);
   r.lse1 = k.target ? st[kd_lse1_plane(k.div) * R + row] : A(0);
   return r;
 }
