@@ -30,7 +30,7 @@ bench: setup bench-run
 BENCH_FILES ?= $(notdir $(wildcard benchmarks/bench_*.py))
 bench-run:
 	@rm -rf build/bench && mkdir -p build/bench
-	cd benchmarks && for f in $(BENCH_FILES); do MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m pytest $$f \
+	cd benchmarks && for f in $(BENCH_FILES); do $(PY) -m pytest $$f \
 		-o python_files='bench_*.py' -q -p no:cacheprovider --benchmark-json=$(CURDIR)/build/bench/$${f%.py}.json \
 		$(BENCH) || exit 1; done
 	$(PY) benchmarks/report.py build/bench/*.json $(if $(NAME),--name $(NAME))

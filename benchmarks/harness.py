@@ -10,7 +10,6 @@ the callable for each. A peer implementation (e.g. Liger-Kernel on GPU) is one m
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
@@ -40,15 +39,25 @@ def make_impl(impl: str, kdfast_fn, reference_fn):
     raise ValueError(f"unknown impl {impl!r}")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(field + r":\s+(\d+)", f.read()).group(1))
+def _allocated_peak(step) -> int:
+    """Peak of the bytes held by torch's CPU allocator during step(), above the level before it, from the
+    profiler's allocation and free records (CPU torch keeps no allocator statistics of its own)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                     key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in records:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 def peak_memory(step, device: str) -> int:
-    """Bytes allocated above the level before step(), at its peak. CUDA: the caching allocator's peak; CPU: the
-    process's peak resident set (reset through /proc/self/clear_refs), which tracks allocations when large ones
-    are mmapped (the bench runner sets MALLOC_MMAP_THRESHOLD_)."""
+    """Bytes allocated above the level before step(), at its peak: CUDA's caching allocator statistics, or on
+    CPU the profiler's record of torch's allocations (so timing runs with the allocator as users have it)."""
     if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -56,11 +65,7 @@ def peak_memory(step, device: str) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
-    step()
-    return max(0, _status_kib("VmHWM") - before) * 1024
+    return _allocated_peak(step)
 
 
 def measure(benchmark, step, *, op: str, workload: str, impl: str, device: str, bytes_moved: float,
