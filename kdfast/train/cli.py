@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .data import DATASETS, DENSE_DATASETS, few_labels, labelled_fraction, load_dataset
+from .data import DATASETS, DENSE_DATASETS, LOCAL_DATASETS, few_labels, labelled_fraction, load_dataset
 from .distiller import Distiller
 from .models import MODELS, SEGMENTATION_MODELS, build_model
 from .recipes import DENSE, NEEDS_ENSEMBLE, RECIPES, SMALL_DATA, TEACHER_FREE, Setting, build_recipe, deployed
@@ -208,7 +208,7 @@ def _recipe_run(name, student, teacher, train, args, data, stage, common, say):
                       fit=lambda d, stages, split: Trainer(d, split, stages, **common).fit(),
                       stage_options=dict(lr_schedule=args.lr_schedule, warmup=args.warmup, optimizer=args.optimizer,
                                          weight_decay=args.weight_decay))
-    small = args.data in ("digits", *DENSE_DATASETS) and not args.paper_defaults
+    small = args.data in LOCAL_DATASETS and not args.paper_defaults
     recipe = build_recipe(name, setting, **(SMALL_DATA.get(name, {}) if small else {}))
     for term, weight in args.weight:
         if term not in recipe.distiller.weights:
@@ -243,7 +243,7 @@ def _data_options(args) -> dict:
 
 
 def run(args) -> dict:
-    if args.data not in ("digits", *DENSE_DATASETS) and not args.data_root:
+    if args.data not in LOCAL_DATASETS and not args.data_root:
         raise CliError(f"--data {args.data} needs --data-root DIR (a folder with the python-pickle version of "
                        f"{args.data}; kdfast does not download data)")
     for name in ("student", "teacher"):

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ..methods import SegNet, mean_iou, registry
+from ..methods import mean_iou, registry
 from .data import UNLABELLED, few_labels, labelled_fraction, load_digits, load_shapes
 from .distiller import Distiller
 from .models import build_model
@@ -95,8 +95,8 @@ def digits_task(args) -> Task:
 def shapes_task(args) -> Task:
     data = load_shapes(args.shapes_train, args.shapes_test, args.shapes_size, seed=args.seed)
     transfer = labelled_fraction(data.train, args.shapes_labelled)
-    task = Task("shapes", transfer, data.test, lambda: SegNet(width=8), lambda: SegNet(width=32), "mIoU", "none",
-                args)
+    task = Task("shapes", transfer, data.test, lambda: build_model("segnet_small", data.num_classes, data.in_channels),
+                lambda: build_model("segnet", data.num_classes, data.in_channels), "mIoU", "none", args)
     task.full_labels = data.train
     return task
 

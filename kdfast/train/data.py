@@ -16,6 +16,7 @@ from ..methods.shapes import SHAPE_CLASSES, make_shapes
 
 DATASETS = ("digits", "cifar10", "cifar100", "shapes")
 DENSE_DATASETS = ("shapes",)  # per-pixel targets (B, H, W): segmentation
+LOCAL_DATASETS = ("digits", *DENSE_DATASETS)  # kdfast's small sets, shipped or generated: no --data-root
 AUGMENTATIONS = ("none", "shift", "crop_flip")
 UNLABELLED = -100  # the target of a transfer-set example without a label (cross-entropy's ignore_index)
 
