@@ -228,6 +228,15 @@ class _Builder:
         distiller = Distiller(student or self.student, teacher, terms, train_teacher=train_teacher)
         return Recipe(self.name, distiller, stages or [self.stage(self.setting.epochs)], split)
 
+    def pretrain(self, network: nn.Module, terms: dict, what: str) -> nn.Module:
+        """Trains `network` first (setting.fit), from the teacher by `terms`, for the setting's epochs on its
+        split, in a stage named "<method> <what>"; returns it."""
+        if self.setting.fit is None:
+            raise ValueError(f"method {self.name!r} needs Setting.fit (it trains its {what} first)")
+        stage = self.stage(self.setting.epochs, f"{self.name} {what}")
+        self.setting.fit(Distiller(network, self.teacher, terms), [stage], self.setting.train)
+        return network
+
     def two_stages(self, first: str, second: str, first_weight: float = 1.0):
         """A first stage (FitNets' hint, AB's initialisation) of a quarter of the epochs, then the second."""
         total = self.setting.epochs
@@ -276,13 +285,9 @@ def _defensive(b: _Builder):
     cross-entropy on the labelled examples is added (it fits the few labels at T = 1 while the soft-label term's
     gradient is 1/T as large). Trained at T, logits must grow T-fold, which takes about T^2 as many steps: see
     SMALL_DATA for the paper's T = 20 in a short run."""
-    if b.setting.fit is None:
-        raise ValueError("method 'defensive' needs Setting.fit (it trains its own teacher at temperature T)")
     loss = b.loss()
-    teacher = reinitialised(b.teacher)
     at_t = MethodTerm(loss, lambda term, s, t, f, y: term.loss.teacher_loss(s, labels(y, t)))
-    b.setting.fit(Distiller(teacher, b.teacher, {"defensive teacher": at_t}),
-                  [b.stage(b.setting.epochs, "defensive teacher")], b.setting.train)
+    teacher = b.pretrain(reinitialised(b.teacher), {"defensive teacher": at_t}, "teacher")
     return b.recipe({"defensive": MethodTerm(loss, lambda term, s, t, f, y: term.loss(s, t))}, teacher=teacher)
 
 
@@ -448,12 +453,10 @@ def _feed(b: _Builder):
 
 def _takd(b: _Builder):
     """The assistant is distilled from the teacher first (setting.fit), then the student from the assistant."""
-    if b.setting.assistant is None or b.setting.fit is None:
-        raise ValueError("method 'takd' needs Setting.assistant (a network factory) and Setting.fit")
+    if b.setting.assistant is None:
+        raise ValueError("method 'takd' needs Setting.assistant (a network factory)")
     term = lambda: MethodTerm(b.loss(), lambda term, s, t, f, y: term.loss(s, t, labels(y, t)))
-    assistant = b.setting.assistant()
-    b.setting.fit(Distiller(assistant, b.teacher, {"takd": term()}), [b.stage(b.setting.epochs, "takd assistant")],
-                  b.setting.train)
+    assistant = b.pretrain(b.setting.assistant(), {"takd": term()}, "assistant")
     return b.recipe({"takd": term()}, teacher=assistant)
 
 
@@ -469,8 +472,8 @@ def _end2(b: _Builder, start: float = 10.0):
 RECIPES = {
     **{n: _response for n in ("kd", "logit_matching", "noisy_teacher", "ensemble_arithmetic", "ensemble_geometric",
                               "gjsd", "conditional", "adaptive")},
-    "defensive": _defensive, "fitnet": _fitnet, "at": _feature_plus_kd, "gradient_at": _gradient_at, "ab": _ab, "sp": _feature_plus_kd,
-    "rkd": _feature_plus_kd,
+    "defensive": _defensive, "fitnet": _fitnet, "at": _feature_plus_kd, "gradient_at": _gradient_at, "ab": _ab,
+    "sp": _feature_plus_kd, "rkd": _feature_plus_kd,
     "pixelwise": _dense, "pairwise": _dense, "holistic": _dense,
     "manifold": _manifold,
     "quest": _quest, "internal": _internal, "internal_stacked": _internal,
