@@ -2,9 +2,9 @@
 frozen), per workload of issue 4."""
 import pytest
 import torch
+from harness import make_impl, measure
 
 import kdfast
-from harness import make_impl, measure
 from kdfast import reference
 
 # name: (student shape, teacher shape, pool_size, devices); the batch is 8 on the GPU and 2 on the CPU for skd.

@@ -2,9 +2,9 @@
 issue 3."""
 import pytest
 import torch
+from harness import make_impl, measure
 
 import kdfast
-from harness import make_impl, measure
 from kdfast import reference
 
 CIFAR = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]  # ResNet110 -> ResNet20 stage outputs, on both sides

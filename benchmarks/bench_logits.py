@@ -1,9 +1,9 @@
 """kd_div and kd_loss, forward + backward (student requires grad, teacher frozen), per workload of issue 2."""
 import pytest
 import torch
+from harness import make_impl, measure
 
 import kdfast
-from harness import make_impl, measure
 from kdfast import reference
 
 # name: (shape, dim, dtype, devices)

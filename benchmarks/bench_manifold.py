@@ -1,9 +1,9 @@
 """batched_svd and manifold_distillation_loss, forward + backward, per workload of issue 5."""
 import pytest
 import torch
+from harness import make_impl, measure
 
 import kdfast
-from harness import make_impl, measure
 from kdfast import reference
 
 SVD_WORKLOADS = {"svd32": (4096, 32, 32), "svd64": (1024, 64, 64), "svd-tall": (512, 64, 16)}

@@ -1,5 +1,4 @@
 import pytest
-
 from harness import IMPLS, bench_device, copy_bandwidth
 
 

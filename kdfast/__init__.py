@@ -1,7 +1,12 @@
 """kdfast: fast fused knowledge-distillation losses for PyTorch."""
 from ._ops import backends
-from .affinity import (PairwiseAffinity, SimilarityPreserving, affinity_graph, pairwise_affinity_loss,
-                       similarity_preserving_loss)
+from .affinity import (
+    PairwiseAffinity,
+    SimilarityPreserving,
+    affinity_graph,
+    pairwise_affinity_loss,
+    similarity_preserving_loss,
+)
 from .attention import AttentionTransfer, attention_map, attention_transfer_loss
 from .logits import KDDiv, KDLoss, kd_div, kd_loss
 from .manifold import ManifoldDistillation, batched_svd, manifold_distillation_loss, manifold_projection

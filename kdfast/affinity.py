@@ -13,9 +13,8 @@ import math
 import torch
 from torch import nn
 
-from . import _ops, _similarity
+from . import _ops, _similarity, reference
 from . import _validate as check
-from . import reference
 from ._ops import has_kernel
 
 POOLS = ("max", "avg")

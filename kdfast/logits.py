@@ -10,6 +10,7 @@ from torch import nn
 from . import _validate as check
 from . import reference
 from ._ops import has_kernel
+from ._reduce import reduce_rows
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -86,7 +87,7 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
                                 dim=dim, mask=mask, reduction=reduction, scale_t2=scale_t2)
     rows, _ = _kernel_rows(student_logits, teacher_logits, None, temperature, divergence, beta, dim, -100)
     # Scaled after the reduction: the rows' gradient then stays one broadcast value, which the kernel reads in place.
-    out = reference.reduce_rows(rows, mask, reduction, student_logits.shape[dim])
+    out = reduce_rows(rows, mask, reduction, student_logits.shape[dim])
     return out * (temperature * temperature) if scale_t2 else out
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._reduce import reduce_rows
+
 
 def _acc_dtype(*xs: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
@@ -41,24 +43,6 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
     if scale_t2:
         rows = rows * temperature**2
     return reduce_rows(rows, mask, reduction, student_logits.shape[dim])
-
-
-def reduce_rows(rows, mask, reduction, classes):
-    """kd_div's masking and reduction of per-row values (shared with the kernel path)."""
-    if mask is not None:
-        rows = torch.where(mask, rows, torch.zeros_like(rows))
-        count = mask.sum()
-    else:
-        count = torch.tensor(rows.numel(), device=rows.device)
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    if reduction == "batchmean":
-        return rows.sum() / count.clamp_min(1)
-    if reduction == "mean":
-        return rows.sum() / (count * classes).clamp_min(1)
-    raise ValueError(f"unknown reduction {reduction!r}")
 
 
 def cross_entropy_rows(student_logits, target, dim=-1, ignore_index=-100):

@@ -4,9 +4,9 @@ Gram identity cancels, gradients, layouts, empty batches, NaN, memory (no n x n 
 autograd/opcheck/compile, determinism, and every documented error."""
 import pytest
 import torch
+from conftest import TOLERANCE, assert_close
 
 import kdfast
-from conftest import TOLERANCE, assert_close
 from kdfast import _ops, affinity, reference
 
 # (B, Cs, Ct, Hs, Ws, Ht, Wt, pool_size, pool, chunk bytes). The chunked walks are reached with small inputs by

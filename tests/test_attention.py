@@ -1,10 +1,10 @@
 """attention_map / attention_transfer_loss / AttentionTransfer against the pure-PyTorch reference."""
 import pytest
 import torch
+from conftest import assert_close
 
 import kdfast
 from kdfast import reference
-from conftest import DTYPES, assert_close
 
 POOLS = ["mean", "sum", "max"]
 

@@ -2,9 +2,9 @@
 gradients, masks, -inf and NaN, layouts, autograd/opcheck/compile, determinism, and every documented error."""
 import pytest
 import torch
+from conftest import assert_close
 
 import kdfast
-from conftest import assert_close
 from kdfast import _ops, reference
 
 DIVERGENCES = ["kl", "reverse_kl", "jsd"]

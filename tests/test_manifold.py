@@ -2,10 +2,10 @@
 manifold_distillation_loss against kdfast.reference, opcheck, torch.compile and argument errors."""
 import pytest
 import torch
+from conftest import DEVICES, assert_close
 
 import kdfast
 from kdfast import reference
-from conftest import DEVICES, assert_close
 
 BOUND = {torch.float32: 1e-5, torch.float64: 1e-12}
 SVD_DTYPES = [torch.float32, torch.float64]

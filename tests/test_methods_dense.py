@@ -3,10 +3,10 @@ pixel-wise, pair-wise and holistic losses (discriminator and student each update
 import pytest
 import torch
 import torch.nn.functional as F
+from methods_helpers import assert_falls, has_grad, no_grad, run_steps, zero_grads
 
 import kdfast
 from kdfast import methods
-from methods_helpers import assert_falls, has_grad, no_grad, run_steps, zero_grads
 
 images, labels = methods.make_shapes(4, 16, seed=0)
 

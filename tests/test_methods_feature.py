@@ -5,9 +5,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from methods_helpers import TinyNet, assert_falls, digits, has_grad, no_grad, run_steps, teacher_net
 
 from kdfast import methods
-from methods_helpers import TinyNet, assert_falls, digits, has_grad, no_grad, run_steps, teacher_net
 
 x, y = digits()
 

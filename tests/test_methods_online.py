@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from methods_helpers import TinyNet, assert_falls, digits, has_grad, no_grad, run_steps, teacher_net, zero_grads
 from torch import nn
 
 from kdfast import methods
-from methods_helpers import TinyNet, assert_falls, digits, has_grad, no_grad, run_steps, teacher_net, zero_grads
 
 x, y = digits()
 

@@ -3,10 +3,10 @@ papers say."""
 import pytest
 import torch
 import torch.nn.functional as F
+from methods_helpers import TinyNet, assert_falls, digits, has_grad, no_grad, run_steps, teacher_net
 
 import kdfast
 from kdfast import methods
-from methods_helpers import TinyNet, assert_falls, digits, has_grad, no_grad, run_steps, teacher_net
 
 x, y = digits()
 

@@ -11,11 +11,33 @@ import torch.nn.functional as F
 
 import kdfast
 from kdfast.methods import make_shapes
+from kdfast.train import (
+    KD,
+    UNLABELLED,
+    AttentionTransfer,
+    Constant,
+    Cosine,
+    CrossEntropy,
+    Distiller,
+    Features,
+    Hint,
+    KDLoss,
+    Linear,
+    Loader,
+    ManifoldDistillation,
+    MissingOpError,
+    MutualLearning,
+    PairwiseAffinity,
+    Split,
+    Stage,
+    StageWise,
+    Trainer,
+    build_model,
+    load_cifar,
+    load_dataset,
+    seed_everything,
+)
 from kdfast.train import checkpoint as ckpt
-from kdfast.train import (UNLABELLED, AttentionTransfer, Constant, Cosine, CrossEntropy, Distiller, Features, Hint,
-                          KD, KDLoss, Linear, Loader, ManifoldDistillation, MissingOpError, MutualLearning,
-                          PairwiseAffinity, Split, Stage, StageWise, Trainer, build_model, load_cifar, load_dataset,
-                          seed_everything)
 from kdfast.train.data import labelled_fraction, load_shapes, random_crop_flip
 from kdfast.train.models import MODELS, SmallCNN
 from kdfast.train.schedules import lr_schedule

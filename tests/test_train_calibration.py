@@ -4,8 +4,13 @@ import math
 import pytest
 import torch
 
-from kdfast.train import (ConfidentPredictor, calibration_report, expected_calibration_error, fit_temperature,
-                          selective_prediction)
+from kdfast.train import (
+    ConfidentPredictor,
+    calibration_report,
+    expected_calibration_error,
+    fit_temperature,
+    selective_prediction,
+)
 
 
 def logits_of(probs):

@@ -1,7 +1,6 @@
 """Every registry method as a trainer recipe: a few epochs on tiny data, where the loss is finite and falls, the
 frozen teachers do not change, and every network or adversary the method trains does. (The losses' own values and
 per-parameter gradients are tested in tests/test_methods_*.py.)"""
-import copy
 import math
 
 import pytest

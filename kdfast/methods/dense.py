@@ -2,7 +2,6 @@
 holistic (adversarial) losses on segmentation score maps and features. Teacher tensors are detached."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-
-import kdfast
 import torch.nn.functional as F
 from torch import nn
+
+import kdfast
 
 from ._util import upcast_half
 

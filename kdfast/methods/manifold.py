@@ -11,7 +11,6 @@ from torch import nn
 import kdfast
 
 
-
 def confident_calibration(teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The confident-prediction calibration (kdfast's formulation): where the teacher's top class is not the label,
     its logits of the top class and of the label are swapped, so the target distribution is confident in the

@@ -12,7 +12,6 @@ import kdfast
 
 from ._util import upcast_half
 
-
 # --- QuEST -------------------------------------------------------------------------------------------------------
 
 def kmeans_codebook(features: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0) -> torch.Tensor:

@@ -30,8 +30,8 @@ from torch import nn
 from ..methods import FEED, QuEST, ScoreMapDiscriminator, feature_vectors, kmeans_codebook, registry
 from .data import UNLABELLED, Split
 from .distiller import Distiller
-from .terms import CrossEntropy, Term
 from .schedules import Linear
+from .terms import CrossEntropy, Term
 from .trainer import Stage
 
 
