@@ -9,6 +9,8 @@ import warnings
 
 import torch
 
+from ._validate import acc_dtype
+
 try:
     from . import _C  # noqa: F401  (importing it registers the kdfast:: ops)
 except ImportError as exc:  # not built: everything runs on the reference
@@ -44,10 +46,6 @@ def has_kernel(device: torch.device) -> bool:
         why = f"the extension did not load ({_IMPORT_ERROR})" if _C is None else "it was built without them"
         warnings.warn(f"kdfast: no {device.type} kernels ({why}); using the pure-PyTorch reference", stacklevel=3)
     return False
-
-
-def _acc_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
 
 
 def svd_backward(U, S, Vh, gU, gS, gVh):
@@ -95,7 +93,7 @@ if _C is not None:
 
     @torch.library.register_fake("kdfast::kd_fwd")
     def _kd_fwd_fake(student, teacher, target, temperature, divergence, beta, ignore_index):
-        acc = _acc_dtype(student, teacher)
+        acc = acc_dtype(student, teacher)
         rows = (student.shape[0], student.shape[2])
         ce_shape = rows if target is not None else (0,)
         planes = 3 + (divergence == "jsd") + (target is not None)  # kd_stat_planes in csrc/common/kd_div.h
@@ -203,7 +201,7 @@ if _C is not None:
     @torch.library.register_fake("kdfast::pairwise_affinity_fwd")
     def _pairwise_affinity_fwd_fake(student, teacher):
         c = student.shape[1] + teacher.shape[1]
-        return (student.new_empty((student.shape[0],), dtype=_acc_dtype(student, teacher)),
+        return (student.new_empty((student.shape[0],), dtype=acc_dtype(student, teacher)),
                 student.new_empty((student.shape[0], c, c), dtype=torch.float64))
 
     @torch.library.register_fake("kdfast::pairwise_affinity_bwd")

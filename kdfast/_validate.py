@@ -80,3 +80,8 @@ def in_open_unit(value, name: str) -> float:
     if not 0.0 < v < 1.0:
         raise ValueError(f"{name} must be strictly inside (0, 1), got {value}")
     return v
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of a loss over these tensors: float64 when any is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
