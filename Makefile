@@ -40,9 +40,12 @@ cuda-compile:
 	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release $(if $(VERBOSE),-DKDFAST_PTXAS_VERBOSE=ON) >/dev/null
 	cmake --build cmake-build -j $(JOBS)
 
-# On a GPU machine: build with CUDA, CUDA tests, compute-sanitizer, GPU benchmarks; results under $(OUT).
+# On a GPU machine: build for sm_90, every op against the CPU kernels and the float64 reference, the CUDA tests,
+# compute-sanitizer, the headline GPU benchmarks; results under $(OUT) (docs/gpu-check.md). CALL=call1 or call2 runs
+# one of the two device calls; DRY=1 runs every step on the CPU with tiny sizes.
+CALL ?= all
 gpu-check:
-	bash benchmarks/gpu_check.sh $(OUT)
+	$(PY) benchmarks/gpu_check.py $(CALL) --out $(OUT) $(if $(DRY),--dry-run)
 
 clean:
 	rm -rf build cmake-build kdfast/*.so
