@@ -77,16 +77,25 @@ def _trio(kdfast_fn, eager_fn, args, eager_name="eager") -> dict:
             "compiled": lambda: compiled(*args)}
 
 
+def _gen(device, seed):
+    return torch.Generator(device).manual_seed(seed)
+
+
 def _randn(shape, dtype, device, seed, scale=1.0, grad=False):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
+    """Random data drawn on the device itself (drawing a GPU row's gigabytes on the CPU takes seconds)."""
+    x = torch.randn(shape, generator=_gen(device, seed), device=device) * scale
+    return x.to(dtype).requires_grad_(grad)
+
+
+def _labels(classes, shape, device, seed):
+    return torch.randint(0, classes, shape, generator=_gen(device, seed), device=device)
 
 
 def logits(fn: str):
     def build(shape, dtype, device):
         s = _randn(shape, dtype, device, 0, 3.0, grad=True)
         t = _randn(shape, dtype, device, 1, 3.0)
-        y = torch.randint(0, shape[-1], shape[:-1], generator=torch.Generator().manual_seed(2)).to(device)
+        y = _labels(shape[-1], shape[:-1], device, 2)
         if fn == "kd_div":
             impls = _trio(lambda s, t, y: kdfast.kd_div(s, t, T), lambda s, t, y: reference.kd_div(s, t, T), (s, t, y))
         else:
@@ -124,7 +133,7 @@ def fused_linear(shape, dtype, device):
     w = _randn((vocab, hs), dtype, device, 1, hs ** -0.5, grad=True)
     ht = _randn((bt, ht_), dtype, device, 2)
     wt = _randn((vocab, ht_), dtype, device, 3, ht_ ** -0.5)
-    y = torch.randint(0, vocab, (bt,), generator=torch.Generator().manual_seed(4)).to(device)
+    y = _labels(vocab, (bt,), device, 4)
     impls = _trio(lambda h, w, ht, wt, y: fn(h, w, head(ht, wt), target=y, alpha=0.5, divergence="jsd", beta=0.5),
                   unfused_jsd, (h, w, ht, wt, y))
     info = {"shape": {"BT": bt, "V": vocab, "H_student": hs, "H_teacher": ht_}}

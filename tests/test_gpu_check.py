@@ -151,9 +151,9 @@ def test_targets_and_report(tmp_path):
         os.makedirs(tmp_path / call)
         (tmp_path / call / "h200.json").write_text(json.dumps(_call(call, bench if i else [])))
     assert gpu_check.main(["report", str(tmp_path / "call1"), str(tmp_path / "call2"), "--results-dir",
-                           str(tmp_path / "results")]) == 0
+                           str(tmp_path / "results"), "--note", "call1: held 400 s, ran 270 s"]) == 0
     merged = json.loads((tmp_path / "results" / "h200.json").read_text())
     assert [c["call"] for c in merged["calls"]] == ["call1", "call2"]
     assert all(c["env"]["commit"] != "unknown (no .git here)" for c in merged["calls"])
     md = (tmp_path / "results" / "h200.md").read_text()
-    assert "## call1" in md and "## call2" in md and "| MISSED |" in md
+    assert "## call1" in md and "## call2" in md and "| MISSED |" in md and "- call1: held 400 s" in md
