@@ -157,3 +157,31 @@ def test_targets_and_report(tmp_path):
     assert all(c["env"]["commit"] != "unknown (no .git here)" for c in merged["calls"])
     md = (tmp_path / "results" / "h200.md").read_text()
     assert "## call1" in md and "## call2" in md and "| MISSED |" in md and "- call1: held 400 s" in md
+
+
+def _fake_run(rc, output):
+    return lambda self, cmd, timeout, env=None, on_row=None: (rc, output)
+
+
+def test_a_build_without_gpu_kernels_fails_loudly(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "STAMP", str(tmp_path / "stamp"))
+    monkeypatch.setattr(gpu_check.Check, "run", _fake_run(0, "built"))
+    monkeypatch.setattr(gpu_check.Check, "_backends", lambda self, timeout: {"extension": True, "cuda": False})
+    result = gpu_check.Check(str(tmp_path), "t", "call1", False, 300).build(200)
+    assert result["status"] == "failed" and "NO CUDA KERNELS" in result["detail"]
+
+
+@pytest.mark.parametrize("rc, output, status, findings", [
+    (0, "========= ERROR SUMMARY: 0 errors", "ok", 0),
+    (1, "========= Invalid __global__ read of size 4 bytes\n========= ERROR SUMMARY: 3 errors", "failed", 3),
+    (1, "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)", "failed", 2),
+    (1, "========= Error: Device not supported\n========= Target application returned an error", "cannot-run", None),
+    (None, "========= COMPUTE-SANITIZER", "timeout", 0),
+])
+def test_sanitizer_verdicts(tmp_path, monkeypatch, rc, output, status, findings):
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/local/cuda/bin/" + name)
+    monkeypatch.setattr(gpu_check.Check, "run", _fake_run(rc, output))
+    c = gpu_check.Check(str(tmp_path), "t", "call2", False, 300)
+    c.results["env"] = {"runtime": "firecracker"}
+    result = c.racecheck(60)
+    assert result["status"] == status and result.get("findings") == findings
