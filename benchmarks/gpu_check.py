@@ -114,15 +114,23 @@ class Check:
         timer = threading.Timer(max(timeout, 1), kill)
         timer.start()
         tail, written = collections.deque(maxlen=40), 0
-        for line in proc.stdout:
-            tail.append(line.rstrip("\n"))
-            if written < LOG_CAP:
-                self.log.write(line)
-                written += len(line)
-            if on_row is not None and line.startswith(ROW):
-                on_row(json.loads(line[len(ROW):]))
-        proc.wait()
-        timer.cancel()
+        try:
+            for line in proc.stdout:
+                tail.append(line.rstrip("\n"))
+                if written < LOG_CAP:
+                    self.log.write(line)
+                    written += len(line)
+                if on_row is not None and line.startswith(ROW):
+                    try:
+                        row = json.loads(line[len(ROW):])
+                    except ValueError:  # a row garbled by other output: it stays in the log only
+                        continue
+                    on_row(row)
+        finally:
+            if proc.poll() is None and not killed.is_set():  # only if this loop itself broke
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            timer.cancel()
         if written >= LOG_CAP:
             self.log.write("[... output cut; its last lines:]\n" + "\n".join(tail) + "\n")
         if killed.is_set():
@@ -277,7 +285,7 @@ class Check:
         return self._sanitize("racecheck", timeout)
 
     def bench(self, timeout):
-        env = {}
+        t0, env = time.monotonic(), {}
         wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
         if wheels and not self.dry:  # the peers carried as wheels (Liger-Kernel); the machine has no registry
             site = "/tmp/kdfast-peers"
@@ -289,6 +297,7 @@ class Check:
             self.results["bench"].append(row)
             self.write()
 
+        timeout -= time.monotonic() - t0
         cmd = [PY, "benchmarks/gpu_bench.py", "--device", "cpu" if self.dry else "cuda",
                "--deadline", str(max(timeout - 30, 5)), "-k", self.rows]
         rc, tail = self.run(cmd + (["--dry-run"] if self.dry else []), timeout, env, on_row)
