@@ -176,6 +176,8 @@ class Check:
                 return ""
 
         version = open("/proc/version").read().strip() if os.path.exists("/proc/version") else ""
+        # Seconds since the machine booted when this call's first step began: part of what a call costs.
+        info["uptime_s"] = float(open("/proc/uptime").read().split()[0]) if os.path.exists("/proc/uptime") else None
         release = os.uname().release
         info.update(nvidia_smi=read(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                                      "--format=csv,noheader"]) or "absent", kernel=release, proc_version=version,

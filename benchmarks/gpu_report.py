@@ -75,6 +75,7 @@ def targets(call: dict) -> list:
         s = call.get("sanitizer", {}).get(tool)
         if s:
             verdict = {"ok": "met", "cannot-run": "could not run"}.get(s["status"], "MISSED")
+            verdict = "not checked (dry run)" if call.get("dry_run") else verdict
             out.append((f"{tool}: zero findings", s.get("detail", ""), verdict))
     return out
 
