@@ -139,8 +139,8 @@ def fused_linear(shape, dtype, device):
     info = {"shape": {"BT": bt, "V": vocab, "H_student": hs, "H_teacher": ht_}}
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-    except ImportError as exc:
-        info["liger"] = f"not importable ({exc}); carry its wheel in .whl/ (docs/gpu-check.md)"
+    except Exception as exc:  # absent, or present without what it needs (triton): the row runs without it
+        info["liger"] = f"not importable ({type(exc).__name__}: {exc}); carry its wheel in .whl/ (docs/gpu-check.md)"
     else:  # its own torch.compile of the chunk loss only on the GPU: the dry run generates no code
         liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.5,
                                         compiled=COMPILE_BACKEND == "inductor")
@@ -290,6 +290,9 @@ def bench_row(row: Row, device: str, dry: bool, reps: int, emit) -> None:
         setup = row.build(row.tiny if dry else row.shape, row.dtype, device)
     except Absent as exc:
         emit({**base, "impl": "kdfast", "status": "absent", "detail": f"{exc} is not in this installation"})
+        return
+    except Exception as exc:  # the row's inputs could not be made (out of memory, say): the next rows still run
+        emit({**base, "impl": "kdfast", "status": "error", "detail": f"setting up: {type(exc).__name__}: {exc}"[:500]})
         return
     for name, forward in setup.impls.items():
         out = {**base, "impl": name, "bytes": setup.bytes, "flops": setup.flops, **setup.info}

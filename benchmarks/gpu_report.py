@@ -117,8 +117,8 @@ def _bench(bench: list) -> list:
     copy_gbs = _copy_gbs(bench)
     lines = ["", "### Benchmarks: forward + backward, median of CUDA-event timings", "",
              f"Copy bandwidth (device to device, bytes read + written): {_f(copy_gbs, '{:.0f}')} GB/s.", "",
-             "| row | impl | median ms | x kdfast | must-move GB/s | % of copy | peak MiB | status |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| row | impl | median ms | x kdfast | must-move GB/s | % of copy | peak MiB | loss | status |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for row, impls in _by_row(bench).items():
         k = impls.get("kdfast", {})
         for name, r in impls.items():
@@ -128,7 +128,8 @@ def _bench(bench: list) -> list:
             peak = r["peak_bytes"] / 2**20 if r.get("peak_bytes") is not None else None
             lines.append(f"| {row} | {name} | {_f(r.get('median_ms'), '{:.4g}')} | {_f(ratio, '{:.2f}')} | "
                          f"{_f(r.get('gbs') if ok else None, '{:.0f}')} | {_f(pct, '{:.0f}%')} | "
-                         f"{_f(peak, '{:.0f}')} | {r['status']} {r.get('detail', '')[:120]} |")
+                         f"{_f(peak, '{:.0f}')} | {_f(r.get('value'), '{:.6g}')} | {r['status']} "
+                         f"{r.get('detail', '')[:120]} |")
     return lines
 
 
@@ -138,7 +139,8 @@ def markdown(calls: list, brief: bool = False) -> str:
     lines = [f"# GPU check: {name}", ""]
     if not brief:
         lines += ["x kdfast = that implementation's time / kdfast's (above 1: kdfast is faster). Must-move bytes: "
-                  "each input read and each output written once per forward + backward.", ""]
+                  "each input read and each output written once per forward + backward. Loss: the value each "
+                  "implementation computed on the row's inputs (they should agree).", ""]
     for call in calls:
         lines += _call(call, brief)
     return "\n".join(lines)
