@@ -183,8 +183,8 @@ def test_chunk_sizes_agree_and_are_deterministic():
 
 
 def test_default_chunk_rule():
-    assert fused_linear.default_chunk_size(2048, 32000) == (16 << 20) // (32000 * 4)
-    assert fused_linear.default_chunk_size(2048, 32000, torch.float64) == (16 << 20) // (32000 * 8)
+    assert fused_linear.default_chunk_size(2048, 32000) == (32 << 20) // (32000 * 4)
+    assert fused_linear.default_chunk_size(2048, 32000, torch.float64) == (32 << 20) // (32000 * 8)
     assert fused_linear.default_chunk_size(8192, 128256, torch.float32, "cuda") == (256 << 20) // (128256 * 4)
     assert fused_linear.default_chunk_size(10, 100) == 10
     assert fused_linear.default_chunk_size(10, 1 << 30) == 1
