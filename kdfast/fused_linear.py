@@ -55,8 +55,9 @@ def _topk_type():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-chunk work: each returns (kd rows (c,), cross-entropy rows (c,) or None, gradient of the weighted loss with
-# respect to the chunk's logits (c, V)), where the weighted loss is sum(kd_weight * kd rows) + ce_weight * sum(ce).
+# Per-chunk work: _dense_chunk and _topk_ce_chunk return (kd rows (c,), cross-entropy rows (c,) or None, gradient
+# of the weighted loss with respect to the chunk's logits (c, V)), the weighted loss being
+# sum(kd_weight * kd rows) + ce_weight * sum(ce rows).
 
 
 def _dense_chunk(logits, teacher, target, kd_weight, ce_weight, temperature, divergence, beta, ignore_index):
@@ -121,7 +122,8 @@ def _cross_entropy_chunk(logits, target, ce_weight, ignore_index, grad):
     return rows
 
 
-def _topk_dense_chunk(logits, indices, logprobs, target, kd_weight, ce_weight, temperature, tail, ignore_index):
+def _topk_ce_chunk(logits, indices, logprobs, target, kd_weight, ce_weight, temperature, tail, ignore_index):
+    """topk_chunk, plus the cross-entropy (its gradient added to the same buffer) when a target is given."""
     rows, grad = topk_chunk(logits, indices, logprobs, temperature, tail, kd_weight)
     ce = None if target is None else _cross_entropy_chunk(logits, target, ce_weight, ignore_index, grad)
     return rows, ce, grad
@@ -165,9 +167,9 @@ def fused_linear_kd_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
             y = None if target is None else target[lo:hi]
             kd_weight = kd_scale if keep is None else kd_scale * keep[lo:hi]
             if teacher_form == "topk":
-                rows, ce, g = _topk_dense_chunk(logits, teacher[0][lo:hi], teacher[1][lo:hi],
-                                                y if use_ce else None, kd_weight, ce_weight, temperature, tail,
-                                                ignore_index)
+                rows, ce, g = _topk_ce_chunk(logits, teacher[0][lo:hi], teacher[1][lo:hi],
+                                             y if use_ce else None, kd_weight, ce_weight, temperature, tail,
+                                             ignore_index)
             else:
                 if teacher_form == "head":
                     t_h = teacher[0][lo:hi].to(acc)

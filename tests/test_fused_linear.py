@@ -172,6 +172,17 @@ def test_topk_row_without_entries_gives_zero(TopK):
         assert float(rows.abs().max()) < 1e-12 and float(grad.abs().max()) < 1e-12
 
 
+def test_neg_inf_teacher_logits_and_nan_propagation():
+    h, w, b, y, t_logits, _ = make((6,))
+    t_logits[:, :10] = float("-inf")  # classes the teacher rules out contribute 0 to KL(teacher || student)
+    assert_matches(h, w, b, t_logits, target=y, temperature=2.0, alpha=0.5, chunk_size=4)
+    h_nan = h.detach().clone()
+    h_nan[2, 0] = float("nan")
+    h_nan.requires_grad_(True)
+    out, grads = run(kdfast.fused_linear_kd, h_nan, w, b, t_logits, target=y, alpha=0.5, chunk_size=4)
+    assert out.isnan() and grads[1].isnan().any()
+
+
 def test_chunk_sizes_agree_and_are_deterministic():
     h, w, b, y, t_logits, head = make((2, 17))
     results = [run(kdfast.fused_linear_kd, h, w, b, head, target=y, alpha=0.5, chunk_size=c) for c in (1, 5, 34, 99)]
