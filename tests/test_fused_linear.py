@@ -1,5 +1,6 @@
 """fused_linear_kd against the float64 composition (logits = hidden @ weight.T + bias, then KD + cross-entropy) for
 dense, TeacherHead and top-k teachers; gradients, chunking, dtypes, autograd/opcheck/compile/autocast, errors."""
+import pathlib
 import sys
 import types
 from typing import NamedTuple
@@ -199,6 +200,27 @@ def test_default_chunk_rule():
     assert fused_linear.default_chunk_size(8192, 128256, torch.float32, "cuda") == (256 << 20) // (128256 * 4)
     assert fused_linear.default_chunk_size(10, 100) == 10
     assert fused_linear.default_chunk_size(10, 1 << 30) == 1
+
+
+def test_memory_stays_a_few_chunks_of_logits():
+    """The N x V logits never exist: the peak of torch's allocations during forward + backward stays near three
+    chunks of logits plus the weight gradient (measured as the benchmark suite measures it)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from harness import peak_memory
+    finally:
+        sys.path.pop(0)
+    n, v, chunk = 1024, 20000, 64
+    h, w, b, y, t_logits, head = make((n,), H=32, V=v, Ht=16)
+
+    def step():
+        kdfast.fused_linear_kd(h, w, head, student_bias=b, target=y, alpha=0.5, chunk_size=chunk).backward()
+        h.grad = w.grad = b.grad = None
+
+    step()
+    logits_bytes = n * v * 4
+    budget = 3 * chunk * v * 4 + 2 * w.numel() * 4 + 2 * h.numel() * 4 + (1 << 20)
+    assert peak_memory(step, "cpu") < min(budget, logits_bytes / 2)
 
 
 def test_all_rows_ignored_gives_zero():
