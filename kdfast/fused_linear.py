@@ -25,7 +25,9 @@ TAILS = ("renormalize", "bucket")
 # chunk_size=None: the most rows whose logits take at most this many bytes in the accumulation dtype (at least one
 # row). A chunk holds about three such buffers (student logits, teacher logits, their gradient) at a time. Smaller
 # chunks cost speed: on 2 CPU cores (N 2048, V 32000) 131-row chunks took 1.2x as long as 262-row ones, which are
-# within 10% of unchunked matmuls; a GPU needs ~500+ rows to fill its SMs.
+# within 10% of unchunked matmuls. 32 MiB is also glibc's largest dynamic mmap threshold: a chunk's buffers are
+# recycled by malloc instead of being mapped (and page-faulted) afresh every chunk. A GPU needs ~500+ rows to fill
+# its SMs.
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
 
 
