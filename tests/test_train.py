@@ -386,7 +386,7 @@ def _strip_times(history):
     return [{k: v for k, v in h.items() if k != "time_s"} for h in history]
 
 
-@pytest.mark.parametrize("interrupt_at", [1, 3])
+@pytest.mark.parametrize("interrupt_at", [1, 2, 3])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, interrupt_at):
     straight, h_straight = _resume_run(tmp_path / "straight", None, seed=0)
     _resume_run(tmp_path / "resumed", interrupt_at, seed=0)
@@ -411,9 +411,9 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ckpt.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
-    assert ckpt.load_checkpoint(path) == {"step": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert ckpt.load_tensors(path) == {"step": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
     ckpt.save_checkpoint({"step": 3}, path)
-    assert ckpt.load_checkpoint(path) == {"step": 3}
+    assert ckpt.load_tensors(path) == {"step": 3}
 
 
 def test_resume_refuses_another_seed(tmp_path):

@@ -58,7 +58,7 @@ def run_cli(capsys, *argv):
     (["--student", "cnn_tiny", "--amp", "int8"], "invalid choice: 'int8'"),
     (["--student", "resnet8", "--data", "cifar10"], "needs --data-root"),
     (["--student", "cnn_tiny", "--teacher-checkpoint", "t.pt"], "needs --teacher"),
-    (["--student", "cnn_tiny", "--teacher", "cnn_small", "--teacher-checkpoint", "/no/such.pt"], "no file"),
+    (["--student", "cnn_tiny", "--teacher", "cnn_small", "--teacher-checkpoint", "/no/such.pt"], "/no/such.pt: no such file"),
 ])
 def test_bad_cli_input(capsys, argv, message):
     code, err = run_cli(capsys, *argv)

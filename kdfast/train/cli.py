@@ -16,10 +16,12 @@ import sys
 
 import torch
 
+from .checkpoint import CheckpointError, load_state_dict_file, save_checkpoint, state_dict_mismatch, write_json
 from .data import DATASETS, DENSE_DATASETS, LOCAL_DATASETS, few_labels, labelled_fraction, load_dataset
 from .distiller import Distiller
 from .models import MODELS, SEGMENTATION_MODELS, build_model
 from .recipes import DENSE, NEEDS_ENSEMBLE, RECIPES, SMALL_DATA, TEACHER_FREE, Setting, build_recipe, deployed
+from .safe_pickle import PickleFileError
 from .schedules import Constant
 from .terms import METHODS, MissingOpError, kdfast_op
 from .trainer import AMP_DTYPES, OPTIMIZERS, Stage, Trainer, seed_everything
@@ -170,19 +172,12 @@ def _methods(args):
     return {n: (METHODS[n][0](options), weights.get(n, METHODS[n][1])) for n in names}
 
 
-def _teacher_weights(path):
-    if not os.path.isfile(path):
-        raise CliError(f"--teacher-checkpoint: no file {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "distiller" in state:  # a trainer checkpoint: its student is the teacher
-        state = {k[len("student."):]: v for k, v in state["distiller"].items() if k.startswith("student.")}
-    return state
-
-
 def _train_teacher(teacher, name, args, data, stage, common, say):
     say(f"training the {name} {args.teacher} first ({args.teacher_epochs} epochs, all labels)")
     t_trainer = Trainer(Distiller(teacher), data.train, [stage(args.teacher_epochs, name)], data.test,
                         out_dir=os.path.join(args.out, name.replace(" ", "_")), resume=args.resume, **common)
+    for note in t_trainer.notes:
+        say(note)
     t_trainer.fit()
     say(f"{name}: {json.dumps(t_trainer.evaluate(data.test, calibrate=False))}")
 
@@ -260,7 +255,7 @@ def run(args) -> dict:
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a: None)  # one voice under torchrun
     try:
         data = load_dataset(args.data, args.data_root, **sizes)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, PickleFileError) as e:
         raise CliError(f"--data-root: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -280,9 +275,12 @@ def run(args) -> dict:
         teacher = build_model(args.teacher, data.num_classes, data.in_channels)
         if args.teacher_checkpoint:
             try:
-                teacher.load_state_dict(_teacher_weights(args.teacher_checkpoint))
+                teacher.load_state_dict(load_state_dict_file(args.teacher_checkpoint))
+            except CheckpointError as e:
+                raise CliError(f"--teacher-checkpoint {e}") from None
             except RuntimeError as e:
-                raise CliError(f"--teacher-checkpoint does not fit --teacher {args.teacher}: {e}") from None
+                raise CliError(f"--teacher-checkpoint {args.teacher_checkpoint} does not fit --teacher "
+                               f"{args.teacher}: {state_dict_mismatch(e)}") from None
         elif recipe_name not in TEACHER_FREE and "dml" not in (terms or ()):
             _train_teacher(teacher, "teacher", args, data, stage, common, say)
     seed_everything(args.seed + 1)
@@ -293,13 +291,14 @@ def run(args) -> dict:
         distiller = Distiller(student, teacher, terms, train_teacher="dml" in terms)
         stages = [stage(args.epochs, "student")]
     trainer = Trainer(distiller, train, stages, data.test, out_dir=args.out, resume=args.resume, **common)
+    for note in trainer.notes:
+        say(note)
     history = trainer.fit()
     metrics = {"test": trainer.evaluate(data.test), "epochs": len(history),
                "train_s": sum(h["time_s"] for h in history)}
     if trainer.rank == 0:  # under torchrun every process holds the same weights; one writes them
-        torch.save(deployed(distiller.student).state_dict(), os.path.join(args.out, "student.pt"))
-        with open(os.path.join(args.out, "metrics.json"), "w") as fh:
-            json.dump(metrics, fh, indent=1)
+        save_checkpoint(deployed(distiller.student).state_dict(), os.path.join(args.out, "student.pt"))
+        write_json(metrics, os.path.join(args.out, "metrics.json"))
     return metrics
 
 
@@ -310,6 +309,9 @@ def main(argv=None) -> int:
         metrics = run(args)
     except CliError as e:
         print(f"{p.prog}: error: {e}\n(see {p.prog} --help)", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # --resume of a file that is not this run's checkpoint
+        print(f"{p.prog}: error: --resume: {e}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(metrics["test"], indent=1))

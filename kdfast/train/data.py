@@ -5,7 +5,6 @@ does not need torchvision)."""
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..methods.shapes import SHAPE_CLASSES, make_shapes
+from .safe_pickle import PickleFileError, load_data_pickle
 
 DATASETS = ("digits", "cifar10", "cifar100", "shapes")
 DENSE_DATASETS = ("shapes",)  # per-pixel targets (B, H, W): segmentation
@@ -150,14 +150,31 @@ def load_cifar(name: str, root) -> Dataset:
     def read(files):
         data, labels = [], []
         for f in files:
-            with open(os.path.join(base, f), "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
-            data.append(np.asarray(batch[b"data"], dtype=np.uint8))
-            labels.extend(batch[label_key])
-        x = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32)
-        return Split(x, torch.tensor(labels, dtype=torch.long), _CIFAR_MEAN[name], _CIFAR_STD[name])
+            x, y = _cifar_batch(os.path.join(base, f), label_key, classes)
+            data.append(x)
+            labels.append(y)
+        return Split(torch.cat(data), torch.cat(labels), _CIFAR_MEAN[name], _CIFAR_STD[name])
 
     return Dataset(name, read(train_files), read(test_files), classes, "crop_flip")
+
+
+def _cifar_batch(path: str, label_key: bytes, classes: int):
+    """(images (N, 3, 32, 32) uint8, labels (N,) int64) of one CIFAR batch file, read without running code;
+    PickleFileError naming the file when it is not a batch of this layout."""
+    batch = load_data_pickle(path)
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        keys = ", ".join(map(repr, list(batch)[:6])) if isinstance(batch, dict) else type(batch).__name__
+        raise PickleFileError(f"{path}: not a CIFAR batch of this layout (expected a dict with b'data' and "
+                              f"{label_key!r}; found {keys})")
+    data, labels = batch[b"data"], batch[label_key]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise PickleFileError(f"{path}: b'data' must be an N x 3072 uint8 array, found a {what}")
+    if not (isinstance(labels, (list, tuple, np.ndarray)) and len(labels) == len(data)
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < classes
+                    for v in labels)):
+        raise PickleFileError(f"{path}: {label_key!r} must hold {len(data)} class indices in [0, {classes})")
+    return torch.from_numpy(data.copy()).view(-1, 3, 32, 32), torch.tensor([int(v) for v in labels])
 
 
 def load_dataset(name: str, root=None, **sizes) -> Dataset:
