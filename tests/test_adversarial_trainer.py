@@ -200,6 +200,27 @@ def test_library_loaders_raise_checkpoint_error(tmp_path):
         load_state_dict_file(path)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--warmup", "-1"], "must be finite and >= 0, got -1"),
+    (["--warmup", "nan"], "must be finite and >= 0, got nan"),
+    (["--weight-decay", "-0.1"], "must be finite and >= 0, got -0.1"),
+    (["--weight-decay", "inf"], "must be finite and >= 0, got inf"),
+    (["--batch-size", "0"], "must be > 0"),
+    (["--grad-clip", "-1"], "must be > 0"),
+    (["--ensemble", "0"], "must be > 0"),
+])
+def test_option_edges(capsys, tmp_path, argv, message):
+    code, err = run_cli(capsys, "--student", "cnn_tiny", "--out", str(tmp_path / "run"), *argv)
+    assert code == 2 and message in err
+
+
+def test_out_that_is_a_file(capsys, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("mine")
+    code, err = run_cli(capsys, "--student", "cnn_tiny", "--epochs", "1", "--out", str(out))
+    assert code == 2 and f"--out {out} is a file" in err and out.read_text() == "mine"
+
+
 # --- resume at and past the end -------------------------------------------------------------------------------------
 
 def _stopped_run(tmp_path, epochs_done, epochs):

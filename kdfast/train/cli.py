@@ -47,6 +47,16 @@ def _positive(kind):
     return parse
 
 
+def _non_negative(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return value
+
+
 def _fraction(text):
     value = _positive(float)(text)
     if value > 1:
@@ -105,9 +115,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive(int), default=64)
     p.add_argument("--lr", type=_positive(float), default=0.05)
     p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "step", "constant"))
-    p.add_argument("--warmup", type=float, default=0.0, help="linear learning-rate warm-up, in epochs")
+    p.add_argument("--warmup", type=_non_negative, default=0.0, help="linear learning-rate warm-up, in epochs")
     p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=_non_negative, default=5e-4)
     p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
     p.add_argument("--grad-clip", type=_positive(float))
     p.add_argument("--seed", type=int, default=0)
@@ -238,6 +248,8 @@ def _data_options(args) -> dict:
 
 
 def run(args) -> dict:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CliError(f"--out {args.out} is a file; the run needs a folder there")
     if args.data not in LOCAL_DATASETS and not args.data_root:
         raise CliError(f"--data {args.data} needs --data-root DIR (a folder with the python-pickle version of "
                        f"{args.data}; kdfast does not download data)")
@@ -313,6 +325,9 @@ def main(argv=None) -> int:
     except CheckpointError as e:  # --resume of a file that is not this run's checkpoint
         print(f"{p.prog}: error: --resume: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder that cannot be written, a full disk: the system's own one-line reason
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 1
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(metrics["test"], indent=1))
     return 0
