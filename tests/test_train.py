@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast.methods import make_shapes
 from kdfast.train import (
     KD,
     UNLABELLED,
@@ -38,7 +37,7 @@ from kdfast.train import (
     seed_everything,
 )
 from kdfast.train import checkpoint as ckpt
-from kdfast.train.data import labelled_fraction, load_shapes, random_crop_flip
+from kdfast.train.data import labelled_fraction, load_shapes, make_shapes, random_crop_flip
 from kdfast.train.models import MODELS, SmallCNN
 from kdfast.train.schedules import lr_schedule
 

@@ -131,7 +131,7 @@ SHAPES_TINY = ["--data", "shapes", "--shapes-train", "48", "--shapes-test", "16"
 def _shapes_run_checks(out, terms):
     """The run folder of a shapes run: its log's terms, and a metrics.json whose mIoU and pixel accuracy are those
     of the saved student.pt on the test images."""
-    from kdfast.methods import mean_iou
+    from kdfast.train.metrics import mean_iou
     from kdfast.train.data import load_shapes
     from kdfast.train.models import build_model
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from kdfast.methods import SegNet, registry
-from kdfast.methods.shapes import make_shapes
+from kdfast.methods import registry
 from kdfast.train import UNLABELLED, Distiller, Split, Stage, Trainer, seed_everything
-from kdfast.train.models import SmallCNN
+from kdfast.train.data import make_shapes
+from kdfast.train.models import SegNet, SmallCNN
 from kdfast.train.recipes import DENSE, RECIPES, Ensemble, MultiExit, Peers, Setting, build_recipe
 
 

@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from ..methods import mean_iou, registry
+from ..methods import registry
 from .data import UNLABELLED, few_labels, labelled_fraction, load_digits, load_shapes
 from .distiller import Distiller
+from .metrics import mean_iou
 from .models import build_model
 from .recipes import DENSE, NEEDS_ENSEMBLE, SMALL_DATA, TEACHER_FREE, Setting, build_recipe, labelled_examples
 from .trainer import Stage, Trainer, seed_everything

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..methods.shapes import mean_iou
 from .calibration import calibration_report
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, state_dict_mismatch, write_json_lines
 from .data import AUGMENTATIONS, UNLABELLED, Loader, Split
 from .distiller import Distiller
+from .metrics import mean_iou
 from .schedules import Schedule, lr_schedule
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -328,7 +328,7 @@ class Trainer:
         """Accuracy and ECE on a split; with calibrate and a holdout split, also temperature scaling and the
         confident-prediction coverage and selective accuracy (see calibration.calibration_report). On dense
         (segmentation) targets the same report over the labelled pixels, its accuracy named pixel_accuracy, and
-        the mean IoU over classes ("miou", kdfast.methods.mean_iou)."""
+        the mean IoU over classes ("miou", metrics.mean_iou)."""
         logits = self.predict(split)
         holdout = self.cfg.holdout if calibrate else None
         held = (self.predict(holdout), holdout.targets) if holdout is not None else (None, None)
