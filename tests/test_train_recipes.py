@@ -35,11 +35,13 @@ def setting(name, epochs=3):
     dense = name in DENSE
     seed_everything(0)
     if dense:
-        student = lambda: SegNet(width=4)
+        def student():
+            return SegNet(width=4)
         teachers = [SegNet(width=8)]
         split = shapes_split()
     else:
-        student = lambda: SmallCNN((4, 8, 8), num_classes=4)
+        def student():
+            return SmallCNN((4, 8, 8), num_classes=4)
         teachers = [SmallCNN((8, 8, 16), num_classes=4) for _ in range(2)]
         split = digits_split()
     labelled = split if dense else split.relabel(torch.arange(len(split)) % 4)
@@ -81,7 +83,7 @@ def test_recipe_trains_what_the_method_says(name):
     moved = changed(student, d.student)
     assert moved, "the student did not train"
     if isinstance(d.student, (Peers,)):
-        for i, net in enumerate(d.student.networks):
+        for i, _net in enumerate(d.student.networks):
             assert any(n.startswith(f"networks.{i}.") for n in moved), f"network {i} did not train"
     if isinstance(d.student, MultiExit):
         assert any(n.startswith("heads.") for n in moved) and any(n.startswith("network.") for n in moved)

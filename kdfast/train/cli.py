@@ -23,12 +23,10 @@ from .models import MODELS, SEGMENTATION_MODELS, build_model
 from .recipes import DENSE, NEEDS_ENSEMBLE, RECIPES, SMALL_DATA, TEACHER_FREE, Setting, build_recipe, deployed
 from .safe_pickle import PickleFileError
 from .schedules import Constant
-from .terms import METHODS, MissingOpError, kdfast_op
+from .terms import METHODS
 from .trainer import AMP_DTYPES, OPTIMIZERS, Stage, Trainer, seed_everything
 
 NEEDS_TEACHER = ("kd", "at", "pa", "md", "dml")
-OPS = {"kd": "kd_div", "at": "attention_transfer_loss", "pa": "pairwise_affinity_loss",
-       "md": "manifold_distillation_loss", "dml": "kd_div"}
 
 
 class CliError(Exception):
@@ -164,11 +162,6 @@ def _methods(args):
     needing = [m for m in names if m in NEEDS_TEACHER]
     if needing and not args.teacher:
         raise CliError(f"--method {','.join(needing)} needs a --teacher")
-    for m in names:
-        try:
-            kdfast_op(OPS[m], m) if m in OPS else None
-        except MissingOpError as e:
-            raise CliError(f"--method {m}: {e}") from None
     if "dml" not in names and "ce" not in names:
         names = ["ce"] + names  # cross-entropy on the labelled examples is always part of distillation
     weights = dict(args.weight)
@@ -279,8 +272,10 @@ def run(args) -> dict:
     common = dict(batch_size=args.batch_size, augment=data.augment, seed=args.seed,
                   amp=None if args.amp == "none" else args.amp, grad_clip=args.grad_clip, device=args.device,
                   progress=not args.no_progress)
-    stage = lambda epochs, name: Stage(epochs, name, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
-                                       optimizer=args.optimizer, weight_decay=args.weight_decay)
+    def stage(epochs, name):
+        return Stage(epochs, name, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
+                     optimizer=args.optimizer, weight_decay=args.weight_decay)
+
     teacher = None
     if args.teacher:
         seed_everything(args.seed)

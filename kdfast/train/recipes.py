@@ -385,7 +385,9 @@ def _quest(b: _Builder, words: int = 16, images: int = 256):
 
 def _internal(b: _Builder):
     """Hidden states = each stage's positions as tokens (B, H*W, C), the student's projected to the teacher's C."""
-    tokens = lambda x: x.flatten(2).mT
+    def tokens(x):
+        return x.flatten(2).mT
+
     project = nn.ModuleList(nn.Linear(b.channels(b.student, n), b.channels(b.teacher, n)) for n in b.stages)
     loss = b.loss(epochs_per_layer=max(1, b.setting.epochs // (len(b.stages) + 1)))
 
@@ -417,7 +419,9 @@ def _online(b: _Builder):
         last = b.stages[-1]
         peers = Peers([b.student, b.setting.student()])
         loss = b.loss(channels=b.channels(b.student, last))
-        maps = lambda f: [g[last] for g in f.student["features"]]
+        def maps(f):
+            return [g[last] for g in f.student["features"]]
+
         term = AdversarialTerm(loss, lambda term, s, t, f, y: term.loss.network_loss(maps(f), f.student["logits"], y),
                                loss.discriminators, lambda term, s, t, f, y: term.loss.discriminator_loss(maps(f)),
                                {"lr": 2e-4, "betas": (0.5, 0.999)}, student_taps=Peers.feature_names)
@@ -433,10 +437,11 @@ def _self(b: _Builder):
     net = MultiExit(b.student, b.sample)
     epochs = b.setting.epochs
     if b.name == "byot":
-        call = lambda term, s, t, f, y: term.loss(f.student["exit_logits"], f.student["exit_features"], y)
+        def call(term, s, t, f, y):
+            return term.loss(f.student["exit_logits"], f.student["exit_features"], y)
     else:
-        call = lambda term, s, t, f, y: term.loss(f.student["exit_logits"], f.student["exit_features"], y,
-                                                  f.epoch, epochs)
+        def call(term, s, t, f, y):
+            return term.loss(f.student["exit_logits"], f.student["exit_features"], y, f.epoch, epochs)
     term = MethodTerm(b.loss(), call, student_taps=MultiExit.feature_names)
     return b.recipe({b.name: term}, student=net, labelled_only=True)
 
@@ -455,7 +460,9 @@ def _takd(b: _Builder):
     """The assistant is distilled from the teacher first (setting.fit), then the student from the assistant."""
     if b.setting.assistant is None:
         raise ValueError("method 'takd' needs Setting.assistant (a network factory)")
-    term = lambda: MethodTerm(b.loss(), lambda term, s, t, f, y: term.loss(s, t, labels(y, t)))
+    def term():
+        return MethodTerm(b.loss(), lambda term, s, t, f, y: term.loss(s, t, labels(y, t)))
+
     assistant = b.pretrain(b.setting.assistant(), {"takd": term()}, "assistant")
     return b.recipe({"takd": term()}, teacher=assistant)
 
