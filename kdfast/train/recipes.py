@@ -19,6 +19,7 @@ a preliminary network (TAKD's assistant). Conventions shared by all recipes:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -505,6 +506,40 @@ TEACHER_FREE = ("dml", "okddip", "afd", "byot", "msd")
 # - defensive distillation: networks trained at temperature T need about T^2 as many steps to grow their logits
 #   T-fold; in 20 epochs the paper's T = 20 teacher reaches 73% and its student 16% (T 10: 36%, 5: 92%, 2: 96.5%).
 SMALL_DATA = {"at": {"beta": 10.0}, "pixelwise": {"weight": 1.0}, "defensive": {"temperature": 5.0}}
+
+
+# Methods whose recipe is more than terms on the plain student and the first teacher in one stage (their own
+# stages, teachers, students or training split): they run alone, not in a comma list.
+ALONE = ("fitnet", "ab", "defensive", "takd", *NEEDS_ENSEMBLE, *TEACHER_FREE)
+
+
+def method_options(name: str) -> dict:
+    """{option: default} of registry method `name`: the keyword arguments of its loss (the registry entry's
+    fields), which build_recipe's overrides set."""
+    signature = inspect.signature(registry.METHODS[name].factory)
+    return {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def compose_recipe(names, setting: Setting, overrides=None) -> Recipe:
+    """One recipe of several registry methods: the terms of each method's recipe on one student and teacher, in
+    one stage (a term two recipes share, such as the feature methods' KD, is taken once). overrides: {name:
+    {option: value}}. Methods of ALONE cannot be composed."""
+    names, overrides = list(dict.fromkeys(names)), overrides or {}
+    if len(names) == 1:
+        return build_recipe(names[0], setting, **overrides.get(names[0], {}))
+    alone = [n for n in names if n in ALONE]
+    if alone:
+        raise ValueError(f"method(s) {', '.join(alone)} run alone (their own stages, teachers or students); "
+                         f"composable: {', '.join(n for n in RECIPES if n not in ALONE)}")
+    student = setting.student()
+    shared = dataclasses.replace(setting, student=lambda: student)
+    terms = {}
+    for name in names:
+        part = build_recipe(name, shared, **overrides.get(name, {})).distiller
+        for term in part.term_names:
+            terms.setdefault(term, (part.term(term), part.weights[term]))
+    b = _Builder("+".join(names), shared, {})
+    return b.recipe(terms, teacher=setting.teachers[0] if setting.teachers else None)
 
 
 def build_recipe(name: str, setting: Setting, **overrides) -> Recipe:

@@ -131,18 +131,6 @@ class MutualLearning(Term):
                 + kdfast.kd_div(teacher, student.detach(), self.temperature))
 
 
-# The names `python -m kdfast train --method` accepts as loss terms added to cross-entropy, with their default
-# weights; `a` holds the CLI's options (temperature, rank, layers).
-METHODS = {
-    "ce": (lambda a: CrossEntropy(), 1.0),
-    "kd": (lambda a: KD(a.get("temperature", 4.0)), 1.0),
-    "at": (lambda a: FeatureTerm(kdfast.AttentionTransfer(), a.get("layers", STAGES)), 1000.0),
-    "pa": (lambda a: FeatureTerm(kdfast.PairwiseAffinity(), a.get("pa_layers", ("stage3",)), per_pair=True), 1.0),
-    "md": (lambda a: FeatureTerm(kdfast.ManifoldDistillation(a.get("rank", 4)), a.get("layers", STAGES)), 1.0),
-    "dml": (lambda a: MutualLearning(a.get("temperature", 1.0)), 1.0),
-}
-
-
 def _deprecated(old: str, new: str, build):
     def make(*args, **kwargs):
         warnings.warn(f"kdfast.train.{old} is deprecated: use {new}", DeprecationWarning, stacklevel=2)
