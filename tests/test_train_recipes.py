@@ -6,11 +6,22 @@ import math
 import pytest
 import torch
 
+import kdfast
 from kdfast.methods import registry
 from kdfast.train import UNLABELLED, Distiller, Split, Stage, Trainer, seed_everything
 from kdfast.train.data import make_shapes
 from kdfast.train.models import SegNet, SmallCNN
-from kdfast.train.recipes import DENSE, RECIPES, Ensemble, MultiExit, Peers, Setting, build_recipe
+from kdfast.train.recipes import (
+    DENSE,
+    RECIPES,
+    Ensemble,
+    MultiExit,
+    Peers,
+    Setting,
+    build_recipe,
+    compose_recipe,
+    method_options,
+)
 
 
 def digits_split(n=64, seed=0, unlabelled=32):
@@ -175,3 +186,23 @@ def test_adversarial_recipe_resumes_to_the_same_weights(tmp_path):
 
     whole, resumed = run(tmp_path / "a"), run(tmp_path / "b", stop_after=1)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_composed_recipes_share_one_student_teacher_and_stage():
+    s = setting("kd", epochs=2)
+    recipe = compose_recipe(["kd", "at", "sp"], s, {"at": {"beta": 5.0}})
+    d = recipe.distiller
+    assert d.term_names == ["kd", "at", "sp"] and d.teacher is s.teachers[0] and len(recipe.stages) == 1
+    assert d.term("at").loss.beta == 5.0 and isinstance(d.term("at").loss, kdfast.AttentionTransfer)
+    assert isinstance(d.term("kd").loss, registry.METHODS["kd"].factory)  # the kd recipe's own term, taken once
+    history = Trainer(d, recipe.train, recipe.stages, progress=False, batch_size=16).fit()
+    assert set(history[-1]["train"]) == {"loss", "kd", "at", "sp"}
+    assert compose_recipe(["at"], s).distiller.term_names == build_recipe("at", s).distiller.term_names
+    with pytest.raises(ValueError, match="fitnet run alone"):
+        compose_recipe(["kd", "fitnet"], s)
+
+
+def test_method_options_are_the_registry_entries_keyword_arguments():
+    assert method_options("kd") == {"temperature": 4.0, "alpha": 0.9}
+    assert method_options("adaptive") == {"temperature": 1.0, "adaptive": True}
+    assert method_options("at") == {"p": 2.0, "beta": 1000.0}
