@@ -220,7 +220,7 @@ def _train_teacher(teacher, name, args, data, stage, common, say):
     say(f"{name}: {json.dumps(t_trainer.evaluate(data.test, calibrate=False))}")
 
 
-def _recipe_run(names, student, teacher, train, args, data, stage, common, say):
+def _recipe_run(names, overrides, student, teacher, train, args, data, stage, common, say):
     """(distiller, stages, training split) of the recipe of registry methods `names`; ensembles train
     --ensemble - 1 more teachers, TAKD its assistant, first."""
     teachers = [teacher] if teacher is not None else []
@@ -241,7 +241,7 @@ def _recipe_run(names, student, teacher, train, args, data, stage, common, say):
                       fit=lambda d, stages, split: Trainer(d, split, stages, **common).fit(),
                       stage_options=dict(lr_schedule=args.lr_schedule, warmup=args.warmup, optimizer=args.optimizer,
                                          weight_decay=args.weight_decay))
-    recipe = compose_recipe(names, setting, _overrides(names, args))
+    recipe = compose_recipe(names, setting, overrides)
     for term, weight in args.weight:
         if term not in recipe.distiller.weights:
             raise CliError(f"--weight: no term named {term!r} in recipe {','.join(names)} (terms: "
@@ -292,6 +292,7 @@ def run(args) -> dict:
     names = _recipe(args)
     if names is None:
         _cross_entropy_alone_options(args)
+    overrides = _overrides(names, args) if names else {}  # checked before any teacher is trained
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a: None)  # one voice under torchrun
     try:
         data = load_dataset(args.data, args.data_root, **sizes)
@@ -328,7 +329,8 @@ def run(args) -> dict:
     seed_everything(args.seed + 1)
     student = build_model(args.student, data.num_classes, data.in_channels)
     if names:
-        distiller, stages, train = _recipe_run(names, student, teacher, train, args, data, stage, common, say)
+        distiller, stages, train = _recipe_run(names, overrides, student, teacher, train, args, data, stage, common,
+                                               say)
     else:
         distiller = Distiller(student, None, {"ce": (CrossEntropy(), dict(args.weight).get("ce", 1.0))})
         stages = [stage(args.epochs, "student")]
