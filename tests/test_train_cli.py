@@ -29,6 +29,8 @@ def run_cli(capsys, *argv):
      "--method kd,fitnet: fitnet run alone"),
     (["--student", "cnn_tiny", "--teacher", "cnn_small", "--option", "nope=1"],
      "--option nope: no method of this run has it (options: kd: temperature, alpha)"),
+    (["--student", "cnn_tiny", "--teacher", "cnn_small", "--method", "adaptive", "--option", "adaptive=0"],
+     "--option adaptive: no method of this run has it (options: adaptive: temperature)"),
     (["--student", "cnn_tiny", "--option", "temperature=2"], "cross-entropy alone has no method options"),
     (["--student", "cnn_tiny", "--teacher", "cnn_small", "--option", "temperature"], "expected NAME=VALUE"),
     (["--student", "cnn_tiny", "--method", "fitnet"], "--method fitnet needs a --teacher"),
@@ -171,6 +173,14 @@ def test_segmentation_with_cross_entropy_alone(tmp_path):
     assert cli.main([*SHAPES_TINY, "--student", "segnet_small", "--method", "ce", "--out", str(tmp_path)]) == 0
     _shapes_run_checks(tmp_path, {"loss", "ce"})
     assert not (tmp_path / "teacher").exists()
+
+
+def test_list_options(capsys):
+    assert cli.main(["--student", "cnn_tiny", "--method", "kd,at", "--list-options"]) == 0
+    out = capsys.readouterr().out
+    assert "kd (Hinton" in out and "  alpha = 0.9: weight of the KD term" in out and "  beta = 1000.0:" in out
+    assert cli.main(["--student", "cnn_tiny", "--list-options"]) == 0
+    assert "logit_matching (Ba & Caruana" in capsys.readouterr().out
 
 
 def test_dispatch(capsys):

@@ -20,7 +20,6 @@ from kdfast.train.recipes import (
     Setting,
     build_recipe,
     compose_recipe,
-    method_options,
 )
 
 
@@ -202,7 +201,11 @@ def test_composed_recipes_share_one_student_teacher_and_stage():
         compose_recipe(["kd", "fitnet"], s)
 
 
-def test_method_options_are_the_registry_entries_keyword_arguments():
-    assert method_options("kd") == {"temperature": 4.0, "alpha": 0.9}
-    assert method_options("adaptive") == {"temperature": 1.0, "adaptive": True}
-    assert method_options("at") == {"p": 2.0, "beta": 1000.0}
+def test_registry_options_are_keyword_arguments_with_defaults_and_help():
+    assert registry.METHODS["kd"].defaults() == {"temperature": 4.0, "alpha": 0.9}
+    assert registry.METHODS["adaptive"].defaults() == {"temperature": 1.0}  # the variant's own flag is no option
+    assert registry.METHODS["at"].defaults() == {"p": 2.0, "beta": 1000.0}
+    for name, entry in registry.METHODS.items():
+        defaults = entry.defaults()  # a KeyError if an option is not a keyword argument of the factory
+        assert all(isinstance(v, (int, float)) for v in defaults.values()), name  # --option sets numbers
+        assert all(isinstance(h, str) and h for h in entry.options.values()), name

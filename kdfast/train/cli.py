@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from ..methods.registry import METHODS as REGISTRY
 from .checkpoint import CheckpointError, load_state_dict_file, save_checkpoint, state_dict_mismatch, write_json
 from .data import DATASETS, DENSE_DATASETS, LOCAL_DATASETS, few_labels, labelled_fraction, load_dataset
 from .distiller import Distiller
@@ -30,7 +31,6 @@ from .recipes import (
     Setting,
     compose_recipe,
     deployed,
-    method_options,
 )
 from .safe_pickle import PickleFileError
 from .schedules import Constant
@@ -120,8 +120,10 @@ def parser() -> argparse.ArgumentParser:
                    help="a term's weight, e.g. --weight at=1000 (a recipe's terms are named after its methods, plus "
                         "ce and kd where the recipe adds them)")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="NAME=VALUE",
-                   help="a loss option of the methods that have it (the keyword arguments of their registry "
-                        "entry, kdfast.train.recipes.method_options), e.g. --option temperature=2 --option beta=100")
+                   help="a loss option of the methods that have it (their registry entry's options; "
+                        "--list-options shows them with defaults and help), e.g. --option temperature=2")
+    p.add_argument("--list-options", action="store_true",
+                   help="print the options of the --method methods (all methods without --method) and exit")
     p.add_argument("--temperature", type=_positive(float), help="same as --option temperature=T")
     p.add_argument("--labels-per-class", type=_positive(int),
                    help="keep labels of only this many training images per class (the rest become an "
@@ -201,10 +203,10 @@ def _overrides(names, args) -> dict:
     if args.temperature is not None:
         given["temperature"] = args.temperature
     for key, value in given.items():
-        takers = [n for n in names if key in method_options(n)]
+        takers = [n for n in names if key in REGISTRY[n].options]
         if not takers:
             raise CliError(f"--option {key}: no method of this run has it (options: "
-                           f"{'; '.join(f'{n}: ' + (', '.join(method_options(n)) or 'none') for n in names)})")
+                           f"{'; '.join(f'{n}: ' + (', '.join(REGISTRY[n].options) or 'none') for n in names)})")
         for n in takers:
             overrides[n][key] = value
     return overrides
@@ -346,9 +348,22 @@ def run(args) -> dict:
     return metrics
 
 
+def list_options(method) -> str:
+    names = [m.strip() for m in method.split(",") if m.strip() in REGISTRY] if method else list(REGISTRY)
+    lines = []
+    for name in names:
+        entry = REGISTRY[name]
+        lines.append(f"{name} ({entry.source}):")
+        lines += [f"  {k} = {v!r}: {entry.options[k]}" for k, v in entry.defaults().items()] or ["  (no options)"]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    if args.list_options:
+        print(list_options(args.method))
+        return 0
     try:
         metrics = run(args)
     except CliError as e:

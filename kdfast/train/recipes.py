@@ -513,13 +513,6 @@ SMALL_DATA = {"at": {"beta": 10.0}, "pixelwise": {"weight": 1.0}, "defensive": {
 ALONE = ("fitnet", "ab", "defensive", "takd", *NEEDS_ENSEMBLE, *TEACHER_FREE)
 
 
-def method_options(name: str) -> dict:
-    """{option: default} of registry method `name`: the keyword arguments of its loss (the registry entry's
-    fields), which build_recipe's overrides set."""
-    signature = inspect.signature(registry.METHODS[name].factory)
-    return {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
-
-
 def compose_recipe(names, setting: Setting, overrides=None) -> Recipe:
     """One recipe of several registry methods: the terms of each method's recipe on one student and teacher, in
     one stage (a term two recipes share, such as the feature methods' KD, is taken once). overrides: {name:
