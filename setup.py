@@ -1,7 +1,8 @@
 """Builds kdfast and its extension kdfast._C.
 
 CPU kernels are always built. CUDA kernels are built when torch has CUDA and nvcc is found; KDFAST_CUDA=0/1
-forces them off/on. Build against the installed torch: pip install --no-build-isolation .
+forces them off/on. Build against the installed torch: pip install --no-build-isolation . (the losses alone);
+".[train]" adds the trainer's packages, ".[test]" the test tools too.
 """
 import glob
 import os
@@ -17,6 +18,20 @@ def want_cuda() -> bool:
     import torch
 
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def requirements(name: str) -> list:
+    """The packages listed in a requirements file of this folder, following its `-r other.txt` lines."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    packages = []
+    with open(os.path.join(folder, name)) as fh:
+        for line in fh:
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("-r "):
+                packages += requirements(line[3:].strip())
+            elif line:
+                packages.append(line)
+    return packages
 
 
 def extension():
@@ -44,7 +59,8 @@ setup(
     description="Fast fused knowledge-distillation losses for PyTorch (CPU and CUDA kernels)",
     packages=find_packages(include=["kdfast", "kdfast.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4"],  # the losses need nothing else
+    extras_require={"train": requirements("requirements-train.txt"), "test": requirements("requirements-dev.txt")},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

@@ -1,6 +1,7 @@
 """`python -m kdfast COMMAND ...`: train (the trainer's CLI), demo (kdfast's main job), compare (every method
 against cross-entropy). The benchmarks run with `make bench` (benchmarks/)."""
 import importlib
+import importlib.util
 import sys
 
 COMMANDS = {
@@ -8,6 +9,15 @@ COMMANDS = {
     "demo": ("kdfast.train.demo", "kdfast's main job: distillation on digits, table and chart"),
     "compare": ("kdfast.train.compare", "every distillation method against cross-entropy alone (digits, shapes)"),
 }
+
+
+# The modules of the kdfast[train] extra (requirements-train.txt) that every command needs; the losses alone need
+# torch only, so a plain `pip install kdfast` lacks them.
+TRAIN_MODULES = {"numpy": "numpy", "tqdm": "tqdm", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+
+
+def missing_train_packages() -> list:
+    return [package for module, package in TRAIN_MODULES.items() if importlib.util.find_spec(module) is None]
 
 
 def main(argv=None) -> int:
@@ -19,6 +29,11 @@ def main(argv=None) -> int:
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0 if argv else 2
+    missing = missing_train_packages()
+    if missing:
+        print(f"python -m kdfast {argv[0]} needs the trainer's packages (missing: {', '.join(missing)}): "
+              f"pip install \"kdfast[train]\" (from a checkout: pip install \".[train]\")", file=sys.stderr)
+        return 1
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:])
 

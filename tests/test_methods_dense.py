@@ -7,39 +7,52 @@ from methods_helpers import assert_falls, has_grad, no_grad, run_steps, zero_gra
 
 import kdfast
 from kdfast import methods
+from kdfast.train.data import ShapesDataset, make_shapes
+from kdfast.train.metrics import mean_iou
+from kdfast.train.models import SegNet
 
-images, labels = methods.make_shapes(4, 16, seed=0)
+images, labels = make_shapes(4, 16, seed=0)
+
+
+def test_shapes_names_moved_with_a_deprecation_alias():
+    with pytest.warns(DeprecationWarning, match="kdfast.train.data.make_shapes"):
+        assert methods.make_shapes is make_shapes
+    with pytest.warns(DeprecationWarning, match="kdfast.train.metrics.mean_iou"):
+        from kdfast.methods import mean_iou as old
+    assert old is mean_iou
+    with pytest.raises(AttributeError):
+        methods.no_such_name  # noqa: B018
 
 
 def test_shapes_are_deterministic_by_seed_and_labelled():
-    a, la = methods.make_shapes(6, 16, seed=5)
-    b, lb = methods.make_shapes(6, 16, seed=5)
-    c, _ = methods.make_shapes(6, 16, seed=6)
+    a, la = make_shapes(6, 16, seed=5)
+    b, lb = make_shapes(6, 16, seed=5)
+    c, _ = make_shapes(6, 16, seed=6)
     assert torch.equal(a, b) and torch.equal(la, lb) and not torch.equal(a, c)
     assert a.shape == (6, 3, 16, 16) and la.shape == (6, 16, 16) and la.dtype == torch.int64
     assert 0 <= float(a.min()) and float(a.max()) <= 1
-    big = methods.make_shapes(40, 24, seed=0)[1]
+    big = make_shapes(40, 24, seed=0)[1]
     assert set(big.unique().tolist()) == {0, 1, 2, 3}
     # A labelled pixel has the colour of its shape: it differs from the dark, noisy background.
     assert float(a.mean(1)[la > 0].mean()) > float(a.mean(1)[la == 0].mean()) + 0.2
-    ds = methods.ShapesDataset(3, 16, seed=1)
+    ds = ShapesDataset(3, 16, seed=1)
     assert len(ds) == 3 and ds[0][0].shape == (3, 16, 16) and ds.num_classes == 4
 
 
 def test_segnets_give_full_resolution_scores_and_half_resolution_features():
-    logits, feats = methods.shapes_teacher()(images, return_features=True)
+    logits, feats = SegNet(width=32)(images, return_features=True)
     assert logits.shape == (4, 4, 16, 16) and feats.shape == (4, 64, 8, 8)
-    assert methods.shapes_student()(images).shape == (4, 4, 16, 16)
+    assert SegNet(width=8)(images).shape == (4, 4, 16, 16)
 
 
 def test_mean_iou():
     target = torch.tensor([[0, 0, 1, 1]])
-    assert methods.mean_iou(target.clone(), target, 4) == 1.0
+    assert mean_iou(target.clone(), target, 4) == 1.0
     pred = torch.tensor([[0, 1, 1, 1]])  # class 0: 1/2, class 1: 2/3
-    assert methods.mean_iou(pred, target, 4) == pytest.approx((0.5 + 2 / 3) / 2)
+    assert mean_iou(pred, target, 4) == pytest.approx((0.5 + 2 / 3) / 2)
     logits = F.one_hot(pred, 4).permute(0, 2, 1).float()
-    assert methods.mean_iou(logits, target, 4) == pytest.approx((0.5 + 2 / 3) / 2)
-    assert methods.mean_iou(pred, torch.tensor([[0, -100, 1, 1]]), 4) == 1.0  # the one wrong pixel is ignored
+    assert mean_iou(logits, target, 4) == pytest.approx((0.5 + 2 / 3) / 2)
+    assert mean_iou(pred, torch.tensor([[0, -100, 1, 1]]), 4) == 1.0  # the one wrong pixel is ignored
 
 
 def test_pixelwise_is_weighted_per_pixel_kl():
@@ -50,7 +63,7 @@ def test_pixelwise_is_weighted_per_pixel_kl():
 
 @pytest.mark.parametrize("name", ["pixelwise", "pairwise"])
 def test_dense_method_trains_student_only(name):
-    student, teacher = methods.SegNet(width=4), methods.SegNet(width=8)
+    student, teacher = SegNet(width=4), SegNet(width=8)
     loss_fn = methods.build(name)
 
     def loss():
@@ -69,7 +82,7 @@ def test_pairwise_pools_half_size_patches():
 
 
 def test_holistic_discriminator_and_student_each_update_by_their_own_loss():
-    student, teacher = methods.SegNet(width=4), methods.SegNet(width=8)
+    student, teacher = SegNet(width=4), SegNet(width=8)
     critic = methods.ScoreMapDiscriminator(4, width=8)
     holistic = methods.build("holistic", discriminator=critic)
     g = torch.Generator().manual_seed(0)

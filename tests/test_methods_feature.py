@@ -51,14 +51,14 @@ def test_at_value_is_beta_times_mean_squared_map_difference():
     tp = F.adaptive_avg_pool2d(t, (4, 4))  # the larger map is pooled to the smaller
     ms = F.normalize(s.pow(2).mean(1).flatten(1), dim=1)
     mt = F.normalize(tp.pow(2).mean(1).flatten(1), dim=1)
-    torch.testing.assert_close(methods.AttentionTransfer()([s], [t]), 1000 * (ms - mt).pow(2).mean())
+    torch.testing.assert_close(methods.AttentionTransferKD()([s], [t]), 1000 * (ms - mt).pow(2).mean())
 
 
 def test_sp_value():
     s, t = torch.randn(5, 3, 2, 2, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
     gs = F.normalize(s.flatten(1) @ s.flatten(1).T, dim=1)
     gt = F.normalize(t @ t.T, dim=1)
-    torch.testing.assert_close(methods.SimilarityPreserving()(s, t), 3000 * (gs - gt).square().sum() / 25)
+    torch.testing.assert_close(methods.SimilarityPreservingKD()(s, t), 3000 * (gs - gt).square().sum() / 25)
 
 
 def test_rkd_value_against_loops():

@@ -10,24 +10,21 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast.methods import make_shapes
+import kdfast.train
 from kdfast.train import (
     KD,
     UNLABELLED,
-    AttentionTransfer,
     Constant,
     Cosine,
     CrossEntropy,
     Distiller,
     Features,
+    FeatureTerm,
     Hint,
-    KDLoss,
     Linear,
     Loader,
-    ManifoldDistillation,
-    MissingOpError,
+    LogitTerm,
     MutualLearning,
-    PairwiseAffinity,
     Split,
     Stage,
     StageWise,
@@ -38,7 +35,7 @@ from kdfast.train import (
     seed_everything,
 )
 from kdfast.train import checkpoint as ckpt
-from kdfast.train.data import labelled_fraction, load_shapes, random_crop_flip
+from kdfast.train.data import labelled_fraction, load_shapes, make_shapes, random_crop_flip
 from kdfast.train.models import MODELS, SmallCNN
 from kdfast.train.schedules import lr_schedule
 
@@ -105,68 +102,59 @@ def test_cross_entropy_ignores_unlabelled_and_is_zero_without_labels():
     assert none.item() == 0.0 and torch.count_nonzero(s.grad) == 0
 
 
-def test_kd_terms_are_kdfast_ops():
+def test_kd_terms_are_kdfast_modules():
     s, t, f, y = batch()
     torch.testing.assert_close(KD(3.0)(s, t, f, y), kdfast.kd_div(s, t, 3.0))
+    assert isinstance(KD().loss, kdfast.KDDiv)
     y[0] = UNLABELLED
-    torch.testing.assert_close(KDLoss(2.0, 0.7)(s, t, f, y), kdfast.kd_loss(s, t, y, 2.0, 0.7))
+    term = LogitTerm(kdfast.KDLoss(2.0, 0.7), targets=True)
+    torch.testing.assert_close(term(s, t, f, y), kdfast.kd_loss(s, t, y, 2.0, 0.7))
 
 
-FEATURE_TERMS = [
-    ("attention_transfer_loss", lambda: AttentionTransfer(("stage1", ("stage2", "stage2")), p=2.0, pool="mean"),
-     lambda s, t: ((s, t, 2.0), {"pool": "mean"})),
-    ("manifold_distillation_loss", lambda: ManifoldDistillation(("stage1", "stage2"), rank=3, weights=[2.0, 1.0]),
-     lambda s, t: ((s, t, 3), {"weights": [2.0, 1.0]})),
+FEATURE_TERMS = [  # (term, the same value from the op directly)
+    (lambda: FeatureTerm(kdfast.AttentionTransfer(2.0, pool="mean"), ("stage1", ("stage2", "stage2"))),
+     lambda s, t: kdfast.attention_transfer_loss(s, t, 2.0, pool="mean")),
+    (lambda: FeatureTerm(kdfast.ManifoldDistillation(3, weights=[2.0, 1.0]), ("stage1", "stage2")),
+     lambda s, t: kdfast.manifold_distillation_loss(s, t, 3, weights=[2.0, 1.0])),
+    (lambda: FeatureTerm(kdfast.PairwiseAffinity(pool_size=2), ("stage2", "stage3"), per_pair=True),
+     lambda s, t: sum(kdfast.pairwise_affinity_loss(a, b, pool_size=2) for a, b in zip(s, t))),
+    (lambda: FeatureTerm(kdfast.SimilarityPreserving(), ("stage3",), per_pair=True),
+     lambda s, t: kdfast.similarity_preserving_loss(s[0], t[0])),
 ]
 
 
-@pytest.mark.parametrize("op,make,expected", FEATURE_TERMS, ids=[t[0] for t in FEATURE_TERMS])
-def test_feature_terms_call_their_op_at_call_time(monkeypatch, op, make, expected):
-    calls = []
-    monkeypatch.setattr(kdfast, op, lambda *a, **k: calls.append((a, k)) or torch.tensor(1.5), raising=False)
-    term = make()
-    s, t, f, y = batch()
-    assert term(s, t, f, y).item() == 1.5
-    (args, kwargs), = calls
-    names = [p[0] for p in term.pairs]
-    exp_args, exp_kwargs = expected([f.student[n] for n in names], [f.teacher[n] for n in names])
-    assert len(args) == len(exp_args) and kwargs == exp_kwargs
-    for a, e in zip(args, exp_args):
-        assert (a == e) if not isinstance(e, list) else all(x is z for x, z in zip(a, e))
-    monkeypatch.delattr(kdfast, op)
-    with pytest.raises(MissingOpError, match=f"kdfast.{op}"):
-        term(s, t, f, y)
-
-
-def test_pairwise_affinity_term_sums_over_pairs(monkeypatch):
-    seen = []
-    monkeypatch.setattr(kdfast, "pairwise_affinity_loss",
-                        lambda s, t, **k: seen.append((s.shape, t.shape, k)) or s.new_tensor(float(len(seen))),
-                        raising=False)
-    s, t, f, y = batch()
-    value = PairwiseAffinity(("stage2", "stage3"), pool_size=2)(s, t, f, y)
-    assert value.item() == 3.0 and seen[0][:2] == (f.student["stage2"].shape, f.teacher["stage2"].shape)
-    assert seen[1][2] == {"pool_size": 2, "pool": "max"}
-
-
-@pytest.mark.parametrize("op,make", [(o, m) for o, m, _ in FEATURE_TERMS] +
-                         [("pairwise_affinity_loss", lambda: PairwiseAffinity(("stage2",)))])
-def test_feature_terms_with_the_real_op(op, make):
-    if not hasattr(kdfast, op):
-        pytest.skip(f"kdfast.{op} has not landed in this kdfast")
+@pytest.mark.parametrize("make,expected", FEATURE_TERMS, ids=["at", "manifold", "pairwise", "sp"])
+def test_feature_terms_are_the_ops_on_named_layers(make, expected):
     s, t, f, y = batch()
     term = make()
     value = term(s, t, f, y)
+    names = [p[0] for p in term.pairs]
+    torch.testing.assert_close(value, expected([f.student[n] for n in names], [f.teacher[n] for n in names]))
     assert value.ndim == 0 and torch.isfinite(value)
     value.backward()
-    assert all(f.student[n].grad is not None for n, _ in term.pairs)
+    assert all(f.student[n].grad is not None for n in names)
+
+
+def test_deprecated_trainer_copies_build_terms_around_the_op_modules():
+    s, t, f, y = batch()
+    cases = [("AttentionTransfer", (("stage1", "stage2"),), kdfast.AttentionTransfer),
+             ("PairwiseAffinity", (("stage2",),), kdfast.PairwiseAffinity),
+             ("ManifoldDistillation", (("stage1",), 3), kdfast.ManifoldDistillation),
+             ("KDLoss", (2.0, 0.7), kdfast.KDLoss)]
+    for name, args, op_class in cases:
+        with pytest.warns(DeprecationWarning, match=f"kdfast.train.{name} is deprecated"):
+            term = getattr(kdfast.train, name)(*args)
+        assert type(term.loss) is op_class
+        assert torch.isfinite(term(s, t, f, y))
+    with pytest.raises(AttributeError):
+        kdfast.train.NoSuchTerm  # noqa: B018
 
 
 def test_layer_pair_errors():
     with pytest.raises(ValueError, match="at least one"):
-        AttentionTransfer(())
+        FeatureTerm(kdfast.AttentionTransfer(), ())
     with pytest.raises(ValueError, match="pairs"):
-        AttentionTransfer([("a", "b", "c")])
+        FeatureTerm(kdfast.AttentionTransfer(), [("a", "b", "c")])
 
 
 def test_hint_and_mutual_learning_gradients():
@@ -204,7 +192,7 @@ def test_taps_by_returned_feature_and_by_module_path():
     with pytest.raises(ValueError, match="no feature or module named 'nope'"):
         Distiller(student, teacher, {"probe": probe}, student_taps=["nope"])
     with pytest.raises(ValueError, match="no teacher"):
-        Distiller(student, None, {"at": AttentionTransfer()})
+        Distiller(student, None, {"at": FeatureTerm(kdfast.AttentionTransfer(), ("stage1",))})
 
 
 def test_teacher_is_frozen_and_stays_in_eval_mode():
@@ -386,7 +374,7 @@ def _strip_times(history):
     return [{k: v for k, v in h.items() if k != "time_s"} for h in history]
 
 
-@pytest.mark.parametrize("interrupt_at", [1, 3])
+@pytest.mark.parametrize("interrupt_at", [1, 2, 3])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, interrupt_at):
     straight, h_straight = _resume_run(tmp_path / "straight", None, seed=0)
     _resume_run(tmp_path / "resumed", interrupt_at, seed=0)
@@ -411,9 +399,9 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ckpt.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
-    assert ckpt.load_checkpoint(path) == {"step": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert ckpt.load_tensors(path) == {"step": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
     ckpt.save_checkpoint({"step": 3}, path)
-    assert ckpt.load_checkpoint(path) == {"step": 3}
+    assert ckpt.load_tensors(path) == {"step": 3}
 
 
 def test_resume_refuses_another_seed(tmp_path):

@@ -6,11 +6,21 @@ import math
 import pytest
 import torch
 
-from kdfast.methods import SegNet, registry
-from kdfast.methods.shapes import make_shapes
+import kdfast
+from kdfast.methods import registry
 from kdfast.train import UNLABELLED, Distiller, Split, Stage, Trainer, seed_everything
-from kdfast.train.models import SmallCNN
-from kdfast.train.recipes import DENSE, RECIPES, Ensemble, MultiExit, Peers, Setting, build_recipe
+from kdfast.train.data import make_shapes
+from kdfast.train.models import SegNet, SmallCNN
+from kdfast.train.recipes import (
+    DENSE,
+    RECIPES,
+    Ensemble,
+    MultiExit,
+    Peers,
+    Setting,
+    build_recipe,
+    compose_recipe,
+)
 
 
 def digits_split(n=64, seed=0, unlabelled=32):
@@ -35,11 +45,13 @@ def setting(name, epochs=3):
     dense = name in DENSE
     seed_everything(0)
     if dense:
-        student = lambda: SegNet(width=4)
+        def student():
+            return SegNet(width=4)
         teachers = [SegNet(width=8)]
         split = shapes_split()
     else:
-        student = lambda: SmallCNN((4, 8, 8), num_classes=4)
+        def student():
+            return SmallCNN((4, 8, 8), num_classes=4)
         teachers = [SmallCNN((8, 8, 16), num_classes=4) for _ in range(2)]
         split = digits_split()
     labelled = split if dense else split.relabel(torch.arange(len(split)) % 4)
@@ -81,7 +93,7 @@ def test_recipe_trains_what_the_method_says(name):
     moved = changed(student, d.student)
     assert moved, "the student did not train"
     if isinstance(d.student, (Peers,)):
-        for i, net in enumerate(d.student.networks):
+        for i, _net in enumerate(d.student.networks):
             assert any(n.startswith(f"networks.{i}.") for n in moved), f"network {i} did not train"
     if isinstance(d.student, MultiExit):
         assert any(n.startswith("heads.") for n in moved) and any(n.startswith("network.") for n in moved)
@@ -173,3 +185,27 @@ def test_adversarial_recipe_resumes_to_the_same_weights(tmp_path):
 
     whole, resumed = run(tmp_path / "a"), run(tmp_path / "b", stop_after=1)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_composed_recipes_share_one_student_teacher_and_stage():
+    s = setting("kd", epochs=2)
+    recipe = compose_recipe(["kd", "at", "sp"], s, {"at": {"beta": 5.0}})
+    d = recipe.distiller
+    assert d.term_names == ["kd", "at", "sp"] and d.teacher is s.teachers[0] and len(recipe.stages) == 1
+    assert d.term("at").loss.beta == 5.0 and isinstance(d.term("at").loss, kdfast.AttentionTransfer)
+    assert isinstance(d.term("kd").loss, registry.METHODS["kd"].factory)  # the kd recipe's own term, taken once
+    history = Trainer(d, recipe.train, recipe.stages, progress=False, batch_size=16).fit()
+    assert set(history[-1]["train"]) == {"loss", "kd", "at", "sp"}
+    assert compose_recipe(["at"], s).distiller.term_names == build_recipe("at", s).distiller.term_names
+    with pytest.raises(ValueError, match="fitnet run alone"):
+        compose_recipe(["kd", "fitnet"], s)
+
+
+def test_registry_options_are_keyword_arguments_with_defaults_and_help():
+    assert registry.METHODS["kd"].defaults() == {"temperature": 4.0, "alpha": 0.9}
+    assert registry.METHODS["adaptive"].defaults() == {"temperature": 1.0}  # the variant's own flag is no option
+    assert registry.METHODS["at"].defaults() == {"p": 2.0, "beta": 1000.0}
+    for name, entry in registry.METHODS.items():
+        defaults = entry.defaults()  # a KeyError if an option is not a keyword argument of the factory
+        assert all(isinstance(v, (int, float)) for v in defaults.values()), name  # --option sets numbers
+        assert all(isinstance(h, str) and h for h in entry.options.values()), name

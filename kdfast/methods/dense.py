@@ -26,7 +26,7 @@ class PixelwiseKD(nn.Module):
 class PairwiseKD(nn.Module):
     """Liu et al. 2019, pair-wise: weight * mean over the batch of sum_ij (a^s_ij - a^t_ij)^2 / n^2, a = cosine
     similarity of nodes, nodes = max-pooled patches of side pool_scale * size (ceil mode; scale 0.5 as the
-    authors' code), via kdfast.pairwise_affinity_loss; weight=1 (METHODS.md gives none: kdfast's default)."""
+    authors' code), via kdfast.pairwise_affinity_loss; weight=1 (the paper gives none: kdfast's default)."""
 
     def __init__(self, pool_scale: float = 0.5, weight: float = 1.0):
         super().__init__()

@@ -46,25 +46,26 @@ class FitNetHint(nn.Module):
         return F.mse_loss(self.regressor(student_features, t.shape[2:]), t)
 
 
-class AttentionTransfer(nn.Module):
+class AttentionTransferKD(kdfast.AttentionTransfer):
     """Zagoruyko & Komodakis 2017, activation-based AT: beta * sum over layer pairs of mean (map_s - map_t)^2,
-    map = L2-normalised mean_c |A_c|^p; p=2, beta=1000 (RepDistiller), via kdfast.attention_transfer_loss."""
+    map = L2-normalised mean_c |A_c|^p; p=2, beta=1000 (RepDistiller): kdfast.AttentionTransfer (one tensor or
+    sequences of layer pairs) with the paper's weight and the teacher's side detached."""
 
     def __init__(self, p: float = 2.0, beta: float = 1000.0):
-        super().__init__()
-        self.p, self.beta = p, beta
+        super().__init__(p)
+        self.beta = beta
 
     def forward(self, student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]):
         if isinstance(student_features, torch.Tensor):
             student_features, teacher_features = [student_features], [teacher_features]
         teachers = [t.detach() for t in teacher_features]
-        return self.beta * kdfast.attention_transfer_loss(list(student_features), teachers, self.p)
+        return self.beta * super().forward(list(student_features), teachers)
 
 
 class GradientAttentionTransfer(nn.Module):
     """Zagoruyko & Komodakis 2017, gradient-based AT: CE(student) + beta/2 ||J_s - J_t||_2 with J = d CE / d input
-    of each network (the student's through a double backward, the teacher's a fixed target). beta=1: METHODS.md and
-    the paper give no value for this variant; measured on digits (cnn_small -> cnn_tiny, 20 epochs, 3 seeds) beta
+    of each network (the student's through a double backward, the teacher's a fixed target). beta=1: the paper
+    gives no value for this variant; measured on digits (cnn_small -> cnn_tiny, 20 epochs, 3 seeds) beta
     1 / 10 / 100 / 1000 give 97.8 / 96.3 / 76.7 / 35.7% accuracy (from 1000, activation AT's weight, the
     input-gradient term swamps cross-entropy).
     Called with the networks: forward(student, teacher, inputs, target) -> (loss, student_logits)."""
@@ -107,16 +108,17 @@ class ActivationBoundaries(nn.Module):
         return total
 
 
-class SimilarityPreserving(nn.Module):
+class SimilarityPreservingKD(kdfast.SimilarityPreserving):
     """Tung & Mori 2019 (SP): gamma ||G_s - G_t||_F^2 / B^2 with G the row-normalised batch Gram matrix of the last
-    stage's features; gamma=3000 (RepDistiller), via kdfast.similarity_preserving_loss."""
+    stage's features; gamma=3000 (RepDistiller): kdfast.SimilarityPreserving with the paper's weight and the
+    teacher's side detached."""
 
     def __init__(self, gamma: float = 3000.0):
         super().__init__()
         self.gamma = gamma
 
     def forward(self, student_features, teacher_features):
-        return self.gamma * kdfast.similarity_preserving_loss(student_features, teacher_features.detach())
+        return self.gamma * super().forward(student_features, teacher_features.detach())
 
 
 def _pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

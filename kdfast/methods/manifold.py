@@ -1,5 +1,5 @@
 """Neuron manifold distillation (Tao, Xia & Li 2021; cloud version 2022). No public code exists: the formulation
-below is kdfast's, documented in METHODS.md."""
+below is kdfast's (NeuronManifoldKD), built on kdfast.manifold_distillation_loss (README: the manifold section)."""
 from __future__ import annotations
 
 from typing import Sequence

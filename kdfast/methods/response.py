@@ -39,7 +39,7 @@ class LogitMatching(nn.Module):
 
 class NoisyTeacherKD(nn.Module):
     """Sau & Balasubramanian 2016: KD (T, alpha as Hinton) from teacher logits perturbed by additive Gaussian noise
-    N(0, noise_std^2) drawn afresh each call (METHODS.md; kdfast default noise_std=0.1). Pass a torch.Generator to
+    N(0, noise_std^2) drawn afresh each call (kdfast's default noise_std=0.1). Pass a torch.Generator to
     make the noise reproducible."""
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, noise_std: float = 0.1,

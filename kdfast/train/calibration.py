@@ -24,7 +24,6 @@ def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, n_bi
     correct = (pred == targets).double()
     # Bin b holds confidences in (b/n, (b+1)/n]; a confidence of exactly 0 cannot occur (it is >= 1/classes).
     bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
     acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     cf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
     return float((acc - cf).abs().sum() / len(targets))

@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from ..methods import mean_iou, registry
+from ..methods import registry
 from .data import UNLABELLED, few_labels, labelled_fraction, load_digits, load_shapes
 from .distiller import Distiller
+from .metrics import mean_iou
 from .models import build_model
 from .recipes import DENSE, NEEDS_ENSEMBLE, SMALL_DATA, TEACHER_FREE, Setting, build_recipe, labelled_examples
 from .trainer import Stage, Trainer, seed_everything
@@ -112,9 +113,9 @@ def compare(args, log=print) -> list:
         started = time.perf_counter()
         teacher = task.ensure_teachers(1)[0]
         t_score = task.score(_EvalOnly(teacher, task))
+        labelled = int((task.train.targets != UNLABELLED).reshape(len(task.train), -1).any(1).sum())
         log(f"{task_name}: teacher {t_score:.3f} {task.metric} ({time.perf_counter() - started:.1f} s); "
-            f"{int((task.train.targets != UNLABELLED).flatten(1).any(1).sum()) if task_name == 'shapes' else int((task.train.targets != UNLABELLED).sum())} "
-            f"labelled of {len(task.train)} training examples")
+            f"{labelled} labelled of {len(task.train)} training examples")
         bases = {}
         extra = [LABELLED_BASELINE] if any(m in TEACHER_FREE for m in names) else []
         for method in [BASELINE] + extra + names:
@@ -159,8 +160,10 @@ def table(rows) -> str:
                        f"{r['train_s']:.1f} s"]
                       for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    line = lambda c: "| " + " | ".join(x.ljust(w) if i < 4 else x.rjust(w)
-                                       for i, (x, w) in enumerate(zip(c, widths))) + " |"
+    def line(c):
+        return "| " + " | ".join(x.ljust(w) if i < 4 else x.rjust(w)
+                                 for i, (x, w) in enumerate(zip(c, widths))) + " |"
+
     rule = "|" + "|".join("-" * (w + 2) if i < 4 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
     return "\n".join([line(cells[0]), rule] + [line(c) for c in cells[1:]])
 

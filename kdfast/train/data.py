@@ -5,14 +5,52 @@ does not need torchvision)."""
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..methods.shapes import SHAPE_CLASSES, make_shapes
+from .safe_pickle import PickleFileError, load_data_pickle
+
+SHAPE_CLASSES = ("background", "circle", "square", "triangle")
+
+
+def make_shapes(n: int, size: int = 32, *, seed: int = 0, max_shapes: int = 3):
+    """(images (n, 3, size, size) float32 in [0, 1], labels (n, size, size) int64). Colours are drawn
+    independently of the class, so a network must recognise the shape, not its colour; later shapes occlude
+    earlier ones."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    images = 0.1 * torch.rand(n, 3, size, size, generator=g) + 0.2 * torch.rand(n, 3, 1, 1, generator=g)
+    labels = torch.zeros(n, size, size, dtype=torch.int64)
+    for i in range(n):
+        for _ in range(int(torch.randint(1, max_shapes + 1, (), generator=g))):
+            cls = int(torch.randint(1, 4, (), generator=g))
+            r = size * (0.1 + 0.15 * float(torch.rand((), generator=g)))
+            cy, cx = (r + (size - 2 * r) * torch.rand(2, generator=g)).tolist()
+            dy, dx = ys - cy, xs - cx
+            if cls == 1:
+                mask = dy.square() + dx.square() <= r * r
+            elif cls == 2:
+                mask = (dy.abs() <= r * 0.8) & (dx.abs() <= r * 0.8)
+            else:  # upward triangle with apex at (cy - r, cx) and base on y = cy + r / 2
+                mask = (dy <= r / 2) & (dx.abs() <= (dy + r) / 1.5 * 0.866)
+            colour = 0.4 + 0.6 * torch.rand(3, 1, generator=g)
+            images[i][:, mask] = colour.expand(3, int(mask.sum()))
+            labels[i][mask] = cls
+    return images.clamp(0, 1), labels
+
+
+class ShapesDataset(torch.utils.data.TensorDataset):
+    """make_shapes as a Dataset of (image, label map) pairs."""
+
+    num_classes = len(SHAPE_CLASSES)
+
+    def __init__(self, n: int, size: int = 32, *, seed: int = 0, max_shapes: int = 3):
+        super().__init__(*make_shapes(n, size, seed=seed, max_shapes=max_shapes))
+
 
 DATASETS = ("digits", "cifar10", "cifar100", "shapes")
 DENSE_DATASETS = ("shapes",)  # per-pixel targets (B, H, W): segmentation
@@ -107,7 +145,7 @@ def _keep_labels(split: Split, keep: torch.Tensor) -> Split:
 
 
 def load_shapes(train: int = 512, test: int = 128, size: int = 24, seed: int = 0) -> Dataset:
-    """kdfast.methods.make_shapes as a segmentation data set: `train` + `test` images of size x size pixels drawn
+    """make_shapes as a segmentation data set: `train` + `test` images of size x size pixels drawn
     from one seed, the first `train` for training (the same split on every machine for a given seed)."""
     x, y = make_shapes(train + test, size, seed=seed)
     return Dataset("shapes", Split(x[:train], y[:train]), Split(x[train:], y[train:]), len(SHAPE_CLASSES), "none")
@@ -150,14 +188,31 @@ def load_cifar(name: str, root) -> Dataset:
     def read(files):
         data, labels = [], []
         for f in files:
-            with open(os.path.join(base, f), "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
-            data.append(np.asarray(batch[b"data"], dtype=np.uint8))
-            labels.extend(batch[label_key])
-        x = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32)
-        return Split(x, torch.tensor(labels, dtype=torch.long), _CIFAR_MEAN[name], _CIFAR_STD[name])
+            x, y = _cifar_batch(os.path.join(base, f), label_key, classes)
+            data.append(x)
+            labels.append(y)
+        return Split(torch.cat(data), torch.cat(labels), _CIFAR_MEAN[name], _CIFAR_STD[name])
 
     return Dataset(name, read(train_files), read(test_files), classes, "crop_flip")
+
+
+def _cifar_batch(path: str, label_key: bytes, classes: int):
+    """(images (N, 3, 32, 32) uint8, labels (N,) int64) of one CIFAR batch file, read without running code;
+    PickleFileError naming the file when it is not a batch of this layout."""
+    batch = load_data_pickle(path)
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        keys = ", ".join(map(repr, list(batch)[:6])) if isinstance(batch, dict) else type(batch).__name__
+        raise PickleFileError(f"{path}: not a CIFAR batch of this layout (expected a dict with b'data' and "
+                              f"{label_key!r}; found {keys})")
+    data, labels = batch[b"data"], batch[label_key]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise PickleFileError(f"{path}: b'data' must be an N x 3072 uint8 array, found a {what}")
+    if not (isinstance(labels, (list, tuple, np.ndarray)) and len(labels) == len(data)
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < classes
+                    for v in labels)):
+        raise PickleFileError(f"{path}: {label_key!r} must hold {len(data)} class indices in [0, {classes})")
+    return torch.from_numpy(data.copy()).view(-1, 3, 32, 32), torch.tensor([int(v) for v in labels])
 
 
 def load_dataset(name: str, root=None, **sizes) -> Dataset:

@@ -15,37 +15,29 @@ import time
 
 import torch
 
+import kdfast
+
 from .data import UNLABELLED, few_labels, load_digits, stratified_split
 from .distiller import Distiller
 from .models import build_model
-from .terms import KD, AttentionTransfer, CrossEntropy, ManifoldDistillation, PairwiseAffinity, kdfast_op
+from .terms import KD, STAGES, CrossEntropy, FeatureTerm
 from .trainer import Stage, Trainer, seed_everything
-
-STAGES = ("stage1", "stage2", "stage3")
 
 
 def _methods():
-    """(label, terms, kdfast op it needs or None). Feature methods add to KD, as in their papers."""
+    """(label, terms). Feature methods add to KD, as in their papers; each loss is kdfast's own module."""
     kd = {"ce": CrossEntropy(), "kd": KD(4.0)}
     return [
-        ("CE (labels only)", {"ce": CrossEntropy()}, None),
-        ("KD", dict(kd), "kd_div"),
+        ("CE (labels only)", {"ce": CrossEntropy()}),
+        ("KD", dict(kd)),
         # The paper's weight 1000 is for CIFAR maps of 32x32 .. 8x8 positions; the loss is a mean over positions,
         # about 16 times larger on these 8x8 .. 2x2 maps, so 100 plays its part here (1000 swamps KD).
-        ("KD + attention transfer", {**kd, "at": (AttentionTransfer(STAGES), 100.0)}, "attention_transfer_loss"),
-        ("KD + pairwise affinity", {**kd, "pa": (PairwiseAffinity(("stage2", "stage3")), 10.0)},
-         "pairwise_affinity_loss"),
-        ("KD + manifold", {**kd, "md": (ManifoldDistillation(STAGES, rank=4, weights=[4.0, 2.0, 1.0]), 1.0)},
-         "manifold_distillation_loss"),
+        ("KD + attention transfer", {**kd, "at": (FeatureTerm(kdfast.AttentionTransfer(), STAGES), 100.0)}),
+        ("KD + pairwise affinity", {**kd, "pa": (FeatureTerm(kdfast.PairwiseAffinity(), ("stage2", "stage3"),
+                                                             per_pair=True), 10.0)}),
+        ("KD + manifold", {**kd, "md": (FeatureTerm(kdfast.ManifoldDistillation(4, weights=[4.0, 2.0, 1.0]),
+                                                    STAGES), 1.0)}),
     ]
-
-
-def _available(op) -> bool:
-    try:
-        kdfast_op(op, op)
-        return True
-    except RuntimeError:
-        return False
 
 
 def run(out_dir="demo-out", seed=0, epochs=30, teacher_epochs=20, per_class=5, teacher="cnn_large",
@@ -54,7 +46,8 @@ def run(out_dir="demo-out", seed=0, epochs=30, teacher_epochs=20, per_class=5, t
     holdout, train = stratified_split(data.train, 10, seed)          # for temperature scaling only
     transfer = few_labels(train, per_class, seed + 1)
     common = dict(batch_size=64, augment="shift", seed=seed, progress=progress, holdout=holdout)
-    log(f"digits: {len(train)} training images ({int((transfer.targets != UNLABELLED).sum())} labelled for the students), "
+    labelled = int((transfer.targets != UNLABELLED).sum())
+    log(f"digits: {len(train)} training images ({labelled} labelled for the students), "
         f"{len(holdout)} held out for calibration, {len(data.test)} test")
 
     rows = []
@@ -68,10 +61,7 @@ def run(out_dir="demo-out", seed=0, epochs=30, teacher_epochs=20, per_class=5, t
                  **t_trainer.evaluate(data.test), "train_s": time.perf_counter() - started})
     log(_row_text(rows[-1]))
 
-    for label, terms, op in _methods():
-        if op is not None and not _available(op):
-            log(f"{label}: skipped, this kdfast has no kdfast.{op}")
-            continue
+    for label, terms in _methods():
         seed_everything(seed + 1)  # every student starts from the same weights
         s_model = build_model(student, data.num_classes, data.in_channels)
         slug = label.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
@@ -98,8 +88,10 @@ def table(rows) -> str:
     cells = [[title for _, title, _ in COLUMNS]]
     cells += [[fmt.format(r[key]) if key in r else "" for key, _, fmt in COLUMNS] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    line = lambda c: "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w)
-                                       for i, (x, w) in enumerate(zip(c, widths))) + " |"
+    def line(c):
+        return "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w)
+                                 for i, (x, w) in enumerate(zip(c, widths))) + " |"
+
     rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
     return "\n".join([line(cells[0]), rule] + [line(c) for c in cells[1:]])
 

@@ -1,6 +1,6 @@
 """The model zoo: CIFAR ResNets of He et al. (resnet8 .. resnet110), RepDistiller's resnet8x4 / resnet32x4, wide
 ResNets (WRN-16-2, WRN-40-2), small CNNs for the digits demo, and the SegNet segmentation pair of kdfast's shapes
-set (segnet, segnet_small: kdfast.methods.SegNet of width 32 and 8).
+set (segnet, segnet_small: SegNet of width 32 and 8).
 
 Every classifier maps (B, C, H, W) images to logits (B, classes), a segmentation model (SEGMENTATION_MODELS) to
 per-pixel logits (B, classes, H, W); `model(x, features=True)` returns (logits, features) where features is a
@@ -11,11 +11,11 @@ Calling the model the same way through DDP or torch.compile passes `features` on
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from ..methods.shapes import SegNet
 
 
 def _init(module: nn.Module) -> None:
@@ -31,7 +31,7 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
-class Stage(nn.Module):
+class BlockStage(nn.Module):
     """A run of blocks. forward(x, preact=True) gives (output before the last block's final activation, output)."""
 
     def __init__(self, blocks):
@@ -112,7 +112,7 @@ class CifarResNet(FeatureModel):
         stages, cin = [], widths[0]
         for i, width in enumerate(widths[1:]):
             blocks = [BasicBlock(cin if j == 0 else width, width, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
-            stages.append(Stage(blocks))
+            stages.append(BlockStage(blocks))
             cin = width
         self.stages = nn.ModuleList(stages)
         self.fc = nn.Linear(cin, num_classes)
@@ -153,7 +153,7 @@ class WideResNet(FeatureModel):
         self.conv1 = _conv3x3(in_channels, widths[0])
         stages, cin = [], widths[0]
         for i, width in enumerate(widths[1:]):
-            stages.append(Stage([WideBlock(cin if j == 0 else width, width, 2 if (i > 0 and j == 0) else 1)
+            stages.append(BlockStage([WideBlock(cin if j == 0 else width, width, 2 if (i > 0 and j == 0) else 1)
                                  for j in range(n)]))
             cin = width
         self.stages = nn.ModuleList(stages)
@@ -196,7 +196,7 @@ class SmallCNN(FeatureModel):
         super().__init__()
         stages, cin = [], in_channels
         for width in widths:
-            stages.append(Stage([ConvUnit(cin, width, norm)]))
+            stages.append(BlockStage([ConvUnit(cin, width, norm)]))
             cin = width
         self.stages = nn.ModuleList(stages)
         self.fc = nn.Linear(cin, num_classes)
@@ -209,11 +209,40 @@ class SmallCNN(FeatureModel):
         return F.max_pool2d(x, 2) if i > 1 else x
 
 
+class SegNet(nn.Module):
+    """A small encoder-decoder segmentation network: two conv stages (the second at half resolution), a 1x1
+    classifier, bilinear upsampling of the score map to the input size. forward(x) -> logits (B, classes, H, W);
+    with return_features=True also the (B, 2*width, H/2, W/2) encoder features; with features=True (the trainer's
+    convention, see kdfast.train.models) (logits, {"features": encoder features})."""
+
+    feature_names = ("features",)
+
+    def __init__(self, width: int = 8, num_classes: int = 4, in_channels: int = 3):
+        super().__init__()
+
+        def block(cin, cout, stride):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.stage1 = nn.Sequential(block(in_channels, width, 1), block(width, width, 1))
+        self.stage2 = nn.Sequential(block(width, 2 * width, 2), block(2 * width, 2 * width, 1))
+        self.classifier = nn.Conv2d(2 * width, num_classes, 1)
+
+    def forward(self, x, return_features: bool = False, features: bool = False):
+        encoded = self.stage2(self.stage1(x))
+        logits = F.interpolate(self.classifier(encoded), size=x.shape[2:], mode="bilinear", align_corners=False)
+        if features:
+            return logits, {"features": encoded}
+        return (logits, encoded) if return_features else logits
+
+
+def _resnet(depth: int, num_classes: int, in_channels: int) -> CifarResNet:
+    return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels)
+
+
 _RESNET_DEPTHS = {f"resnet{d}": d for d in (8, 14, 20, 32, 44, 56, 110)}
 
 MODELS = {
-    **{name: (lambda d: lambda nc, ic: CifarResNet(d, num_classes=nc, in_channels=ic))(d)
-       for name, d in _RESNET_DEPTHS.items()},
+    **{name: functools.partial(_resnet, d) for name, d in _RESNET_DEPTHS.items()},
     "resnet8x4": lambda nc, ic: CifarResNet(8, (32, 64, 128, 256), nc, ic),
     "resnet32x4": lambda nc, ic: CifarResNet(32, (32, 64, 128, 256), nc, ic),
     "wrn_16_2": lambda nc, ic: WideResNet(16, 2, nc, ic),

@@ -19,6 +19,7 @@ a preliminary network (TAKD's assistant). Conventions shared by all recipes:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -385,7 +386,9 @@ def _quest(b: _Builder, words: int = 16, images: int = 256):
 
 def _internal(b: _Builder):
     """Hidden states = each stage's positions as tokens (B, H*W, C), the student's projected to the teacher's C."""
-    tokens = lambda x: x.flatten(2).mT
+    def tokens(x):
+        return x.flatten(2).mT
+
     project = nn.ModuleList(nn.Linear(b.channels(b.student, n), b.channels(b.teacher, n)) for n in b.stages)
     loss = b.loss(epochs_per_layer=max(1, b.setting.epochs // (len(b.stages) + 1)))
 
@@ -417,7 +420,9 @@ def _online(b: _Builder):
         last = b.stages[-1]
         peers = Peers([b.student, b.setting.student()])
         loss = b.loss(channels=b.channels(b.student, last))
-        maps = lambda f: [g[last] for g in f.student["features"]]
+        def maps(f):
+            return [g[last] for g in f.student["features"]]
+
         term = AdversarialTerm(loss, lambda term, s, t, f, y: term.loss.network_loss(maps(f), f.student["logits"], y),
                                loss.discriminators, lambda term, s, t, f, y: term.loss.discriminator_loss(maps(f)),
                                {"lr": 2e-4, "betas": (0.5, 0.999)}, student_taps=Peers.feature_names)
@@ -433,10 +438,11 @@ def _self(b: _Builder):
     net = MultiExit(b.student, b.sample)
     epochs = b.setting.epochs
     if b.name == "byot":
-        call = lambda term, s, t, f, y: term.loss(f.student["exit_logits"], f.student["exit_features"], y)
+        def call(term, s, t, f, y):
+            return term.loss(f.student["exit_logits"], f.student["exit_features"], y)
     else:
-        call = lambda term, s, t, f, y: term.loss(f.student["exit_logits"], f.student["exit_features"], y,
-                                                  f.epoch, epochs)
+        def call(term, s, t, f, y):
+            return term.loss(f.student["exit_logits"], f.student["exit_features"], y, f.epoch, epochs)
     term = MethodTerm(b.loss(), call, student_taps=MultiExit.feature_names)
     return b.recipe({b.name: term}, student=net, labelled_only=True)
 
@@ -455,7 +461,9 @@ def _takd(b: _Builder):
     """The assistant is distilled from the teacher first (setting.fit), then the student from the assistant."""
     if b.setting.assistant is None:
         raise ValueError("method 'takd' needs Setting.assistant (a network factory)")
-    term = lambda: MethodTerm(b.loss(), lambda term, s, t, f, y: term.loss(s, t, labels(y, t)))
+    def term():
+        return MethodTerm(b.loss(), lambda term, s, t, f, y: term.loss(s, t, labels(y, t)))
+
     assistant = b.pretrain(b.setting.assistant(), {"takd": term()}, "assistant")
     return b.recipe({"takd": term()}, teacher=assistant)
 
@@ -498,6 +506,33 @@ TEACHER_FREE = ("dml", "okddip", "afd", "byot", "msd")
 # - defensive distillation: networks trained at temperature T need about T^2 as many steps to grow their logits
 #   T-fold; in 20 epochs the paper's T = 20 teacher reaches 73% and its student 16% (T 10: 36%, 5: 92%, 2: 96.5%).
 SMALL_DATA = {"at": {"beta": 10.0}, "pixelwise": {"weight": 1.0}, "defensive": {"temperature": 5.0}}
+
+
+# Methods whose recipe is more than terms on the plain student and the first teacher in one stage (their own
+# stages, teachers, students or training split): they run alone, not in a comma list.
+ALONE = ("fitnet", "ab", "defensive", "takd", *NEEDS_ENSEMBLE, *TEACHER_FREE)
+
+
+def compose_recipe(names, setting: Setting, overrides=None) -> Recipe:
+    """One recipe of several registry methods: the terms of each method's recipe on one student and teacher, in
+    one stage (a term two recipes share, such as the feature methods' KD, is taken once). overrides: {name:
+    {option: value}}. Methods of ALONE cannot be composed."""
+    names, overrides = list(dict.fromkeys(names)), overrides or {}
+    if len(names) == 1:
+        return build_recipe(names[0], setting, **overrides.get(names[0], {}))
+    alone = [n for n in names if n in ALONE]
+    if alone:
+        raise ValueError(f"method(s) {', '.join(alone)} run alone (their own stages, teachers or students); "
+                         f"composable: {', '.join(n for n in RECIPES if n not in ALONE)}")
+    student = setting.student()
+    shared = dataclasses.replace(setting, student=lambda: student)
+    terms = {}
+    for name in names:
+        part = build_recipe(name, shared, **overrides.get(name, {})).distiller
+        for term in part.term_names:
+            terms.setdefault(term, (part.term(term), part.weights[term]))
+    b = _Builder("+".join(names), shared, {})
+    return b.recipe(terms, teacher=setting.teachers[0] if setting.teachers else None)
 
 
 def build_recipe(name: str, setting: Setting, **overrides) -> Recipe:

@@ -2,27 +2,21 @@
 teacher are the networks' logits (teacher None without a teacher), features is a Features (features.student[name],
 features.teacher[name]) and targets holds class indices (data.UNLABELLED = -100 for transfer-set examples without
 a label). The terms here are nn.Modules naming the features they need (student_taps, teacher_taps), so the
-Distiller taps exactly those; feature-based ones call kdfast's fused ops, looked up on kdfast when called."""
+Distiller taps exactly those. They hold kdfast's own loss modules (LogitTerm, FeatureTerm): the trainer defines no
+second class of any loss."""
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kdfast
+
 from .data import UNLABELLED
 
-
-class MissingOpError(RuntimeError):
-    """A term's kdfast op is not in this kdfast (its issue has not landed, or an old build)."""
-
-
-def kdfast_op(name: str, method: str):
-    import kdfast
-    op = getattr(kdfast, name, None)
-    if op is None:
-        raise MissingOpError(f"the {method} term needs kdfast.{name}, which this kdfast does not provide "
-                             f"(kdfast {getattr(kdfast, '__version__', '?')}); update kdfast or drop the term")
-    return op
+STAGES = ("stage1", "stage2", "stage3")  # the zoo's stage outputs (three stages in the small CNNs and ResNets)
 
 
 def _layer_pairs(layers, what: str):
@@ -69,69 +63,40 @@ class CrossEntropy(Term):
         return cross_entropy(student, targets)
 
 
-class KD(Term):
-    """Hinton KD on every example, labelled or not: kdfast.kd_div(student, teacher, T) (batchmean, times T^2)."""
+class LogitTerm(Term):
+    """A logit loss as a term: loss(student logits, teacher logits), or with targets=True loss(student logits,
+    teacher logits, targets) (kdfast.KDLoss skips the UNLABELLED examples: its ignore_index is -100)."""
+
+    def __init__(self, loss: nn.Module, targets: bool = False):
+        super().__init__()
+        self.loss, self.targets = loss, targets
+
+    def forward(self, student, teacher, features, targets):
+        return self.loss(student, teacher, targets) if self.targets else self.loss(student, teacher)
+
+
+class KD(LogitTerm):
+    """Hinton KD on every example, labelled or not: kdfast.KDDiv(T) (batchmean, times T^2)."""
 
     def __init__(self, temperature: float = 4.0, divergence: str = "kl"):
+        super().__init__(kdfast.KDDiv(temperature, divergence=divergence))
+
+
+class FeatureTerm(Term):
+    """A feature loss of kdfast (kdfast.AttentionTransfer, kdfast.ManifoldDistillation, kdfast.PairwiseAffinity,
+    kdfast.SimilarityPreserving, or any module called (student features, teacher features)) on named layers: a name
+    alone means the same name on both networks, a pair (student name, teacher name) differs. The loss gets the lists
+    of all pairs' features in one call (the multi-pair ops: attention transfer, manifold), or with per_pair=True
+    is called once per pair and summed (pairwise affinity, similarity preserving)."""
+
+    def __init__(self, loss: nn.Module, layers, *, per_pair: bool = False):
         super().__init__()
-        self.temperature, self.divergence = temperature, divergence
-
-    def forward(self, student, teacher, features, targets):
-        return kdfast_op("kd_div", "KD")(student, teacher, self.temperature, divergence=self.divergence)
-
-
-class KDLoss(Term):
-    """kdfast.kd_loss: alpha * KD + (1 - alpha) * CE in one pass, over the labelled examples only."""
-
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.9):
-        super().__init__()
-        self.temperature, self.alpha = temperature, alpha
-
-    def forward(self, student, teacher, features, targets):
-        return kdfast_op("kd_loss", "KD")(student, teacher, targets, self.temperature, self.alpha,
-                                          ignore_index=UNLABELLED)
-
-
-class AttentionTransfer(Term):
-    """Attention transfer (Zagoruyko & Komodakis) over layer pairs: kdfast.attention_transfer_loss. The paper's
-    weight is 1000 (set it on the term)."""
-
-    def __init__(self, layers=("stage1", "stage2", "stage3"), p: float = 2.0, pool: str = "mean"):
-        super().__init__()
-        self._set_pairs(layers, "attention transfer")
-        self.p, self.pool = p, pool
+        self.loss, self.per_pair = loss, per_pair
+        self._set_pairs(layers, type(loss).__name__)
 
     def forward(self, student, teacher, features, targets):
         s, t = self._features(features)
-        return kdfast_op("attention_transfer_loss", "attention transfer")(s, t, self.p, pool=self.pool)
-
-
-class PairwiseAffinity(Term):
-    """Pair-wise (structured) distillation summed over layer pairs: kdfast.pairwise_affinity_loss."""
-
-    def __init__(self, layers=("stage3",), pool_size=None, pool: str = "max"):
-        super().__init__()
-        self._set_pairs(layers, "pairwise affinity")
-        self.pool_size, self.pool = pool_size, pool
-
-    def forward(self, student, teacher, features, targets):
-        op = kdfast_op("pairwise_affinity_loss", "pairwise affinity")
-        return sum(op(s, t, pool_size=self.pool_size, pool=self.pool) for s, t in zip(*self._features(features)))
-
-
-class ManifoldDistillation(Term):
-    """Neuron manifold distillation over layer pairs: kdfast.manifold_distillation_loss with per-pair weights
-    (the method weighs shallow stages more)."""
-
-    def __init__(self, layers=("stage1", "stage2", "stage3"), rank: int = 4, weights=None):
-        super().__init__()
-        self._set_pairs(layers, "manifold distillation")
-        self.rank, self.weights = rank, weights
-
-    def forward(self, student, teacher, features, targets):
-        s, t = self._features(features)
-        return kdfast_op("manifold_distillation_loss", "manifold distillation")(s, t, self.rank,
-                                                                                weights=self.weights)
+        return sum(self.loss(a, b) for a, b in zip(s, t)) if self.per_pair else self.loss(s, t)
 
 
 class Hint(Term):
@@ -161,18 +126,34 @@ class MutualLearning(Term):
         self.temperature = temperature
 
     def forward(self, student, teacher, features, targets):
-        kd_div = kdfast_op("kd_div", "mutual learning")
         return (cross_entropy(student, targets) + cross_entropy(teacher, targets)
-                + kd_div(student, teacher.detach(), self.temperature)
-                + kd_div(teacher, student.detach(), self.temperature))
+                + kdfast.kd_div(student, teacher.detach(), self.temperature)
+                + kdfast.kd_div(teacher, student.detach(), self.temperature))
 
 
-# The names `python -m kdfast train --method` accepts, with their default weights (METHODS.md).
-METHODS = {
-    "ce": (lambda a: CrossEntropy(), 1.0),
-    "kd": (lambda a: KD(a.get("temperature", 4.0)), 1.0),
-    "at": (lambda a: AttentionTransfer(a.get("layers", ("stage1", "stage2", "stage3"))), 1000.0),
-    "pa": (lambda a: PairwiseAffinity(a.get("pa_layers", ("stage3",))), 1.0),
-    "md": (lambda a: ManifoldDistillation(a.get("layers", ("stage1", "stage2", "stage3")), a.get("rank", 4)), 1.0),
-    "dml": (lambda a: MutualLearning(a.get("temperature", 1.0)), 1.0),
+def _deprecated(old: str, new: str, build):
+    def make(*args, **kwargs):
+        warnings.warn(f"kdfast.train.{old} is deprecated: use {new}", DeprecationWarning, stacklevel=2)
+        return build(*args, **kwargs)
+    make.__name__ = old
+    return make
+
+
+# The trainer's former copies of the op modules, kept for one release as functions that build the FeatureTerm or
+# LogitTerm around kdfast's one class of that name (kdfast.train's module __getattr__ hands them out).
+DEPRECATED = {
+    "AttentionTransfer": _deprecated(
+        "AttentionTransfer", "FeatureTerm(kdfast.AttentionTransfer(p, pool=...), layers)",
+        lambda layers=STAGES, p=2.0, pool="mean": FeatureTerm(kdfast.AttentionTransfer(p, pool=pool), layers)),
+    "PairwiseAffinity": _deprecated(
+        "PairwiseAffinity", "FeatureTerm(kdfast.PairwiseAffinity(pool_size=..., pool=...), layers, per_pair=True)",
+        lambda layers=("stage3",), pool_size=None, pool="max": FeatureTerm(
+            kdfast.PairwiseAffinity(pool_size=pool_size, pool=pool), layers, per_pair=True)),
+    "ManifoldDistillation": _deprecated(
+        "ManifoldDistillation", "FeatureTerm(kdfast.ManifoldDistillation(rank, weights=...), layers)",
+        lambda layers=STAGES, rank=4, weights=None: FeatureTerm(kdfast.ManifoldDistillation(rank, weights=weights),
+                                                                layers)),
+    "KDLoss": _deprecated(
+        "KDLoss", "LogitTerm(kdfast.KDLoss(temperature, alpha), targets=True)",
+        lambda temperature=4.0, alpha=0.9: LogitTerm(kdfast.KDLoss(temperature, alpha), targets=True)),
 }

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..methods.shapes import mean_iou
 from .calibration import calibration_report
-from .checkpoint import load_checkpoint, save_checkpoint, write_json_lines
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, state_dict_mismatch, write_json_lines
 from .data import AUGMENTATIONS, UNLABELLED, Loader, Split
 from .distiller import Distiller
+from .metrics import mean_iou
 from .schedules import Schedule, lr_schedule
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -124,6 +124,7 @@ class Trainer:
         self._base_trainable = {n: p.requires_grad for n, p in distiller.named_parameters()}
         self.history: list = []
         self.position = (0, 0)  # (stage index, epochs done in it)
+        self.notes: list = []  # what resuming found worth telling the user
         self._optimizer_state = self._scaler_state = self._adversary_state = None
         if self.cfg.resume and self.cfg.out_dir and os.path.exists(self.checkpoint_path):
             self._load(load_checkpoint(self.checkpoint_path))
@@ -145,13 +146,28 @@ class Trainer:
         write_json_lines(self.history, os.path.join(self.cfg.out_dir, "log.jsonl"))
 
     def _load(self, state):
-        if state.get("seed") != self.cfg.seed:
-            raise ValueError(f"the checkpoint in {self.cfg.out_dir} was made with seed {state.get('seed')}, this "
-                             f"run has seed {self.cfg.seed}: a resumed run must use the same seed")
-        self.distiller.load_state_dict(state["distiller"])
-        self.position, self.history = tuple(state["position"]), list(state["history"])
-        self._optimizer_state, self._scaler_state = state["optimizer"], state["scaler"]
-        self._adversary_state = state.get("adversary")
+        path = self.checkpoint_path
+        if state["seed"] != self.cfg.seed:
+            raise CheckpointError(f"{path} was made with seed {state['seed']}, this run has seed {self.cfg.seed}: a "
+                                  f"resumed run must use the same seed")
+        try:
+            self.distiller.load_state_dict(state["distiller"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path} does not fit this run (another model, method or data set?): "
+                                  f"{state_dict_mismatch(e)}") from None
+        index, done = state["position"]
+        if index > len(self.stages):
+            raise CheckpointError(f"{path} is at stage {index + 1}, this run has {len(self.stages)}")
+        if index < len(self.stages) and done >= self.stages[index].epochs:
+            # A run stopped after epoch `done` and resumed asking for fewer epochs: that stage is over.
+            stage = self.stages[index]
+            self.notes.append(f"{path} already holds {done} epochs of stage {stage.name!r}, which this run trains "
+                              f"for {stage.epochs}: nothing more to train in it")
+            index, done = index + 1, 0
+        self.position, self.history = (index, done), list(state["history"])
+        if done > 0:  # mid-stage: continue its optimiser; a stage that starts afresh gets a fresh one, as unresumed
+            self._optimizer_state, self._scaler_state = state["optimizer"], state["scaler"]
+            self._adversary_state = state.get("adversary")
         torch.set_rng_state(state["rng"])
 
     # --- one stage ---
@@ -312,7 +328,7 @@ class Trainer:
         """Accuracy and ECE on a split; with calibrate and a holdout split, also temperature scaling and the
         confident-prediction coverage and selective accuracy (see calibration.calibration_report). On dense
         (segmentation) targets the same report over the labelled pixels, its accuracy named pixel_accuracy, and
-        the mean IoU over classes ("miou", kdfast.methods.mean_iou)."""
+        the mean IoU over classes ("miou", metrics.mean_iou)."""
         logits = self.predict(split)
         holdout = self.cfg.holdout if calibrate else None
         held = (self.predict(holdout), holdout.targets) if holdout is not None else (None, None)
