@@ -47,16 +47,20 @@ def _eager(x: torch.Tensor) -> bool:
 
 
 def _check_values(indices, logprobs, classes) -> None:
-    if not _eager(logprobs):
+    if not _eager(logprobs) or logprobs.numel() == 0:
         return
-    valid = logprobs > float("-inf")
-    bad = valid & ((indices < 0) | (indices >= classes))
-    if bool(bad.any()):
-        raise TopKIndexError(f"teacher_indices holds {int(indices[bad][0])}, outside [0, {classes}) (the student's "
-                             f"vocabulary) on an entry that is not padding")
-    if bool((logprobs > 0).any()):
+    # Fast path, two reductions: every index in range (padding included) and no log-probability above 0.
+    lo, hi = torch.aminmax(indices)
+    if not 0 <= int(lo) <= int(hi) < classes:
+        valid = logprobs > float("-inf")
+        bad = valid & ((indices < 0) | (indices >= classes))
+        if bool(bad.any()):
+            raise TopKIndexError(f"teacher_indices holds {int(indices[bad][0])}, outside [0, {classes}) (the "
+                                 f"student's vocabulary) on an entry that is not padding")
+    top = float(logprobs.max())
+    if top > 0:
         raise ValueError(f"teacher_logprobs must be log-probabilities (<= 0; -inf for padding), got a maximum of "
-                         f"{float(logprobs.max())}")
+                         f"{top}")
 
 
 class TopK(tuple):
