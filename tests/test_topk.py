@@ -155,6 +155,12 @@ def test_nan_and_minus_inf():
         assert_close(out[1:], ref[1:], torch.float32)
 
 
+def test_deterministic():
+    s, idx, lp = make(64, 3001, 32, pad=3, seed=11)
+    runs = [both(s, idx, lp, 2.0, tail="bucket")[:2] for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
 @pytest.mark.parametrize("tail", TAILS)
 def test_gradcheck(tail):
     s, idx, lp = make(3, 11, 4, torch.float64, pad=1, seed=10)
