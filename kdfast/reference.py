@@ -218,23 +218,43 @@ def manifold_distillation_loss(student_features, teacher_features, rank, weights
     return sum(v.mean() for v in values)
 
 
-def _topk_rows(student_logits, indices, logprobs, temperature, tail):
-    """Top-k divergence of every row (the definition of topk_kd_div, unscaled): q from the teacher's k
-    log-probabilities (-inf pads take no part), renormalised over them or with the missing mass as a (k+1)-th
-    category ("bucket"); a row without any entry gives 0."""
-    acc = _acc_dtype(student_logits, logprobs)
-    lp, valid = logprobs.to(acc), logprobs > float("-inf")
-    ls = F.log_softmax(student_logits.to(acc) / temperature, dim=-1).gather(-1, indices.long())
+def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, tail="renormalize"):
+    """The unscaled divergence of every row (..., V) from a sparse teacher (..., k): log-probabilities at T = 1,
+    -inf = padding (its index is not read). "renormalize": KL(softmax(lp / T) || p[idx]); "bucket": one more
+    category, the mass the teacher did not return, against the student's mass off the top-k classes (the first
+    taken as 0 within (valid + 1) eps of 0, the second floored at eps: rounding noise of k-term sums). A row
+    without a valid entry gives 0 with "renormalize"."""
+    acc = _acc_dtype(student_logits, teacher_logprobs)
+    logp = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
+    lp = teacher_logprobs.to(acc)
+    valid = lp > float("-inf")
+    logp_top = logp.gather(-1, torch.where(valid, teacher_indices, torch.zeros_like(teacher_indices)).long())
+    logp_top = torch.where(valid, logp_top, torch.full_like(logp_top, float("-inf")))
+    t = lp / temperature
+    if tail == "bucket":
+        # Within rounding of 0 (about k eps), the teacher's tail is 0 and the student's rest eps.
+        eps = torch.finfo(acc).eps
+        mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
+        tail_mass = 1 - mass
+        u = torch.where(tail_mass > (valid.sum(-1, keepdim=True) + 1) * eps, tail_mass, 0).log()
+        t = torch.cat([t, u / temperature], dim=-1)
+        rest = (1 - logp_top.exp().sum(-1, keepdim=True)).clamp_min(eps)
+        logp_top = torch.cat([logp_top, rest.log()], dim=-1)
+    elif tail != "renormalize":
+        raise ValueError(f"unknown tail {tail!r}")
+    logq = F.log_softmax(t, dim=-1)
+    rows = _plogq(logq.exp(), logq - logp_top).sum(-1)
     if tail == "renormalize":
-        no_entry = ~valid.any(-1, keepdim=True)  # kept finite: its q would be NaN, and NaN leaks into gradients
-        lq = F.log_softmax(torch.where(no_entry, torch.zeros_like(lp), lp) / temperature, dim=-1)
-        return torch.where(valid, _plogq(lq.exp(), lq - ls), torch.zeros_like(ls)).sum(-1)
-    teacher_tail = torch.log1p(-lp.exp().sum(-1, keepdim=True))
-    lq = F.log_softmax(torch.cat([lp, teacher_tail], -1) / temperature, dim=-1)
-    p_top = torch.where(valid, ls.exp(), torch.zeros_like(ls)).sum(-1, keepdim=True)
-    log_p = torch.cat([ls, torch.log1p(-p_top)], -1)
-    keep = torch.cat([valid, torch.ones_like(valid[..., :1])], -1)
-    return torch.where(keep, _plogq(lq.exp(), lq - log_p), torch.zeros_like(lq)).sum(-1)
+        rows = torch.where(valid.any(-1), rows, torch.zeros_like(rows))
+    return rows
+
+
+def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, *, tail="renormalize", mask=None,
+                reduction="batchmean", scale_t2=True):
+    """topk_kd_rows reduced over the rows of the mask ("batchmean", "sum" or "none"), times T^2 with scale_t2."""
+    rows = topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature, tail)
+    out = reduce_rows(rows, mask, reduction, student_logits.shape[-1])
+    return out * (temperature * temperature) if scale_t2 else out
 
 
 def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=None, target=None, temperature=1.0,
@@ -248,7 +268,7 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
     logits = F.linear(student_hidden.to(acc), student_weight.to(acc), bias)
     keep = None if target is None else target != ignore_index
     if not isinstance(teacher, torch.Tensor) and hasattr(teacher, "logprobs"):  # TopK
-        rows = _topk_rows(logits, teacher.indices, teacher.logprobs.detach(), temperature, tail)
+        rows = topk_kd_rows(logits, teacher.indices, teacher.logprobs.detach(), temperature, tail)
         kd = reduce_rows(rows * (temperature**2 if scale_t2 else 1.0), keep, "batchmean", logits.shape[-1])
     else:
         if not isinstance(teacher, torch.Tensor):  # TeacherHead
