@@ -20,6 +20,8 @@ from ._autograd import once_differentiable
 from ._ops import has_kernel
 from ._validate import acc_dtype
 from .logits import DIVERGENCES
+from .topk import TopK
+from .topk import _check_values as _check_topk_values
 
 TAILS = ("renormalize", "bucket")
 # chunk_size=None: the most rows whose logits take at most this many bytes in the accumulation dtype (at least one
@@ -47,15 +49,6 @@ def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype = torch.float32
     return max(1, min(rows, CHUNK_BYTES.get(device, CHUNK_BYTES["cpu"]) // per_row))
 
 
-def _topk_type():
-    """kdfast.TopK, defined by the top-k family (imported lazily: fused_linear does not need it to load)."""
-    try:
-        from .topk import TopK
-    except ImportError:
-        return None
-    return TopK
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Per-chunk work: _dense_chunk and _topk_ce_chunk return (kd rows (c,), cross-entropy rows (c,) or None, gradient
 # of the weighted loss with respect to the chunk's logits (c, V)), the weighted loss being
@@ -75,42 +68,15 @@ def _dense_chunk(logits, teacher, target, kd_weight, ce_weight, temperature, div
 
 
 def topk_chunk(logits, indices, logprobs, temperature, tail, kd_weight):
-    """The top-k divergence of each row of a chunk and kd_weight * its gradient with respect to the logits.
+    """The top-k divergence of each row of a chunk and kd_weight * its gradient with respect to the logits, from
+    the top-k kernels (kdfast/topk.py): rows (c,) unscaled by T^2 and grad (c, V) in the logits' dtype.
 
     logits (c, V) float32/float64; indices (c, k) int64; logprobs (c, k), the teacher's log-probabilities at T = 1
-    (-inf pads: a padded entry takes no part); kd_weight (c,) or a scalar. Returns (rows (c,) unscaled by T^2,
-    grad (c, V)) in the logits' dtype. tail "renormalize": q = softmax(logprobs / T) over the k entries, row =
-    sum_j q_j (log q_j - log p[idx_j]); "bucket": k + 1 categories, the teacher's and the student's missing mass as
-    the last one. A row without any entry gives 0. Plain torch ops on the chunk: the one place a top-k kernel
-    (fwd rows + bwd gradient) replaces."""
-    acc = logits.dtype
-    valid = logprobs > float("-inf")
-    lp = logprobs.to(acc)
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    gathered = logp.gather(-1, indices)
-    p = logp.exp_()
-    del logp
-    if tail == "renormalize":
-        lq = torch.log_softmax(lp / temperature, dim=-1)
-        q = torch.where(valid, lq.exp(), torch.zeros_like(lq))
-        rows = torch.where(q > 0, q * (lq - gathered), torch.zeros_like(q)).sum(-1)
-        grad = p.mul_(q.sum(-1, keepdim=True))
-    else:
-        teacher_tail = torch.log1p(-lp.exp().sum(-1, keepdim=True).clamp(max=1))
-        lq = torch.log_softmax(torch.cat([lp, teacher_tail], -1) / temperature, dim=-1)
-        q_all = lq.exp()
-        q, q_tail = q_all[:, :-1] * valid, q_all[:, -1:]
-        top = torch.zeros_like(p).scatter_add_(-1, indices, valid.to(acc)) > 0
-        p_tail = torch.where(top, torch.zeros_like(p), p).sum(-1, keepdim=True)
-        log_p = torch.cat([torch.where(valid, gathered, torch.zeros_like(gathered)), p_tail.log()], -1)
-        q_all = torch.cat([q, q_tail], -1)
-        rows = torch.where(q_all > 0, q_all * (lq - log_p), torch.zeros_like(q_all)).sum(-1)
-        # d/dz: (p - q_j) on the top-k classes, p (1 - q_tail / p_tail) on the rest, all over T.
-        ratio = torch.where(q_tail > 0, q_tail / p_tail, torch.zeros_like(q_tail))
-        grad = p.mul_(torch.where(top, torch.ones_like(p), 1 - ratio))
-    grad.scatter_add_(-1, indices, -q)
-    weight = torch.as_tensor(kd_weight, dtype=acc, device=logits.device).reshape(-1, 1) / temperature
-    return rows, grad.mul_(weight)
+    (-inf pads take no part); kd_weight (c,) or a scalar. The tails are topk_kd_div's."""
+    rows, stats = torch.ops.kdfast.topk_kd_fwd(logits, indices, logprobs, temperature, tail)
+    weight = torch.as_tensor(kd_weight, dtype=rows.dtype, device=logits.device).expand(rows.shape)
+    grad = torch.ops.kdfast.topk_kd_bwd(weight, logits, indices, logprobs, stats, temperature, tail)
+    return rows.to(logits.dtype), grad
 
 
 def _cross_entropy_chunk(logits, target, ce_weight, ignore_index, grad):
@@ -266,8 +232,7 @@ def _check_teacher(teacher, rows, vocab):
                 raise ValueError(f"teacher.bias must be ({vocab},), got {tuple(teacher.bias.shape)}")
             tensors.append(teacher.bias.detach())
         return "head", tensors
-    topk = _topk_type()
-    if topk is not None and isinstance(teacher, topk):
+    if isinstance(teacher, TopK):
         check.tensor(teacher.indices, "teacher.indices")
         check.floating(teacher.logprobs, "teacher.logprobs")
         if teacher.indices.dtype not in (torch.int64, torch.int32):
@@ -275,9 +240,7 @@ def _check_teacher(teacher, rows, vocab):
         _check_rows(teacher.indices, "teacher.indices", rows, "k")
         check.same_shape(teacher.indices, teacher.logprobs, "teacher.indices", "teacher.logprobs")
         idx = teacher.indices.reshape(-1, teacher.indices.shape[-1]).long()
-        if idx.device.type == "cpu" and not torch.compiler.is_compiling() and idx.numel() \
-                and bool(((idx < 0) | (idx >= vocab)).any()):
-            raise ValueError(f"teacher.indices must lie in [0, {vocab}) (the vocabulary)")
+        _check_topk_values(idx, teacher.logprobs.reshape(idx.shape), vocab)
         return "topk", [idx, teacher.logprobs.detach().reshape(idx.shape)]
     raise TypeError("teacher must be a logits tensor, a kdfast.TeacherHead or a kdfast.TopK, got "
                     f"{type(teacher).__name__}")
