@@ -66,7 +66,8 @@ def attention_map(features, p=2.0, *, pool="mean", normalize=True) -> torch.Tens
     |features|^p, L2-normalised over the flattened positions (eps 1e-12, as F.normalize) when normalize.
     max pooling sends the gradient to the first arg-max channel. The map is float32 (float64 for float64 input).
     With normalize, exponents other than 1 and 2 are computed on features scaled by each sample's max |x|, so
-    that large p (tested to 100) stays accurate; unnormalised maps are |x|^p as they are (inf past the dtype)."""
+    that large p (tested to 100) stays accurate; p = 1 and 2 run unscaled, so |x|^p must fit the accumulator
+    (|x| < 1.8e19 in float32 at p = 2; past it the map is NaN). Unnormalised maps are |x|^p as they are."""
     _check_features(features, "features")
     p = _check_options(p, pool)
     if not isinstance(normalize, bool):

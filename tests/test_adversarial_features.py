@@ -161,6 +161,21 @@ def test_attention_large_exponents_stay_accurate(p, scale):
                      torch.float32)
 
 
+def test_attention_scaled_exponent_compiles():
+    s, t = randn(3, 4, 5, 5, dtype=torch.float32).requires_grad_(), randn(3, 2, 5, 5, seed=1, dtype=torch.float32)
+    loss = torch.compile(lambda a, b: kdfast.attention_transfer_loss(a, b, 30.0), fullgraph=True)(s, t)
+    assert_close(loss, reference.attention_transfer_loss(s.detach().double(), t.double(), 30.0), torch.float32)
+    g, = torch.autograd.grad(loss, s)
+    torch.testing.assert_close(g, torch.autograd.grad(kdfast.attention_transfer_loss(s, t, 30.0), s)[0])
+
+
+def test_attention_unscaled_overflow_is_nan_not_a_number():
+    """p = 1 and 2 run unscaled (the fast path): |x|^p past the accumulator's range gives NaN, never a plausible
+    value (documented limit: |x| < 1.8e19 in float32 at p = 2)."""
+    x = randn(3, 4, 5, 5, dtype=torch.float32, scale=1e20)
+    assert kdfast.attention_transfer_loss(x, randn(3, 4, 5, 5, dtype=torch.float32), reduction="none").isnan().all()
+
+
 def test_attention_large_exponent_nan_and_inf():
     x = randn(3, 2, 4, 4, dtype=torch.float32)
     x[1, 0, 2, 2] = float("nan")
