@@ -186,6 +186,16 @@ std::tuple<at::Tensor, at::Tensor> pairwise_affinity_bwd(const at::Tensor& grad_
   return {gs, gt};
 }
 
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  // Pairwise-affinity loss over (B, C, n) node features (student and teacher may differ in C): loss = the (B,)
+  // values sum_ij (a^s_ij - a^t_ij)^2 / n^2, gram = the (B, Cs + Ct, Cs + Ct) float64 Gram matrix of the
+  // normalised nodes. The backward takes gram's rows of the sides whose gradient is wanted (student rows, then
+  // teacher rows). No n x n tensor is formed.
+  m.def("pairwise_affinity_fwd(Tensor student, Tensor teacher) -> (Tensor loss, Tensor gram)");
+  m.def("pairwise_affinity_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor gram, bool student_grad, "
+        "bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+}
+
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   // 2 MiB chunks per thread: products over a few hundred nodes already run near BLAS peak single-threaded, and the
   // staging stays small beside the gradient itself (measured at n = 8192, C = 640: 1, 2, 4, 8 MiB took about the

@@ -95,7 +95,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tens
   }
   // norms are only computed with normalize; zeros otherwise rather than uninitialised memory
   at::Tensor norms = normalize ? at::empty({prob.count, prob.batch}, acc) : at::zeros({prob.count, prob.batch}, acc);
-  at::Tensor rows = pairs > 0 ? at::empty({pairs, prob.batch}, acc) : at::empty({0}, acc);
+  // zeros: a call without elements (empty batch, or no positions) launches nothing and its rows are 0
+  at::Tensor rows = pairs > 0 ? at::zeros({pairs, prob.batch}, acc) : at::empty({0}, acc);
   if (work) {
     prob.features = desc.data();
     prob.norms = norms.data_ptr();
@@ -166,6 +167,25 @@ std::vector<at::Tensor> attention_backward_op(at::TensorList grad_maps, const st
   for (size_t i = 0; i < n; ++i)
     if (needs_grad[i]) grads[i] = grads[i].to(features[i].scalar_type());
   return grads;
+}
+
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  // Attention maps of every (batch, channels, positions) feature map of a call in one launch: pooled over the
+  // channels as mean/sum/max of |x|^p and, with normalize, L2-normalised over the positions. maps are float32
+  // (float64 when a feature is), norms the (features, batch) norms before normalisation, argmax the int32 first
+  // arg-max channels for max pooling (empty otherwise). The backward writes each requested feature gradient once.
+  m.def("attention_fwd(Tensor[] features, float p, str pool, bool normalize) "
+        "-> (Tensor[] maps, Tensor norms, Tensor[] argmax)");
+  m.def("attention_bwd(Tensor[] grad_maps, Tensor[] features, Tensor[] maps, Tensor norms, Tensor[] argmax, "
+        "float p, str pool, bool normalize, bool[] needs_grad) -> Tensor[]");
+  // Attention transfer over layer pairs (student[k], teacher[k]) of equal positions, in one launch each way:
+  // rows = the (pairs, batch) per-sample means over positions of (map_s - map_t)^2 of normalised maps; maps, norms
+  // and argmax as attention_fwd over student + teacher (saved for the backward). The backward returns the
+  // gradients of student + teacher (empty where needs_grad, over the same concatenation, is false).
+  m.def("attention_transfer_fwd(Tensor[] student, Tensor[] teacher, float p, str pool) "
+        "-> (Tensor rows, Tensor[] maps, Tensor norms, Tensor[] argmax)");
+  m.def("attention_transfer_bwd(Tensor grad_rows, Tensor[] student, Tensor[] teacher, Tensor[] maps, Tensor norms, "
+        "Tensor[] argmax, float p, str pool, bool[] needs_grad) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {

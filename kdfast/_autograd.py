@@ -56,3 +56,12 @@ def once_differentiable(name: str):
         return run
 
     return wrap
+
+
+def under_transform(*tensors) -> bool:
+    """True when a tensor is wrapped by a torch.func transform (vmap, grad, jacrev, ...). The kernel ops have no
+    batching or functorch rules; the public functions run the pure-PyTorch reference there, which supports every
+    transform (and higher derivatives)."""
+    if torch.compiler.is_compiling():  # dynamo traces the tensors of the graph, never functorch wrappers
+        return False
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)

@@ -23,3 +23,15 @@ def reduce_rows(rows, mask, reduction, classes):
     if reduction == "mean":
         return rows.sum() / (count * classes).clamp_min(1)
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def reduce_samples(per_sample, reduction, mean_divisor=None):
+    """Reduction of per-sample loss values (the feature losses): "none" the (B,) tensor, "sum" its sum, "mean" the
+    sum / mean_divisor (default the number of samples; 0 for an empty batch)."""
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "mean":
+        return per_sample.sum() / max(per_sample.shape[0] if mean_divisor is None else mean_divisor, 1)
+    raise ValueError(f"unknown reduction {reduction!r}")

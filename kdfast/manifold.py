@@ -7,14 +7,18 @@ import math
 import torch
 from torch import nn
 
+from . import _ops
 from . import _validate as check
-from . import reference
-from ._ops import has_kernel, svd_backward
+from ._autograd import under_transform
+from ._features import manifold_combine, manifold_points
+from ._ops import has_kernel
+from ._reduce import reduce_samples
 
-REDUCTIONS = ("mean", "none")
-# The Jacobi kernels take k = min(m, n) <= 64 columns; on CPU the other side may be long (point clouds of a
-# feature map: 1024 x 16), on CUDA the tall view must fit in one block's shared memory.
-KERNEL_MAX_K = 64
+REDUCTIONS = ("mean", "sum", "none")
+# The Jacobi kernels take k = min(m, n) <= KERNEL_MAX_K columns (defined by the extension); on CPU the other side
+# may be long (point clouds of a feature map: 1024 x 16), on CUDA the tall view must fit in one block's shared
+# memory.
+KERNEL_MAX_K = _ops._C.svd_max_cols if _ops._C is not None else 0
 CPU_MAX_ROWS = 4096
 CUDA_MAX_SHARED_BYTES = 96 * 1024
 
@@ -27,6 +31,47 @@ def _kernel_fits(A: torch.Tensor) -> bool:
     if A.device.type == "cuda":
         return (rows * k + k * k) * A.element_size() <= CUDA_MAX_SHARED_BYTES
     return rows <= CPU_MAX_ROWS
+
+
+def svd_backward(U, S, Vh, gU, gS, gVh):
+    """Gradient of A = U diag(S) Vh (reduced SVD, S descending, real) from the gradients of U, S and Vh (any
+    may be None): the standard SVD adjoint, as torch.linalg.svd's backward computes it, made finite everywhere.
+
+    Regularisation: the adjoint divides by s_j^2 - s_i^2 and by s_i. Both are taken on the spectrum scaled by
+    s_max (x = (s_j^2 - s_i^2) / s_max^2, x = s_i / s_max), where 1/x is replaced by x / (x^2 + eps^2), eps the
+    dtype's machine epsilon. That equals 1/x to a relative eps^2/x^2 (invisible where the singular values are
+    distinct and non-zero), is 0 at exactly repeated or zero singular values, and is bounded by 1 / (2 eps)
+    (times 1/s_max) near them, so the gradient is never NaN or inf for finite inputs.
+    """
+    m, n, k = U.shape[-2], Vh.shape[-1], S.shape[-1]
+    if gU is None and gVh is None:
+        if gS is None:
+            return U.new_zeros(U.shape[:-1] + (n,))
+        return U @ (gS.unsqueeze(-1) * Vh)
+    eps = torch.finfo(S.dtype).eps
+    smax = S[..., :1]
+    scale = torch.where(smax > 0, smax, torch.ones_like(smax))
+    s = S / scale
+    gap = s.unsqueeze(-2) ** 2 - s.unsqueeze(-1) ** 2  # [i, j] = s_j^2 - s_i^2
+    inv_gap = gap / (gap * gap + eps * eps)
+    inner = 0
+    if gU is not None:
+        UtgU = U.mT @ gU
+        inner = (UtgU - UtgU.mT) * s.unsqueeze(-2)
+    if gVh is not None:
+        VtgV = Vh @ gVh.mT
+        inner = inner + s.unsqueeze(-1) * (VtgV - VtgV.mT)
+    inner = inner * inv_gap / scale.unsqueeze(-1)
+    if gS is not None:
+        inner = inner + torch.diag_embed(gS)
+    inv_s = s / (s * s + eps * eps) / scale
+    if m > k and gU is not None:  # + (I - U U^T) gU S^-1, the part of gU outside U's span
+        gUs = gU * inv_s.unsqueeze(-2)
+        return (U @ (inner - U.mT @ gUs) + gUs) @ Vh
+    if n > k and gVh is not None:  # + S^-1 gVh (I - V V^T)
+        gVs = gVh * inv_s.unsqueeze(-1)
+        return U @ ((inner - gVs @ Vh.mT) @ Vh + gVs)
+    return U @ inner @ Vh
 
 
 class _LinalgSvd(torch.autograd.Function):
@@ -49,6 +94,8 @@ def _svd(A: torch.Tensor):
     """batched_svd of a validated floating tensor, in its accumulator dtype."""
     acc = torch.float64 if A.dtype == torch.float64 else torch.float32
     A = A.to(acc)
+    if under_transform(A):
+        return torch.linalg.svd(A, full_matrices=False)
     if not (_kernel_fits(A) and has_kernel(A.device)):
         return _LinalgSvd.apply(A)
     batch = A.shape[:-2]
@@ -65,7 +112,9 @@ def batched_svd(A):
     input is computed in float32). Matrices with min(m, n) <= 64 run on kdfast's one-sided Jacobi kernels (CPU,
     CUDA without host synchronisation); others on torch.linalg.svd. Gradients through U, S and Vh equal
     torch.linalg.svd's where the singular values are distinct and non-zero, and stay finite where they repeat
-    or vanish (regularisation: kdfast._ops.svd_backward). NaN or inf in a matrix gives NaN outputs for it.
+    or vanish (regularisation: svd_backward), and double backward is correct there (differentiable torch
+    ops). Under torch.func transforms (vmap, grad) it is torch.linalg.svd. NaN or inf in a matrix gives NaN
+    outputs for it.
     """
     check.floating(A, "A")
     if A.dim() < 2:
@@ -114,7 +163,7 @@ def _set_loss(student, teacher, rank):
     Us, Ss, _ = _projection(student.to(acc), rank, True)
     Ut, St, _ = _projection(teacher.to(acc), rank, True)
     cross = ((Us.mT @ Ut) * (Ss.unsqueeze(-1) * St.unsqueeze(-2))).square().sum((-2, -1))
-    return reference.manifold_combine(Ss.square().square().sum(-1), St.square().square().sum(-1), cross)
+    return manifold_combine(Ss.square().square().sum(-1), St.square().square().sum(-1), cross)
 
 
 def _check_pair(s, t, rank, i):
@@ -125,7 +174,7 @@ def _check_pair(s, t, rank, i):
     for x, name in ((s, "student_features"), (t, "teacher_features")):
         if x.dim() not in (2, 3, 4):
             raise ValueError(f"{name}{where} must be (B, D), (sets, n, d) or (B, C, H, W), got {tuple(x.shape)}")
-    ps, pt = reference.manifold_points(s), reference.manifold_points(t)
+    ps, pt = manifold_points(s), manifold_points(t)
     if ps.shape[:-1] != pt.shape[:-1]:
         raise ValueError(f"student_features{where} and teacher_features{where} must give the same sets of points, "
                          f"got {tuple(ps.shape[:-1])} and {tuple(pt.shape[:-1])} (sets, points) from shapes "
@@ -157,9 +206,11 @@ def manifold_distillation_loss(student_features, teacher_features, rank, *, weig
     map is B sets of H*W points in C dimensions; (B, D) is one set of B points in D dimensions; (S, n, d) is S
     sets. Both sides need the same sets and points; d may differ. Per set, Y = U_rank S_rank of the centred
     points, P = Y Y^T / ||Y Y^T||_F (P = 0 if Y = 0), loss = ||P_s - P_t||_F^2 in [0, 2], computed through
-    rank x rank products. weights: gamma_i per pair (default 1). reduction: "mean" = sum_i gamma_i * mean over
-    sets; "none" = the per-set values (sets,) times gamma_i, a list for sequences. float32 result (float64 if
-    either side is float64); gradients reach both sides.
+    rank x rank products. A sample of this loss is a set: one image of a (B, C, H, W) map, the whole batch of a
+    (B, D) one. weights: gamma_i per pair (default 1). reduction: "mean" = sum_i gamma_i * mean over sets (0
+    without sets), "sum" = sum_i gamma_i * sum over sets, "none" = the per-set values (sets,) times gamma_i, a
+    list of them for sequences. float32 result (float64 if either side is float64); gradients reach both sides,
+    and double backward is correct (the SVD backward is differentiable).
     """
     check.choice(reduction, "reduction", REDUCTIONS)
     single = isinstance(student_features, torch.Tensor)
@@ -177,7 +228,7 @@ def manifold_distillation_loss(student_features, teacher_features, rank, *, weig
     values = [w * _set_loss(s, t, rank) for (s, t), w in zip(pairs, weights)]
     if reduction == "none":
         return values[0] if single else values
-    return sum(v.mean() for v in values)
+    return sum(reduce_samples(v, reduction) for v in values)
 
 
 class ManifoldDistillation(nn.Module):
@@ -198,3 +249,22 @@ class ManifoldDistillation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, weights={self.weights}, reduction={self.reduction!r}"
+
+
+if _ops._C is not None:
+
+    @torch.library.register_fake("kdfast::batched_svd")
+    def _batched_svd_fake(a):
+        batch, m, n = a.shape
+        k = min(m, n)
+        return a.new_empty((batch, m, k)), a.new_empty((batch, k)), a.new_empty((batch, k, n))
+
+    def _svd_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output)
+
+    def _svd_backward(ctx, gU, gS, gVh):
+        # Not once_differentiable: svd_backward is torch ops on the saved outputs U, S, Vh, whose own gradients
+        # lead back through this op, so a second derivative is correct (tests: gradgradcheck).
+        return svd_backward(*ctx.saved_tensors, gU, gS, gVh)
+
+    torch.library.register_autograd("kdfast::batched_svd", _svd_backward, setup_context=_svd_setup_context)

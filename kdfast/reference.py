@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._reduce import reduce_rows
+from ._features import affinity_graph, affinity_nodes, manifold_combine, manifold_points, match_spatial  # noqa: F401
+from ._reduce import reduce_rows, reduce_samples
 
 
 def _acc_dtype(*xs: torch.Tensor) -> torch.dtype:
@@ -78,17 +79,6 @@ def attention_map(features, p=2.0, *, pool="mean", normalize=True):
     return F.normalize(a, dim=1, eps=1e-12) if normalize else a
 
 
-def match_spatial(student, teacher):
-    """Adaptive-average-pools the feature map with more positions to the other's spatial size (RepDistiller)."""
-    s_size, t_size = student.shape[2:], teacher.shape[2:]
-    if s_size == t_size:
-        return student, teacher
-    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(s_size)]
-    if s_size.numel() > t_size.numel():
-        return pool(student, tuple(t_size)), teacher
-    return student, pool(teacher, tuple(s_size))
-
-
 def attention_transfer_loss(student_features, teacher_features, p=2.0, *, pool="mean", reduction="mean"):
     """Reference of kdfast.attention_transfer_loss over one pair or equal-length sequences of pairs."""
     if isinstance(student_features, torch.Tensor):
@@ -97,64 +87,39 @@ def attention_transfer_loss(student_features, teacher_features, p=2.0, *, pool="
     for s, t in zip(student_features, teacher_features):
         s, t = match_spatial(s, t)
         d = (attention_map(s, p, pool=pool) - attention_map(t, p, pool=pool)).pow(2)
-        per_sample.append(d.mean(1))
+        per_sample.append(d.sum(1) / max(d.shape[1], 1))
         sums.append(d.sum())
-    rows = torch.stack(per_sample)  # (pairs, B)
+    rows = torch.stack(per_sample)  # (pairs, B); a pair without positions gives 0
     if reduction == "none":
         return rows
     if reduction == "sum":
         return torch.stack(sums).sum()
     if reduction == "mean":
-        return rows.mean(1).sum()
-def affinity_nodes(features, pool_size=None, pool="max"):
-    """The (B, C, n) nodes of a (B, C, H, W) map: pooled with kernel = stride = pool_size (ceil mode), flattened."""
-    if pool_size is not None:
-        k = (pool_size, pool_size) if isinstance(pool_size, int) else tuple(pool_size)
-        pool_fn = F.max_pool2d if pool == "max" else F.avg_pool2d
-        features = pool_fn(features, k, k, ceil_mode=True)
-    return features.flatten(2)
-
-
-def affinity_graph(features, *, pool_size=None, pool="max", acc=None):
-    """Reference of kdfast.affinity_graph: a_ij = cosine similarity of nodes i and j (norms clamped at 1e-8)."""
-    nodes = affinity_nodes(features, pool_size, pool)
-    f = F.normalize(nodes.to(acc or _acc_dtype(nodes)), dim=1, eps=1e-8)
-    return f.transpose(1, 2) @ f
-
-
-def _reduce_batch(per_sample, reduction):
-    if reduction == "none":
-        return per_sample
-    if reduction == "sum":
-        return per_sample.sum()
-    if reduction == "mean":
-        return per_sample.sum() / max(per_sample.shape[0], 1)
+        return rows.sum(1).div(max(rows.shape[1], 1)).sum()
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
 def pairwise_affinity_loss(student_features, teacher_features, *, pool_size=None, pool="max", reduction="mean"):
-    """Reference of kdfast.pairwise_affinity_loss: sum_ij (a^s_ij - a^t_ij)^2 / n^2 per sample, with the explicit
-    n x n graphs."""
+    """Reference of kdfast.pairwise_affinity_loss, with the explicit n x n graphs: per sample the mean over pairs of
+    (a^s_ij - a^t_ij)^2 ("none", averaged by "mean"); "sum" the sum over samples and pairs."""
     acc = _acc_dtype(student_features, teacher_features)
     gs = affinity_graph(student_features, pool_size=pool_size, pool=pool, acc=acc)
     gt = affinity_graph(teacher_features, pool_size=pool_size, pool=pool, acc=acc)
-    n = gs.shape[-1]
-    return _reduce_batch((gs - gt).square().sum((1, 2)) / (n * n), reduction)
+    squares = (gs - gt).square()
+    if reduction == "sum":
+        return squares.sum()
+    return reduce_samples(squares.mean((1, 2)), reduction)
 
 
 def similarity_preserving_loss(student_features, teacher_features, *, reduction="mean"):
     """Reference of kdfast.similarity_preserving_loss (Tung & Mori): G = f f^T over the batch, rows L2-normalised
-    (eps 1e-12); ||G_s - G_t||_F^2, divided by B^2 for "mean"."""
+    (eps 1e-12); per sample its row's sum of squared differences ("none"), their sum ("sum") or that / B^2."""
     acc = _acc_dtype(student_features, teacher_features)
     b = student_features.shape[0]
-    fs = student_features.reshape(b, -1).to(acc)
-    ft = teacher_features.reshape(b, -1).to(acc)
-    total = (F.normalize(fs @ fs.T, dim=1) - F.normalize(ft @ ft.T, dim=1)).square().sum()
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / max(b * b, 1)
-    raise ValueError(f"unknown reduction {reduction!r}")
+    fs = student_features.reshape(b, -1 if b else 0).to(acc)
+    ft = teacher_features.reshape(b, -1 if b else 0).to(acc)
+    rows = (F.normalize(fs @ fs.T, dim=1) - F.normalize(ft @ ft.T, dim=1)).square().sum(1)
+    return reduce_samples(rows, reduction, mean_divisor=b * b)
 
 
 def batched_svd(A):
@@ -187,35 +152,16 @@ def manifold_set_loss(student, teacher, rank):
                             (Ys.mT @ Yt).square().sum((-2, -1)))
 
 
-def manifold_combine(ns2, nt2, cross):
-    """||P_s - P_t||_F^2 = ||P_s||^2 + ||P_t||^2 - 2 <P_s, P_t> from ns2 = ||Ys^T Ys||_F^2, nt2 = ||Yt^T Yt||_F^2
-    and cross = ||Ys^T Yt||_F^2; a side with Y = 0 has P = 0 (and a finite gradient: no sqrt at 0)."""
-    ps, pt = ns2 > 0, nt2 > 0
-    ns = torch.where(ps, ns2, torch.ones_like(ns2)).sqrt()
-    nt = torch.where(pt, nt2, torch.ones_like(nt2)).sqrt()
-    return ps.to(ns.dtype) + pt.to(nt.dtype) - 2 * cross / (ns * nt)
-
-
-def manifold_points(x):
-    """Feature tensor -> (sets, n points, d): (B, C, H, W) -> B sets of H*W points in C dims; (B, D) -> one set
-    of B points; (S, n, d) as is."""
-    if x.dim() == 4:
-        return x.flatten(2).mT
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    return x
-
-
 def manifold_distillation_loss(student_features, teacher_features, rank, weights=None, reduction="mean"):
-    """Sum over layer pairs i of gamma_i * (mean over sets of manifold_set_loss), or the list of per-set
-    values (times gamma_i) with reduction="none"; a single pair of tensors gives a tensor."""
+    """Sum over layer pairs i of gamma_i * (mean ("mean") or sum ("sum") over sets of manifold_set_loss), or the
+    per-set values times gamma_i ("none"; a list for sequences); a single pair of tensors gives a tensor."""
     single = isinstance(student_features, torch.Tensor)
     pairs = list(zip([student_features], [teacher_features]) if single else zip(student_features, teacher_features))
     weights = [1.0] * len(pairs) if weights is None else list(weights)
     values = [w * manifold_set_loss(manifold_points(s), manifold_points(t), rank) for (s, t), w in zip(pairs, weights)]
     if reduction == "none":
         return values[0] if single else values
-    return sum(v.mean() for v in values)
+    return sum(reduce_samples(v, reduction) for v in values)
 
 
 def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, tail="renormalize"):

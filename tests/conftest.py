@@ -10,8 +10,10 @@ import kdfast
 from kdfast import _ops
 
 # Inductor's on-disk cache does not key on the ops' fake (shape) functions: a graph compiled before one changed
-# would be reused with stale output shapes. Cache per version of kdfast/_ops.py, inside the checkout.
-_OPS_VERSION = hashlib.sha256(pathlib.Path(_ops.__file__).read_bytes()).hexdigest()[:16]
+# would be reused with stale output shapes. Cache per version of the op modules (kdfast/*.py, where the fake
+# functions live), inside the checkout.
+_OPS_VERSION = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(pathlib.Path(_ops.__file__).parent.glob("*.py")))
+                              ).hexdigest()[:16]
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
                       str(pathlib.Path(__file__).resolve().parents[1] / "build" / "inductor-cache" / _OPS_VERSION))
 

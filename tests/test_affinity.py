@@ -117,7 +117,8 @@ def test_pairwise_mixed_dtypes(device):
 
 
 def test_pairwise_non_contiguous(device):
-    s = make((2, 6, 5, 7), torch.float32, 8, device=device).detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    s = make((2, 6, 5, 7), torch.float32, 8, device=device).detach().to(memory_format=torch.channels_last)
+    s.requires_grad_(True)
     t = make((2, 9, 7, 5), torch.float32, 9, device=device).detach().transpose(2, 3).requires_grad_(True)
     check_pairwise(s, t, torch.float32)
     check_pairwise(s, t, torch.float32, pool_size=2, pool="avg")
@@ -140,10 +141,19 @@ def test_pairwise_reductions_and_module(reduction):
     t = make((3, 7, 5, 6), torch.float32, 13)
     out = kdfast.pairwise_affinity_loss(s, t, pool_size=(2, 2), reduction=reduction)
     ref = reference.pairwise_affinity_loss(s.double(), t.double(), pool_size=(2, 2), reduction=reduction)
-    assert_close(out, ref, torch.float32)
+    assert_close(out, ref, torch.float32, scale=max(1.0, float(ref.detach().abs().max())))
     module = kdfast.PairwiseAffinity(pool_size=2, reduction=reduction)
     torch.testing.assert_close(module(s, t), out, rtol=0, atol=0)
     assert "pool_size=(2, 2)" in repr(module)
+
+
+def test_pairwise_sum_is_the_sum_over_pairs():
+    """"sum" is never divided: the sum over samples and node pairs of the squared graph differences."""
+    s, t = make((3, 4, 5, 6), torch.float64, 12), make((3, 7, 5, 6), torch.float64, 13)
+    explicit = (kdfast.affinity_graph(s) - kdfast.affinity_graph(t)).square().sum()
+    torch.testing.assert_close(kdfast.pairwise_affinity_loss(s, t, reduction="sum"), explicit)
+    torch.testing.assert_close(kdfast.pairwise_affinity_loss(s, t, reduction="mean"), explicit / (3 * 30 * 30))
+    torch.testing.assert_close(kdfast.pairwise_affinity_loss(s, t, reduction="none").sum(), explicit / (30 * 30))
 
 
 def test_pairwise_empty_batch(device):
@@ -242,7 +252,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.kdfast.pairwise_affinity_fwd, (s, t))
     _, gram = torch.ops.kdfast.pairwise_affinity_fwd(s, t)
     g = torch.rand(2, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.kdfast.pairwise_affinity_bwd, (g, s.detach(), t.detach(), gram[:, :3].detach(), True, False))
+    torch.library.opcheck(torch.ops.kdfast.pairwise_affinity_bwd,
+                          (g, s.detach(), t.detach(), gram[:, :3].detach(), True, False))
     f = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     h = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.kdfast.similarity_preserving, (f, h, 4))
@@ -277,12 +288,13 @@ def test_similarity_preserving_matches_reference(device, dtype, shapes, tiled, m
     if tiled:
         monkeypatch.setattr(affinity, "SP_TILE_ENTRIES", 2 * shapes[0][0])  # two rows per tile
     s, t = make(shapes[0], dtype, 27, device=device), make(shapes[1], dtype, 28, device=device)
-    for reduction in ("mean", "sum"):
+    for reduction in ("mean", "sum", "none"):
         out = kdfast.similarity_preserving_loss(s, t, reduction=reduction)
-        ref, rgs, rgt = reference_and_grads(reference.similarity_preserving_loss, s, t, reduction=reduction)
-        gs, gt = torch.autograd.grad(out, (s, t))
+        w = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).reshape(out.shape)
+        ref, rgs, rgt = reference_and_grads(reference.similarity_preserving_loss, s, t, w, reduction=reduction)
+        gs, gt = torch.autograd.grad(out, (s, t), w.to(out.dtype))
         assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert_close(out, ref, dtype, scale=max(1.0, float(ref.abs())))
+        assert_close(out, ref, dtype, scale=max(1.0, float(ref.abs().max())))
         assert_grad_close(gs, rgs, dtype)
         assert_grad_close(gt, rgt, dtype)
     module = kdfast.SimilarityPreserving(reduction="sum")
@@ -297,11 +309,23 @@ def test_similarity_preserving_tiles_bound_memory(monkeypatch):
     assert max_allocation(lambda: kdfast.similarity_preserving_loss(s, t).backward()) < b * b * 4 // 4
 
 
+def test_similarity_preserving_none_is_per_sample():
+    """A sample's value is its row of the normalised Gram difference; "sum" adds them, "mean" divides by B^2."""
+    s, t = make((5, 3, 2), torch.float64, 31), make((5, 4), torch.float64, 32)
+    gs = torch.nn.functional.normalize(s.flatten(1) @ s.flatten(1).T, dim=1)
+    gt = torch.nn.functional.normalize(t @ t.T, dim=1)
+    rows = (gs - gt).square().sum(1)
+    torch.testing.assert_close(kdfast.similarity_preserving_loss(s, t, reduction="none"), rows)
+    torch.testing.assert_close(kdfast.similarity_preserving_loss(s, t, reduction="sum"), rows.sum())
+    torch.testing.assert_close(kdfast.similarity_preserving_loss(s, t), rows.sum() / 25)
+
+
 def test_similarity_preserving_empty_and_nan():
     s, t = torch.randn(0, 4, requires_grad=True), torch.randn(0, 5)
     out = kdfast.similarity_preserving_loss(s, t)
     assert out.item() == 0
     out.backward()
+    assert kdfast.similarity_preserving_loss(s, t, reduction="none").shape == (0,)
     x = torch.randn(3, 4)
     x[1, 2] = float("nan")
     assert torch.isnan(kdfast.similarity_preserving_loss(x, torch.randn(3, 4)))
@@ -341,12 +365,12 @@ def test_errors_options():
         kdfast.affinity_graph(x, pool_size=(2, 2, 2))
     with pytest.raises(ValueError, match="reduction must be one of"):
         kdfast.pairwise_affinity_loss(x, x, reduction="batchmean")
-    with pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum'"):
-        kdfast.similarity_preserving_loss(x, x, reduction="none")
+    with pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum', 'none'"):
+        kdfast.similarity_preserving_loss(x, x, reduction="batchmean")
     with pytest.raises(ValueError, match="reduction must be one of"):
         kdfast.PairwiseAffinity(reduction="x")
     with pytest.raises(ValueError, match="reduction must be one of"):
-        kdfast.SimilarityPreserving(reduction="none")
+        kdfast.SimilarityPreserving(reduction="batchmean")
 
 
 def test_errors_similarity_preserving():

@@ -44,8 +44,8 @@ def test_map_every_cpu_capability(cpu_capability):
     x = feats(3, 13, 37, 41)  # positions not a multiple of any vector width, more than one chunk
     for pool in POOLS:
         for p in (1.0, 2.0, 2.5):
-            out, (g,) = grads_of(lambda x: kdfast.attention_map(x, p, pool=pool), [x])
-            ref, (gr,) = grads_of(lambda x: ref_map(x, p, pool), [x])
+            out, (g,) = grads_of(lambda x, p=p, pool=pool: kdfast.attention_map(x, p, pool=pool), [x])
+            ref, (gr,) = grads_of(lambda x, p=p, pool=pool: ref_map(x, p, pool), [x])
             assert_close(out, ref, torch.float32)
             assert_close(g, gr, torch.float32, scale=10.0)
 
@@ -54,8 +54,8 @@ def test_map_every_cpu_capability(cpu_capability):
 def test_map_odd_shapes(shape):
     x = feats(*shape, dtype=torch.float64)
     for pool in POOLS:
-        out, (g,) = grads_of(lambda x: kdfast.attention_map(x, pool=pool), [x])
-        ref, (gr,) = grads_of(lambda x: ref_map(x, 2.0, pool), [x])
+        out, (g,) = grads_of(lambda x, pool=pool: kdfast.attention_map(x, pool=pool), [x])
+        ref, (gr,) = grads_of(lambda x, pool=pool: ref_map(x, 2.0, pool), [x])
         assert_close(out, ref, torch.float64)
         assert_close(g, gr, torch.float64)
 
@@ -75,8 +75,8 @@ def test_map_zero_and_nan():
     x[0] = 0  # norm 0 < eps: the map is 0 and the gradient as torch computes it
     x[1, 2, 3, 4] = float("nan")
     for pool in POOLS:
-        out, (g,) = grads_of(lambda x: kdfast.attention_map(x, pool=pool), [x])
-        ref, (gr,) = grads_of(lambda x: ref_map(x, 2.0, pool), [x])
+        out, (g,) = grads_of(lambda x, pool=pool: kdfast.attention_map(x, pool=pool), [x])
+        ref, (gr,) = grads_of(lambda x, pool=pool: ref_map(x, 2.0, pool), [x])
         assert torch.isnan(out[1]).all() and not torch.isnan(out[[0, 2]]).any()
         assert_close(out, ref, torch.float32)
         assert_close(g, gr, torch.float32)
@@ -175,10 +175,12 @@ def test_gradcheck():
     s = feats(2, 3, 3, 4, dtype=torch.float64).requires_grad_()
     t = feats(2, 2, 6, 8, dtype=torch.float64, seed=1).requires_grad_()
     for pool in POOLS:
-        assert torch.autograd.gradcheck(lambda x: kdfast.attention_map(x, 3.0, pool=pool), (s,))
+        assert torch.autograd.gradcheck(lambda x, pool=pool: kdfast.attention_map(x, 3.0, pool=pool), (s,))
         for reduction in ("mean", "none"):
-            assert torch.autograd.gradcheck(
-                lambda a, b: kdfast.attention_transfer_loss([a], [b], 2.0, pool=pool, reduction=reduction), (s, t))
+            def loss(a, b, pool=pool, reduction=reduction):
+                return kdfast.attention_transfer_loss([a], [b], 2.0, pool=pool, reduction=reduction)
+
+            assert torch.autograd.gradcheck(loss, (s, t))
 
 
 def test_opcheck():

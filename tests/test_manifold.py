@@ -282,6 +282,11 @@ def test_loss_reductions_weights_and_module(device):
     mean = kdfast.manifold_distillation_loss(s, t, 2, weights=[2.0, 0.5])
     torch.testing.assert_close(mean, none[0].mean() + none[1].mean())
     torch.testing.assert_close(kdfast.ManifoldDistillation(2, weights=[2.0, 0.5])(s, t), mean)
+    total = kdfast.manifold_distillation_loss(s, t, 2, weights=[2.0, 0.5], reduction="sum")
+    torch.testing.assert_close(total, none[0].sum() + none[1].sum())
+    single = kdfast.manifold_distillation_loss(s[0], t[0], 2, reduction="none")
+    assert single.shape == (5,)  # a sample of a (B, C, H, W) map is one image's set of H * W points
+    torch.testing.assert_close(kdfast.manifold_distillation_loss(s[0], t[0], 2, reduction="sum"), single.sum())
     assert ((none[0] >= 0) & (none[0] <= 4 + 1e-5)).all()
 
 
@@ -351,7 +356,7 @@ def test_errors():
     with pytest.raises(TypeError, match="weights must be a sequence"):
         kdfast.manifold_distillation_loss(x, x, 2, weights=1.0)
     with pytest.raises(ValueError, match="reduction must be one of"):
-        kdfast.manifold_distillation_loss(x, x, 2, reduction="sum")
+        kdfast.manifold_distillation_loss(x, x, 2, reduction="batchmean")
     with pytest.raises(TypeError, match="student_features must be"):
         kdfast.manifold_distillation_loss(x.long(), x, 2)
     with pytest.raises(TypeError, match="rank must be an int"):

@@ -55,6 +55,13 @@ struct AttentionProblem {
 
 constexpr double kAttentionEps = 1e-12;  // torch.nn.functional.normalize's default eps
 
+// A transfer row: the mean over a pair's positions of the squared differences, 0 for a pair without positions
+// (an H = 0 or W = 0 map), as every loss gives 0 on empty input.
+template <class A>
+KDFAST_HD inline A transfer_row(A squared_sum, int64_t positions) {
+  return positions > 0 ? squared_sum / A(positions) : A(0);
+}
+
 // abs, pow and sign of a scalar or (in csrc/cpu) of an at::vec::Vectorized; specialised per type.
 template <class V> struct AttnMath;
 

@@ -33,6 +33,11 @@ struct SvdProblem {
   }
 };
 
+// The kernels take matrices of at most this many columns in their tall view (k = min(m, n)): the column order
+// is an insertion sort, and a CUDA block holds a matrix in shared memory. kdfast.manifold reads it (through
+// kdfast._C.svd_max_cols) to send larger matrices to torch.linalg.svd.
+constexpr int64_t kSvdMaxCols = 64;
+
 // Sweeps stop when no pair of columns needed a rotation; this caps them for inputs that never settle
 // (NaN, or rounding that keeps re-exciting a pair). Jacobi converges quadratically: 6-12 sweeps are typical.
 constexpr int kSvdMaxSweeps = 30;
@@ -104,7 +109,7 @@ KDFAST_HD inline void svd_pair(int64_t n2, int64_t round, int64_t k, int64_t& i,
   j = a < b ? b : a;
 }
 
-// Column order by descending squared norm (insertion sort: k <= 64, stable, deterministic).
+// Column order by descending squared norm (insertion sort: k <= kSvdMaxCols, stable, deterministic).
 template <class S>
 KDFAST_HD inline void svd_order(const S* norm2, int64_t cols, int* order) {
   for (int64_t c = 0; c < cols; ++c) {

@@ -210,7 +210,7 @@ struct AttentionKernel {
       const V d = V::loadu(ys + j, m) - V::loadu(yt + j, m);
       acc = acc + d * d;
     });
-    static_cast<A*>(p.rows)[k * p.batch + b] = at::vec::vec_reduce_all<A>(std::plus<V>(), acc) / A(P);
+    static_cast<A*>(p.rows)[k * p.batch + b] = transfer_row(at::vec::vec_reduce_all<A>(std::plus<V>(), acc), P);
   }
 
   // ---- backward ----

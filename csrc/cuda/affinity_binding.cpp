@@ -6,21 +6,15 @@
 
 #include "../affinity.h"
 #include "affinity.h"
+#include "binding_utils.h"
 
 namespace kdfast {
 namespace {
 
-std::function<void(const AffinityChunk&)> on_stream(cudaError_t (*kernel)(const AffinityChunk&, cudaStream_t)) {
-  return [kernel](const AffinityChunk& p) {
-    const cudaError_t err = kernel(p, at::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, "kdfast: CUDA affinity kernel failed: ", cudaGetErrorString(err));
-  };
-}
-
 // Larger chunks than on the CPU (fewer, larger cuBLAS calls); still a small fraction of the graphs' size.
 const AffinityKernels& cuda_kernels() {
-  static const AffinityKernels k{on_stream(cuda::affinity_stage), on_stream(cuda::affinity_grad), int64_t(32) << 20,
-                                 false};
+  static const AffinityKernels k{on_stream(cuda::affinity_stage, "affinity"),
+                                 on_stream(cuda::affinity_grad, "affinity"), int64_t(32) << 20, false};
   return k;
 }
 

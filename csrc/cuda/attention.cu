@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Slice s) {
     acc += d * d;
   }
   acc = block_sum(acc, scratch);
-  if (threadIdx.x == 0) static_cast<A*>(s.rows)[(s.first_row + g) * s.batch + b] = acc / A(P);
+  if (threadIdx.x == 0) static_cast<A*>(s.rows)[(s.first_row + g) * s.batch + b] = transfer_row(acc, P);
 }
 
 // d loss / d map of feature q of the group at position i (see csrc/cpu/attention_kernel.h, upstream()).

@@ -6,22 +6,16 @@
 
 #include "../attention.h"
 #include "attention.h"
+#include "binding_utils.h"
 
 namespace kdfast {
 namespace {
 
-AttentionLauncher on_stream(cudaError_t (*kernel)(const AttentionProblem&, cudaStream_t)) {
-  return [kernel](const AttentionProblem& p) {
-    const cudaError_t err = kernel(p, at::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, "kdfast: CUDA attention kernel failed: ", cudaGetErrorString(err));
-  };
-}
-
 std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> fwd(at::TensorList features, double p,
                                                                               c10::string_view pool, bool normalize) {
   const c10::cuda::CUDAGuard guard(features[0].device());
-  auto [rows, maps, norms, argmax] =
-      attention_forward_op(features.vec(), p, std::string(pool), normalize, 0, on_stream(cuda::attention_forward));
+  auto [rows, maps, norms, argmax] = attention_forward_op(features.vec(), p, std::string(pool), normalize, 0,
+                                                          on_stream(cuda::attention_forward, "attention"));
   return {maps, norms, argmax};
 }
 
@@ -30,14 +24,14 @@ std::vector<at::Tensor> bwd(at::TensorList grad_maps, at::TensorList features, a
                             bool normalize, const c10::List<bool>& needs_grad) {
   const c10::cuda::CUDAGuard guard(features[0].device());
   return attention_backward_op(grad_maps, std::nullopt, features.vec(), maps, norms, argmax, p, std::string(pool),
-                               normalize, 0, needs_grad.vec(), on_stream(cuda::attention_backward));
+                               normalize, 0, needs_grad.vec(), on_stream(cuda::attention_backward, "attention"));
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> transfer_fwd(
     at::TensorList student, at::TensorList teacher, double p, c10::string_view pool) {
   const c10::cuda::CUDAGuard guard(student[0].device());
   return attention_forward_op(concat(student, teacher), p, std::string(pool), true,
-                              int64_t(student.size()), on_stream(cuda::attention_forward));
+                              int64_t(student.size()), on_stream(cuda::attention_forward, "attention"));
 }
 
 std::vector<at::Tensor> transfer_bwd(const at::Tensor& grad_rows, at::TensorList student, at::TensorList teacher,
@@ -46,7 +40,7 @@ std::vector<at::Tensor> transfer_bwd(const at::Tensor& grad_rows, at::TensorList
   const c10::cuda::CUDAGuard guard(student[0].device());
   return attention_backward_op({}, grad_rows, concat(student, teacher), maps, norms, argmax, p,
                                std::string(pool), true, int64_t(student.size()), needs_grad.vec(),
-                               on_stream(cuda::attention_backward));
+                               on_stream(cuda::attention_backward, "attention"));
 }
 
 }  // namespace

@@ -5,23 +5,17 @@
 #include <torch/library.h>
 
 #include "../kd_div.h"
+#include "binding_utils.h"
 #include "kd_div.h"
 
 namespace kdfast {
 namespace {
 
-KdLauncher on_stream(cudaError_t (*kernel)(const KdProblem&, cudaStream_t)) {
-  return [kernel](const KdProblem& p) {
-    const cudaError_t err = kernel(p, at::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, "kdfast: CUDA kd kernel failed: ", cudaGetErrorString(err));
-  };
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& s, const at::Tensor& t,
                                                    const std::optional<at::Tensor>& y, double T, c10::string_view d,
                                                    double beta, int64_t ignore) {
   const c10::cuda::CUDAGuard guard(s.device());
-  return kd_fwd(s, t, y, T, std::string(d), beta, ignore, on_stream(cuda::kd_forward));
+  return kd_fwd(s, t, y, T, std::string(d), beta, ignore, on_stream(cuda::kd_forward, "kd"));
 }
 
 std::tuple<at::Tensor, at::Tensor> bwd(const at::Tensor& gd, const std::optional<at::Tensor>& gc, const at::Tensor& s,
@@ -29,7 +23,8 @@ std::tuple<at::Tensor, at::Tensor> bwd(const at::Tensor& gd, const std::optional
                                        const at::Tensor& stats, double T, c10::string_view d, double beta,
                                        int64_t ignore, bool sg, bool tg) {
   const c10::cuda::CUDAGuard guard(s.device());
-  return kd_bwd(gd, gc, s, t, y, stats, T, std::string(d), beta, ignore, sg, tg, on_stream(cuda::kd_backward));
+  return kd_bwd(gd, gc, s, t, y, stats, T, std::string(d), beta, ignore, sg, tg,
+                on_stream(cuda::kd_backward, "kd"));
 }
 
 }  // namespace

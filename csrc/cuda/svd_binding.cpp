@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../svd.h"
+#include "binding_utils.h"
 #include "svd.h"
 
 namespace kdfast {
@@ -13,16 +14,15 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_cuda(const at::Tensor& a) {
   const c10::cuda::CUDAGuard guard(a.device());
-  return batched_svd(a, [](const SvdProblem& p) {
-    TORCH_CHECK_VALUE(p.cols() <= 64, "kdfast: the CUDA batched_svd kernel takes min(m, n) <= 64, got ", p.cols());
+  const SvdLauncher launch = on_stream(cuda::svd_forward, "batched_svd");
+  return batched_svd(a, [&launch](const SvdProblem& p) {
     const int64_t bytes = cuda::svd_shared_bytes(p);
     int device = 0, limit = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     TORCH_CHECK_VALUE(bytes <= limit, "kdfast: a ", p.m, " x ", p.n, " matrix needs ", bytes,
                       " bytes of shared memory in the CUDA batched_svd kernel; this GPU allows ", limit);
-    const cudaError_t err = cuda::svd_forward(p, at::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, "kdfast: CUDA batched_svd kernel failed: ", cudaGetErrorString(err));
+    launch(p);
   });
 }
 
