@@ -45,6 +45,9 @@ setup(
     packages=find_packages(include=["kdfast", "kdfast.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "llm": ["tokenizers>=0.15", "tqdm", "matplotlib"],  # python -m kdfast llm-demo
+    },
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )
