@@ -8,6 +8,7 @@ from .affinity import (
     similarity_preserving_loss,
 )
 from .attention import AttentionTransfer, attention_map, attention_transfer_loss
+from .fused_linear import TeacherHead, fused_linear_kd
 from .logits import KDDiv, KDLoss, kd_div, kd_loss
 from .manifold import ManifoldDistillation, batched_svd, manifold_distillation_loss, manifold_projection
 
@@ -16,4 +17,4 @@ __version__ = "0.1.0"
 __all__ = ["backends", "kd_div", "kd_loss", "KDDiv", "KDLoss", "attention_map", "attention_transfer_loss",
            "AttentionTransfer", "affinity_graph", "pairwise_affinity_loss", "similarity_preserving_loss",
            "PairwiseAffinity", "SimilarityPreserving", "batched_svd", "manifold_projection",
-           "manifold_distillation_loss", "ManifoldDistillation"]
+           "manifold_distillation_loss", "ManifoldDistillation", "fused_linear_kd", "TeacherHead"]

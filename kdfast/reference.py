@@ -216,3 +216,46 @@ def manifold_distillation_loss(student_features, teacher_features, rank, weights
     if reduction == "none":
         return values[0] if single else values
     return sum(v.mean() for v in values)
+
+
+def _topk_rows(student_logits, indices, logprobs, temperature, tail):
+    """Top-k divergence of every row (the definition of topk_kd_div, unscaled): q from the teacher's k
+    log-probabilities (-inf pads take no part), renormalised over them or with the missing mass as a (k+1)-th
+    category ("bucket"); a row without any entry gives 0."""
+    acc = _acc_dtype(student_logits, logprobs)
+    lp, valid = logprobs.to(acc), logprobs > float("-inf")
+    ls = F.log_softmax(student_logits.to(acc) / temperature, dim=-1).gather(-1, indices.long())
+    if tail == "renormalize":
+        lq = F.log_softmax(lp / temperature, dim=-1)
+        return torch.where(valid, _plogq(lq.exp(), lq - ls), torch.zeros_like(ls)).sum(-1)
+    teacher_tail = torch.log1p(-lp.exp().sum(-1, keepdim=True))
+    lq = F.log_softmax(torch.cat([lp, teacher_tail], -1) / temperature, dim=-1)
+    p_top = torch.where(valid, ls.exp(), torch.zeros_like(ls)).sum(-1, keepdim=True)
+    log_p = torch.cat([ls, torch.log1p(-p_top)], -1)
+    keep = torch.cat([valid, torch.ones_like(valid[..., :1])], -1)
+    return torch.where(keep, _plogq(lq.exp(), lq - log_p), torch.zeros_like(lq)).sum(-1)
+
+
+def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=None, target=None, temperature=1.0,
+                    alpha=1.0, divergence="kl", beta=0.5, tail="renormalize", ignore_index=-100, scale_t2=True,
+                    chunk_size=None):
+    """Reference of kdfast.fused_linear_kd: the logits built in full, then alpha * KD + (1 - alpha) * CE over the
+    rows whose target is not ignore_index (all rows without a target). teacher: logits, a TeacherHead (hidden,
+    weight, bias) or a TopK (indices, logprobs); the teacher gets no gradient. chunk_size is ignored."""
+    acc = _acc_dtype(student_hidden, student_weight)
+    bias = None if student_bias is None else student_bias.to(acc)
+    logits = F.linear(student_hidden.to(acc), student_weight.to(acc), bias)
+    keep = None if target is None else target != ignore_index
+    if not isinstance(teacher, torch.Tensor) and hasattr(teacher, "logprobs"):  # TopK
+        rows = _topk_rows(logits, teacher.indices, teacher.logprobs.detach(), temperature, tail)
+        kd = reduce_rows(rows * (temperature**2 if scale_t2 else 1.0), keep, "batchmean", logits.shape[-1])
+    else:
+        if not isinstance(teacher, torch.Tensor):  # TeacherHead
+            t_bias = None if teacher.bias is None else teacher.bias.to(acc)
+            teacher = F.linear(teacher.hidden.to(acc), teacher.weight.to(acc), t_bias)
+        kd = kd_div(logits, teacher.detach(), temperature, divergence=divergence, beta=beta, mask=keep,
+                    scale_t2=scale_t2)
+    if target is None:
+        return alpha * kd
+    ce = cross_entropy_rows(logits, target.long(), ignore_index=ignore_index).sum() / keep.sum().clamp_min(1)
+    return alpha * kd + (1 - alpha) * ce

@@ -1,0 +1,356 @@
+"""Fused linear + knowledge distillation for language models: the student's logits (hidden @ lm_head.weight.T)
+never exist in full.
+
+The rows are taken a chunk at a time: the chunk's logits in float32 (ATen matmul), the teacher's chunk (a slice of
+dense logits, a TeacherHead's logits under no_grad, or top-k rows), the per-row divergence and cross-entropy and
+their logits gradient from kdfast's fused kd_fwd / kd_bwd kernels, then the chunk's share of the gradients of the
+hidden states, the weight and the bias. The loss is a scalar, so all its gradients are made in the forward (as
+Liger-Kernel's fused linear losses do) and the backward only scales them by the upstream gradient. Memory: one
+chunk of logits (a few buffers of chunk x V) plus the float32 gradients of the weight and the hidden states.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+
+from . import _validate as check
+from . import reference
+from ._autograd import once_differentiable
+from ._ops import has_kernel
+from ._validate import acc_dtype
+from .logits import DIVERGENCES
+
+TAILS = ("renormalize", "bucket")
+# chunk_size=None: the most rows whose logits take at most this many bytes in the accumulation dtype (at least one
+# row). A chunk holds about three such buffers (student logits, teacher logits, their gradient) at a time.
+CHUNK_BYTES = 32 << 20
+
+
+class TeacherHead(NamedTuple):
+    """The teacher's last hidden states (..., Ht) and lm_head weight (V, Ht) (and bias (V,)): fused_linear_kd
+    computes its logits chunk by chunk, without gradient."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+
+
+def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype = torch.float32) -> int:
+    """Rows per chunk when chunk_size is None: floor(CHUNK_BYTES / (V x element size)), between 1 and rows."""
+    per_row = max(1, vocab) * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(rows, CHUNK_BYTES // per_row))
+
+
+def _topk_type():
+    """kdfast.TopK, defined by the top-k family (imported lazily: fused_linear does not need it to load)."""
+    try:
+        from .topk import TopK
+    except ImportError:
+        return None
+    return TopK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-chunk work: each returns (kd rows (c,), cross-entropy rows (c,) or None, gradient of the weighted loss with
+# respect to the chunk's logits (c, V)), where the weighted loss is sum(kd_weight * kd rows) + ce_weight * sum(ce).
+
+
+def _dense_chunk(logits, teacher, target, kd_weight, ce_weight, temperature, divergence, beta, ignore_index):
+    """kd_fwd + kd_bwd on the chunk's (c, V) logits: one pass each, the cross-entropy at T = 1 in the same pass."""
+    s3, t3 = logits.unsqueeze(-1), teacher.unsqueeze(-1)
+    y = None if target is None else target.unsqueeze(-1)
+    div, ce, stats = torch.ops.kdfast.kd_fwd(s3, t3, y, temperature, divergence, beta, ignore_index)
+    rows = div.shape
+    grad_ce = None if y is None else ce_weight.expand(rows)
+    grad, _ = torch.ops.kdfast.kd_bwd(kd_weight.reshape(-1, 1).expand(rows), grad_ce, s3, t3, y, stats,
+                                      temperature, divergence, beta, ignore_index, True, False)
+    return div.squeeze(-1), (None if y is None else ce.squeeze(-1)), grad.squeeze(-1)
+
+
+def topk_chunk(logits, indices, logprobs, temperature, tail, kd_weight):
+    """The top-k divergence of each row of a chunk and kd_weight * its gradient with respect to the logits.
+
+    logits (c, V) float32/float64; indices (c, k) int64; logprobs (c, k), the teacher's log-probabilities at T = 1
+    (-inf pads: a padded entry takes no part); kd_weight (c,) or a scalar. Returns (rows (c,) unscaled by T^2,
+    grad (c, V)) in the logits' dtype. tail "renormalize": q = softmax(logprobs / T) over the k entries, row =
+    sum_j q_j (log q_j - log p[idx_j]); "bucket": k + 1 categories, the teacher's and the student's missing mass as
+    the last one. A row without any entry gives 0. Plain torch ops on the chunk: the one place a top-k kernel
+    (fwd rows + bwd gradient) replaces."""
+    acc = logits.dtype
+    valid = logprobs > float("-inf")
+    lp = logprobs.to(acc)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    gathered = logp.gather(-1, indices)
+    p = logp.exp_()
+    del logp
+    if tail == "renormalize":
+        lq = torch.log_softmax(lp / temperature, dim=-1)
+        q = torch.where(valid, lq.exp(), torch.zeros_like(lq))
+        rows = torch.where(q > 0, q * (lq - gathered), torch.zeros_like(q)).sum(-1)
+        grad = p.mul_(q.sum(-1, keepdim=True))
+    else:
+        teacher_tail = torch.log1p(-lp.exp().sum(-1, keepdim=True).clamp(max=1))
+        lq = torch.log_softmax(torch.cat([lp, teacher_tail], -1) / temperature, dim=-1)
+        q_all = lq.exp()
+        q, q_tail = q_all[:, :-1] * valid, q_all[:, -1:]
+        top = torch.zeros_like(p).scatter_add_(-1, indices, valid.to(acc)) > 0
+        p_tail = torch.where(top, torch.zeros_like(p), p).sum(-1, keepdim=True)
+        log_p = torch.cat([torch.where(valid, gathered, torch.zeros_like(gathered)), p_tail.log()], -1)
+        q_all = torch.cat([q, q_tail], -1)
+        rows = torch.where(q_all > 0, q_all * (lq - log_p), torch.zeros_like(q_all)).sum(-1)
+        # d/dz: (p - q_j) on the top-k classes, p (1 - q_tail / p_tail) on the rest, all over T.
+        ratio = torch.where(q_tail > 0, q_tail / p_tail, torch.zeros_like(q_tail))
+        grad = p.mul_(torch.where(top, torch.ones_like(p), 1 - ratio))
+    grad.scatter_add_(-1, indices, -q)
+    weight = torch.as_tensor(kd_weight, dtype=acc, device=logits.device).reshape(-1, 1) / temperature
+    return rows, grad.mul_(weight)
+
+
+def _cross_entropy_chunk(logits, target, ce_weight, ignore_index, grad):
+    """Cross-entropy rows at T = 1 (0 on ignored rows); adds ce_weight * their gradient to grad in place."""
+    keep = target != ignore_index
+    y = torch.where(keep, target, torch.zeros_like(target)).unsqueeze(-1)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    rows = torch.where(keep, (lse - logits.gather(-1, y)).squeeze(-1), torch.zeros_like(lse.squeeze(-1)))
+    w = (ce_weight * keep).unsqueeze(-1).to(logits.dtype)
+    grad.add_((logits - lse).exp_().mul_(w)).scatter_add_(-1, y, -w)
+    return rows
+
+
+def _topk_dense_chunk(logits, indices, logprobs, target, kd_weight, ce_weight, temperature, tail, ignore_index):
+    rows, grad = topk_chunk(logits, indices, logprobs, temperature, tail, kd_weight)
+    ce = None if target is None else _cross_entropy_chunk(logits, target, ce_weight, ignore_index, grad)
+    return rows, ce, grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The op: loss and every gradient in one forward; its autograd scales the stored gradients.
+
+
+@torch.library.custom_op("kdfast::fused_linear_kd_fwd", mutates_args=())
+def fused_linear_kd_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        teacher_form: str, teacher: List[torch.Tensor], target: Optional[torch.Tensor],
+                        temperature: float, alpha: float, divergence: str, beta: float, tail: str,
+                        ignore_index: int, scale_t2: bool, chunk_size: int, needs: List[bool]
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d loss/d hidden, d loss/d weight, d loss/d bias), the gradients in the accumulation dtype (empty
+    where needs is False). hidden (N, H); target (N,) int64 or None; teacher_form "logits" ([teacher (N, V)]),
+    "head" ([hidden (N, Ht), weight (V, Ht)] + [bias (V,)]) or "topk" ([indices (N, k) int64, logprobs (N, k)])."""
+    n, v = hidden.shape[0], weight.shape[0]
+    acc = acc_dtype(hidden, weight, *(t for t in teacher if t.is_floating_point()))
+    # Autocast would run the matmuls below in half precision: the loss and gradients are float32 by contract.
+    with torch.autocast(hidden.device.type, enabled=False), torch.no_grad():
+        w = weight.to(acc)
+        b = None if bias is None else bias.to(acc)
+        t_w = teacher[1].to(acc) if teacher_form == "head" else None
+        t_b = teacher[2].to(acc) if teacher_form == "head" and len(teacher) > 2 else None
+        keep = None if target is None else target != ignore_index
+        count = torch.tensor(n) if keep is None else keep.sum()
+        denom = count.to(device=hidden.device, dtype=acc).clamp_min(1)
+        kd_scale = alpha * (temperature * temperature if scale_t2 else 1.0) / denom
+        use_ce = target is not None and alpha < 1
+        ce_weight = (1 - alpha) / denom
+        loss = hidden.new_zeros((), dtype=acc)
+        grad_h = hidden.new_empty((n, hidden.shape[1]) if needs[0] else (0,), dtype=acc)
+        grad_w = hidden.new_zeros(tuple(weight.shape) if needs[1] else (0,), dtype=acc)
+        grad_b = hidden.new_zeros((v,) if needs[2] else (0,), dtype=acc)
+        for lo in range(0, n, chunk_size):
+            hi = min(n, lo + chunk_size)
+            h = hidden[lo:hi].to(acc)
+            logits = h @ w.T if b is None else torch.addmm(b, h, w.T)
+            y = None if target is None else target[lo:hi]
+            kd_weight = kd_scale if keep is None else kd_scale * keep[lo:hi]
+            if teacher_form == "topk":
+                rows, ce, g = _topk_dense_chunk(logits, teacher[0][lo:hi], teacher[1][lo:hi],
+                                                y if use_ce else None, kd_weight, ce_weight, temperature, tail,
+                                                ignore_index)
+            else:
+                if teacher_form == "head":
+                    t_h = teacher[0][lo:hi].to(acc)
+                    t_logits = t_h @ t_w.T if t_b is None else torch.addmm(t_b, t_h, t_w.T)
+                else:
+                    t_logits = teacher[0][lo:hi]
+                rows, ce, g = _dense_chunk(logits, t_logits, y if use_ce else None, kd_weight, ce_weight,
+                                           temperature, divergence, beta, ignore_index)
+                del t_logits
+            del logits
+            if keep is not None:
+                rows = torch.where(keep[lo:hi], rows, torch.zeros_like(rows))
+            loss += (rows.sum() * kd_scale) + (ce.sum() * ce_weight if ce is not None else 0)
+            if needs[0]:
+                torch.mm(g, w, out=grad_h[lo:hi])
+            if needs[1]:
+                grad_w.addmm_(g.T, h)
+            if needs[2]:
+                grad_b += g.sum(0)
+            del g
+    return loss, grad_h, grad_w, grad_b
+
+
+@fused_linear_kd_fwd.register_fake
+def _fused_linear_kd_fwd_fake(hidden, weight, bias, teacher_form, teacher, target, temperature, alpha, divergence,
+                              beta, tail, ignore_index, scale_t2, chunk_size, needs):
+    acc = acc_dtype(hidden, weight, *(t for t in teacher if t.is_floating_point()))
+    return (hidden.new_empty((), dtype=acc),
+            hidden.new_empty(tuple(hidden.shape) if needs[0] else (0,), dtype=acc),
+            hidden.new_empty(tuple(weight.shape) if needs[1] else (0,), dtype=acc),
+            hidden.new_empty((weight.shape[0],) if needs[2] else (0,), dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    _, grad_h, grad_w, grad_b = output
+    ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
+    ctx.set_materialize_grads(False)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.needs = inputs[-1]
+    ctx.n_inputs, ctx.n_teacher = len(inputs), len(inputs[4])
+    # The inputs are saved for once_differentiable (it links a second derivative to them to raise); the backward
+    # reads only the gradients.
+    ctx.save_for_backward(hidden, weight, bias, grad_h, grad_w, grad_b)
+
+
+@once_differentiable("fused_linear_kd")
+def _backward(ctx, grad_loss, *_unused):
+    _, _, _, grad_h, grad_w, grad_b = ctx.saved_tensors
+    out = [None] * ctx.n_inputs
+    out[4] = [None] * ctx.n_teacher  # the teacher is constant
+    if grad_loss is not None:
+        for i, (g, dtype) in enumerate(zip((grad_h, grad_w, grad_b), ctx.dtypes)):
+            if ctx.needs[i] and ctx.needs_input_grad[i]:
+                out[i] = (g * grad_loss).to(dtype)
+    return tuple(out)
+
+
+fused_linear_kd_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The public function: checks, then the op.
+
+
+def _check_rows(x, name, rows, what):
+    if tuple(x.shape[:-1]) != tuple(rows):
+        raise ValueError(f"{name} must have the row shape {tuple(rows)} of student_hidden followed by {what}, got "
+                         f"{tuple(x.shape)}")
+
+
+def _check_teacher(teacher, rows, vocab):
+    """(form, tensors flattened to rows) of the teacher argument, or a clear error."""
+    if isinstance(teacher, torch.Tensor):
+        check.floating(teacher, "teacher")
+        _check_rows(teacher, "teacher", rows, f"the vocabulary size {vocab}")
+        if teacher.shape[-1] != vocab:
+            raise ValueError(f"teacher logits have {teacher.shape[-1]} classes but student_weight has {vocab} rows "
+                             f"(the vocabulary size)")
+        return "logits", [teacher.detach().reshape(-1, vocab)]
+    if isinstance(teacher, TeacherHead):
+        check.floating(teacher.hidden, "teacher.hidden")
+        check.floating(teacher.weight, "teacher.weight")
+        _check_rows(teacher.hidden, "teacher.hidden", rows, "the teacher's hidden size")
+        if teacher.weight.dim() != 2 or teacher.weight.shape != (vocab, teacher.hidden.shape[-1]):
+            raise ValueError(f"teacher.weight must be (V, Ht) = ({vocab}, {teacher.hidden.shape[-1]}), got "
+                             f"{tuple(teacher.weight.shape)}")
+        tensors = [teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1]), teacher.weight.detach()]
+        if teacher.bias is not None:
+            check.floating(teacher.bias, "teacher.bias")
+            if teacher.bias.shape != (vocab,):
+                raise ValueError(f"teacher.bias must be ({vocab},), got {tuple(teacher.bias.shape)}")
+            tensors.append(teacher.bias.detach())
+        return "head", tensors
+    topk = _topk_type()
+    if topk is not None and isinstance(teacher, topk):
+        check.tensor(teacher.indices, "teacher.indices")
+        check.floating(teacher.logprobs, "teacher.logprobs")
+        if teacher.indices.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"teacher.indices must be int64 or int32, got {teacher.indices.dtype}")
+        _check_rows(teacher.indices, "teacher.indices", rows, "k")
+        check.same_shape(teacher.indices, teacher.logprobs, "teacher.indices", "teacher.logprobs")
+        idx = teacher.indices.reshape(-1, teacher.indices.shape[-1]).long()
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling() and idx.numel() \
+                and bool(((idx < 0) | (idx >= vocab)).any()):
+            raise ValueError(f"teacher.indices must lie in [0, {vocab}) (the vocabulary)")
+        return "topk", [idx, teacher.logprobs.detach().reshape(idx.shape)]
+    raise TypeError("teacher must be a logits tensor, a kdfast.TeacherHead or a kdfast.TopK, got "
+                    f"{type(teacher).__name__}")
+
+
+def _check_target(target, rows, vocab, ignore_index):
+    check.tensor(target, "target")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype}")
+    if tuple(target.shape) != tuple(rows):
+        raise ValueError(f"target must have the row shape {tuple(rows)} of student_hidden, got {tuple(target.shape)}")
+    y = target.reshape(-1).long()
+    if y.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (y != ignore_index) & ((y < 0) | (y >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"target holds class {int(y[bad][0])}, outside [0, {vocab}) and not "
+                             f"ignore_index={ignore_index}")
+    return y
+
+
+def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=None, target=None, temperature=1.0,
+                    alpha=1.0, divergence="kl", beta=0.5, tail="renormalize", ignore_index=-100, scale_t2=True,
+                    chunk_size=None) -> torch.Tensor:
+    """alpha * KD + (1 - alpha) * cross-entropy of the student's logits = student_hidden @ student_weight.T +
+    student_bias, computed chunk by chunk without building the logits.
+
+    student_hidden (N, H) or (B, T, H); student_weight (V, H), as lm_head.weight; student_bias (V,) or None.
+    teacher: logits (..., V); TeacherHead(hidden (..., Ht), weight (V, Ht), bias=None); or kdfast.TopK(indices,
+    logprobs) (..., k). KD is kd_div (dense teachers; divergence, beta) or topk_kd_div (TopK; tail), "batchmean"
+    over the rows whose target is not ignore_index (all rows without a target), times T^2 when scale_t2; the
+    cross-entropy is at T = 1, mean over the same rows. alpha != 1 needs a target. Gradients reach student_hidden,
+    student_weight and student_bias (the teacher is constant); they are accumulated in float32 (float64 for double
+    inputs) and returned in each input's dtype. chunk_size: rows per chunk; None takes
+    floor(32 MiB / (V x 4 bytes)) rows (float32), at least 1. Returns a float32 scalar (float64 for double).
+    """
+    check.floating(student_hidden, "student_hidden")
+    check.floating(student_weight, "student_weight")
+    if student_hidden.dim() not in (2, 3):
+        raise ValueError(f"student_hidden must be (N, H) or (B, T, H), got shape {tuple(student_hidden.shape)}")
+    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"student_weight must be (V, H) with H = {student_hidden.shape[-1]} (student_hidden's hidden "
+                         f"size), got {tuple(student_weight.shape)}")
+    vocab, hidden_size = student_weight.shape
+    if vocab == 0:
+        raise ValueError("student_weight has no rows (an empty vocabulary)")
+    rows = tuple(student_hidden.shape[:-1])
+    if student_bias is not None:
+        check.floating(student_bias, "student_bias")
+        if tuple(student_bias.shape) != (vocab,):
+            raise ValueError(f"student_bias must be ({vocab},), got {tuple(student_bias.shape)}")
+    temperature = check.positive_finite(temperature, "temperature")
+    alpha = check.in_closed_unit(alpha, "alpha")
+    check.choice(divergence, "divergence", DIVERGENCES)
+    beta = check.real(beta, "beta")
+    if divergence == "jsd":
+        check.in_open_unit(beta, "beta")
+    check.choice(tail, "tail", TAILS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(scale_t2, bool):
+        raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    form, tensors = _check_teacher(teacher, rows, vocab)
+    y = None
+    if target is not None:
+        y = _check_target(target, rows, vocab, ignore_index)
+    elif alpha != 1:
+        raise ValueError(f"alpha={alpha} mixes in cross-entropy, which needs a target: pass target= or alpha=1")
+    check.same_device({"student_hidden": student_hidden, "student_weight": student_weight,
+                       "student_bias": student_bias, "teacher": tensors[0], "target": y})
+    if not has_kernel(student_hidden.device):
+        return reference.fused_linear_kd(student_hidden, student_weight, teacher, student_bias=student_bias,
+                                         target=target, temperature=temperature, alpha=alpha, divergence=divergence,
+                                         beta=beta, tail=tail, ignore_index=ignore_index, scale_t2=scale_t2)
+    hidden = student_hidden.reshape(-1, hidden_size)
+    acc = acc_dtype(hidden, student_weight, *(t for t in tensors if t.is_floating_point()))
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], vocab, acc)
+    needs = [student_hidden.requires_grad, student_weight.requires_grad,
+             student_bias is not None and student_bias.requires_grad]
+    loss, *_ = fused_linear_kd_fwd(hidden, student_weight, student_bias, form, tensors, y, temperature, alpha,
+                                   divergence, beta, tail, ignore_index, scale_t2, chunk, needs)
+    return loss
