@@ -65,8 +65,7 @@ class Settings:
     progress: bool = True
 
 
-QUICK = {"teacher_steps": 120, "steps": 80, "train_chars": 400_000, "validation_chars": 60_000, "eval_every": 20,
-         "eval_windows": 64}
+QUICK = {"teacher_steps": 120, "steps": 80, "eval_every": 20}
 
 # (label, loss kind, tail, the kdfast names the loss needs)
 STUDENTS = [
@@ -227,7 +226,9 @@ def run(settings: Settings, log=print) -> dict:
     tokenizer.save(os.path.join(settings.out, "tokenizer.json"))
     train_tokens, val_tokens = encode(tokenizer, corpus.train), encode(tokenizer, corpus.validation)
     train_w = windows(train_tokens, settings.context)
-    data = (train_w, windows(val_tokens, settings.context)[: settings.eval_windows])
+    val_w = windows(val_tokens, settings.context)
+    # Windows spread evenly over every validation file, not the first file's opening.
+    data = (train_w, val_w[torch.linspace(0, len(val_w) - 1, min(settings.eval_windows, len(val_w))).long()])
     vocab = tokenizer.get_vocab_size()
     log(f"corpus: {len(corpus.train_files)} training files ({train_tokens.numel():,} tokens), "
         f"{len(corpus.validation_files)} validation files ({val_tokens.numel():,} tokens, "
@@ -354,14 +355,19 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    report = run(settings)
+    job(settings)
+    return 0
+
+
+def job(settings: Settings, log=print) -> dict:
+    """run(), then results.json, llm-demo.md and llm-demo.png under settings.out; prints the table."""
+    report = run(settings, log)
     with open(os.path.join(settings.out, "results.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     with open(os.path.join(settings.out, "llm-demo.md"), "w") as fh:
         fh.write(markdown(report))
     chart(report, os.path.join(settings.out, "llm-demo.png"))
-    print()
-    print(table(report["models"]))
-    print(f"\nwall time {report['wall_s']:.0f} s; wrote llm-demo.md, llm-demo.png and results.json under "
-          f"{settings.out}")
-    return 0
+    log("")
+    log(table(report["models"]))
+    log(f"\nwall time {report['wall_s']:.0f} s; wrote llm-demo.md, llm-demo.png and results.json under {settings.out}")
+    return report

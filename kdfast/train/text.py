@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 
 END_OF_FILE = "<|endoftext|>"
-# Folders of the standard library that are not its own code (installed packages) or that hold deliberately odd
-# files (test data with bad encodings and syntax errors); skipping them keeps the corpus ordinary Python.
-SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "lib2to3"}
+# Folders of the standard library that are not its own code (installed packages), that hold deliberately odd
+# files (test data with bad encodings and syntax errors) or generated tables (encodings: a codec's 256-entry
+# character map per file); skipping them keeps the corpus ordinary, hand-written Python.
+SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "lib2to3", "encodings"}
 
 
 class MissingDependency(RuntimeError):
