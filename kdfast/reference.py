@@ -226,7 +226,8 @@ def _topk_rows(student_logits, indices, logprobs, temperature, tail):
     lp, valid = logprobs.to(acc), logprobs > float("-inf")
     ls = F.log_softmax(student_logits.to(acc) / temperature, dim=-1).gather(-1, indices.long())
     if tail == "renormalize":
-        lq = F.log_softmax(lp / temperature, dim=-1)
+        no_entry = ~valid.any(-1, keepdim=True)  # kept finite: its q would be NaN, and NaN leaks into gradients
+        lq = F.log_softmax(torch.where(no_entry, torch.zeros_like(lp), lp) / temperature, dim=-1)
         return torch.where(valid, _plogq(lq.exp(), lq - ls), torch.zeros_like(ls)).sum(-1)
     teacher_tail = torch.log1p(-lp.exp().sum(-1, keepdim=True))
     lq = F.log_softmax(torch.cat([lp, teacher_tail], -1) / temperature, dim=-1)
