@@ -18,3 +18,8 @@ __all__ = ["backends", "kd_div", "kd_loss", "KDDiv", "KDLoss", "attention_map", 
            "AttentionTransfer", "affinity_graph", "pairwise_affinity_loss", "similarity_preserving_loss",
            "PairwiseAffinity", "SimilarityPreserving", "batched_svd", "manifold_projection",
            "manifold_distillation_loss", "ManifoldDistillation", "fused_linear_kd", "TeacherHead"]
+from . import distributed  # noqa: E402  (kdfast.distributed.vocab_parallel_kd_div, ..._topk_kd_div)
+from .topk import TopK, topk_from_logits, topk_kd_div  # noqa: E402
+from .topk_store import TopKStore  # noqa: E402
+
+__all__ += ["TopK", "topk_from_logits", "topk_kd_div", "TopKStore", "distributed"]

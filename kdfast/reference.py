@@ -260,3 +260,38 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
         return alpha * kd
     ce = cross_entropy_rows(logits, target.long(), ignore_index=ignore_index).sum() / keep.sum().clamp_min(1)
     return alpha * kd + (1 - alpha) * ce
+
+
+def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, tail="renormalize"):
+    """The unscaled divergence of every row (..., V) from a sparse teacher (..., k): log-probabilities at T = 1,
+    -inf = padding (its index is not read). "renormalize": KL(softmax(lp / T) || p[idx]); "bucket": one more
+    category, the mass the teacher did not return, against the student's mass off the top-k classes. A row
+    without a valid entry gives 0 with "renormalize"."""
+    acc = _acc_dtype(student_logits, teacher_logprobs)
+    logp = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
+    lp = teacher_logprobs.to(acc)
+    valid = lp > float("-inf")
+    logp_top = logp.gather(-1, torch.where(valid, teacher_indices, torch.zeros_like(teacher_indices)).long())
+    logp_top = torch.where(valid, logp_top, torch.full_like(logp_top, float("-inf")))
+    t = lp / temperature
+    if tail == "bucket":
+        mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
+        u = torch.log((1 - mass).clamp_min(0))
+        t = torch.cat([t, u / temperature], dim=-1)
+        rest = (1 - logp_top.exp().sum(-1, keepdim=True)).clamp_min(0)
+        logp_top = torch.cat([logp_top, rest.log()], dim=-1)
+    elif tail != "renormalize":
+        raise ValueError(f"unknown tail {tail!r}")
+    logq = F.log_softmax(t, dim=-1)
+    rows = _plogq(logq.exp(), logq - logp_top).sum(-1)
+    if tail == "renormalize":
+        rows = torch.where(valid.any(-1), rows, torch.zeros_like(rows))
+    return rows
+
+
+def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, *, tail="renormalize", mask=None,
+                reduction="batchmean", scale_t2=True):
+    """topk_kd_rows reduced over the rows of the mask ("batchmean", "sum" or "none"), times T^2 with scale_t2."""
+    rows = topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature, tail)
+    out = reduce_rows(rows, mask, reduction, student_logits.shape[-1])
+    return out * (temperature * temperature) if scale_t2 else out

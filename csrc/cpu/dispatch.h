@@ -7,6 +7,7 @@
 #include "../common/affinity.h"
 #include "../common/kd_div.h"
 #include "../common/svd.h"
+#include "../common/topk_kd.h"
 
 namespace kdfast::cpu {
 
@@ -19,7 +20,9 @@ namespace kdfast::cpu {
   X(attention_backward, const AttentionProblem&) \
   X(affinity_stage, const AffinityChunk&) \
   X(affinity_grad, const AffinityChunk&) \
-  X(svd_forward, const SvdProblem&)
+  X(svd_forward, const SvdProblem&) \
+  X(topk_kd_forward, const TopKProblem&) \
+  X(topk_kd_backward, const TopKProblem&)
 
 #define KDFAST_DECLARE(name, arg) void name(arg);
 namespace DEFAULT { KDFAST_CPU_KERNELS(KDFAST_DECLARE) }

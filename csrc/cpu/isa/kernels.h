@@ -4,3 +4,4 @@
 #include "../attention_kernel.h"
 #include "../kd_div_kernel.h"
 #include "../svd_kernel.h"
+#include "../topk_kd_kernel.h"

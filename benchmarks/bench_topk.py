@@ -1,0 +1,130 @@
+"""topk_kd_div forward + backward (student requires grad, teacher top-k frozen), and the vocabulary-parallel losses
+over 2 gloo ranks.
+
+Besides kdfast, reference (kdfast.reference, eager) and compiled, the topk rows time what a user writes without
+kdfast ("user": softmax of the teacher's log-probs, full log_softmax of the student, gather) and its torch.compile
+("user-compiled"): the baselines the top-k targets are stated against.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from harness import IMPLS, make_impl, measure
+
+import kdfast
+from kdfast import reference
+
+# name: (rows, V, k, dtype, devices)
+WORKLOADS = {
+    "llm": (1024, 32000, 64, torch.float32, ("cpu",)),
+    "llm-8k": (8192, 32000, 64, torch.bfloat16, ("cuda",)),
+    "llm-128k": (4096, 128256, 100, torch.bfloat16, ("cuda",)),
+}
+T = 2.0
+ROUNDS = 5
+PEER_IMPLS = ("user", "user-compiled")
+
+
+def user_topk_kd(s, idx, lp):
+    """The plain PyTorch a user writes for top-k KD."""
+    q = (lp / T).softmax(-1)
+    logp = (s.float() / T).log_softmax(-1).gather(-1, idx)
+    return (q * (q.log() - logp)).sum(-1).mean() * (T * T)
+
+
+def _inputs(rows, V, k, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    s = (torch.randn(rows, V, generator=g) * 3).to(device=device, dtype=dtype).requires_grad_(True)
+    idx, lp = kdfast.topk_from_logits(torch.randn(rows, V, generator=g) * 3, k)
+    return s, idx.to(device), lp.to(device)
+
+
+def _call(impl):
+    if impl in PEER_IMPLS:
+        if impl == "user":
+            return user_topk_kd
+        torch._dynamo.reset()
+        return torch.compile(user_topk_kd, dynamic=False)
+    return make_impl(impl, lambda s, i, lp: kdfast.topk_kd_div(s, i, lp, T),
+                     lambda s, i, lp: reference.topk_kd_div(s, i, lp, T))
+
+
+@pytest.mark.parametrize("impl", [*IMPLS, *PEER_IMPLS])
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_topk(benchmark, device, impl, workload):
+    rows, V, k, dtype, devices = WORKLOADS[workload]
+    if device not in devices:
+        pytest.skip(f"{workload} is a {'/'.join(devices)} workload")
+    s, idx, lp = _inputs(rows, V, k, dtype, device)
+    call = _call(impl)
+
+    def step():
+        call(s, idx, lp).backward()
+        s.grad = None
+
+    n, elt = s.numel(), s.element_size()
+    # Must move: forward reads s; backward reads s and writes grad s (the k entries are negligible).
+    measure(benchmark, step, op="topk_kd_div", workload=workload, impl=impl, device=device, bytes_moved=3 * n * elt,
+            flops=0, shape=[rows, V], k=k, dtype=str(dtype).replace("torch.", ""), grad_bytes=n * elt,
+            rounds=ROUNDS)
+
+
+# ---- vocabulary-parallel, 2 gloo ranks on CPU: this process is rank 0, a spawned helper is rank 1 ----
+VP_ROWS, VP_SHARDS, VP_K = 1024, (16000, 16000), 64
+# measure() runs the step 2 (warm-up) + 1 (peak memory) + 1 (warm-up round) + ROUNDS times; rank 1 matches it.
+VP_STEPS = 4 + ROUNDS
+
+
+def _vp_step(fn, rank):
+    g = torch.Generator().manual_seed(rank)
+    s = (torch.randn(VP_ROWS, VP_SHARDS[rank], generator=g) * 3).requires_grad_(True)
+    t = torch.randn(VP_ROWS, VP_SHARDS[rank], generator=g) * 3
+    idx = torch.randint(0, sum(VP_SHARDS), (VP_ROWS, VP_K), generator=torch.Generator().manual_seed(9))
+    lp = torch.randn(VP_ROWS, VP_K, generator=torch.Generator().manual_seed(8)).log_softmax(-1) - 1.0
+
+    def step():
+        if fn == "vocab_parallel_kd_div":
+            loss = kdfast.distributed.vocab_parallel_kd_div(s, t, T)
+        else:
+            loss = kdfast.distributed.vocab_parallel_topk_kd_div(s, idx, lp, T)
+        loss.backward()
+        s.grad = None
+
+    return s, step
+
+
+def _vp_helper(rank, port, fn):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    _, step = _vp_step(fn, rank)
+    for _ in range(VP_STEPS):
+        step()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fn", ["vocab_parallel_kd_div", "vocab_parallel_topk_kd_div"])
+def test_vocab_parallel(benchmark, device, fn):
+    if device != "cpu":
+        pytest.skip("the vocabulary-parallel row runs 2 gloo ranks on CPU")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    threads = torch.get_num_threads()
+    ctx = mp.get_context("spawn").Process(target=_vp_helper, args=(1, port, fn))
+    ctx.start()
+    os.environ.pop("WORLD_SIZE", None)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
+    try:
+        s, step = _vp_step(fn, 0)
+        n = s.numel()
+        measure(benchmark, step, op=fn, workload="llm-2rank", impl="kdfast", device="cpu",
+                bytes_moved=(5 if fn == "vocab_parallel_kd_div" else 3) * n * 4, flops=0,
+                shape=[VP_ROWS, sum(VP_SHARDS)], ranks=2, dtype="float32", grad_bytes=n * 4, rounds=ROUNDS)
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+        ctx.join(timeout=60)

@@ -1,0 +1,127 @@
+// The sparse (top-k) teacher divergence ops: schemas, tensor glue and CPU registration. The math is in
+// csrc/common/topk_kd.h, the kernels in csrc/cpu/topk_kd_kernel.h and csrc/cuda/topk_kd.cu.
+#include "topk_kd.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "cpu/dispatch.h"
+#include "tensor_utils.h"
+
+namespace kdfast {
+namespace {
+
+TopKTail parse_tail(const std::string& tail) {
+  if (tail == "renormalize") return TopKTail::Renormalize;
+  if (tail == "bucket") return TopKTail::Bucket;
+  TORCH_CHECK_VALUE(false, "kdfast: tail must be 'renormalize' or 'bucket', got '", tail, "'");
+}
+
+// The problem's inputs as the kernels read them: contiguous student rows (promoted to float64 when the log-probs
+// are float64), int64 indices and accumulator-typed log-probs (both (rows, k): small next to the logits).
+struct TopKInputs {
+  at::Tensor student, indices, logprobs;
+  TopKProblem p;
+};
+
+TopKInputs prepare(const at::Tensor& student, const at::Tensor& indices, const at::Tensor& logprobs,
+                   double temperature, const std::string& tail) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "kdfast: topk ops take (rows, classes) logits, got ", student.sizes());
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == student.size(0) && indices.sizes() == logprobs.sizes(),
+                    "kdfast: teacher indices ", indices.sizes(), " and log-probs ", logprobs.sizes(),
+                    " must both be (rows, k) with the student's ", student.size(0), " rows");
+  TORCH_CHECK_VALUE(student.size(1) >= 1, "kdfast: the class dimension is empty");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+                   "kdfast: teacher indices must be int64 or int32, got ", indices.scalar_type());
+  TORCH_CHECK(student.device() == indices.device() && student.device() == logprobs.device(), "kdfast: student on ",
+              student.device(), ", teacher indices on ", indices.device(), ", log-probs on ", logprobs.device());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "kdfast: temperature must be finite and > 0, got ",
+                    temperature);
+  kernel_dtype(logprobs, "teacher log-probs");
+  const bool acc_double = student.scalar_type() == at::kDouble || logprobs.scalar_type() == at::kDouble;
+  TopKInputs in;
+  in.student = (acc_double ? student.to(at::kDouble) : student).contiguous();
+  in.indices = indices.to(at::kLong).contiguous();
+  in.logprobs = logprobs.to(acc_double ? at::kDouble : at::kFloat).contiguous();
+  TopKProblem& p = in.p;
+  p = TopKProblem{};
+  p.student = in.student.data_ptr();
+  p.student_dtype = kernel_dtype(in.student, "student");
+  p.indices = in.indices.data_ptr<int64_t>();
+  p.logprobs = in.logprobs.data_ptr();
+  p.rows = student.size(0);
+  p.classes = student.size(1);
+  p.k = indices.size(1);
+  p.temperature = temperature;
+  p.tail = parse_tail(tail);
+  p.acc_double = acc_double;
+  return in;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_kd_fwd(const at::Tensor& student, const at::Tensor& indices,
+                                               const at::Tensor& logprobs, double temperature,
+                                               const std::string& tail, const TopKLauncher& launch) {
+  TopKInputs in = prepare(student, indices, logprobs, temperature, tail);
+  const auto acc = in.student.options().dtype(in.p.acc_double ? at::kDouble : at::kFloat);
+  at::Tensor loss = at::empty({in.p.rows}, acc);
+  at::Tensor stats = at::empty({kTopKPlanes, in.p.rows}, acc);
+  if (in.p.rows > 0) {
+    in.p.loss = loss.data_ptr();
+    in.p.stats = stats.data_ptr();
+    launch(in.p);
+  }
+  return {loss, stats};
+}
+
+at::Tensor topk_kd_bwd(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& indices,
+                       const at::Tensor& logprobs, const at::Tensor& stats, double temperature,
+                       const std::string& tail, const TopKLauncher& launch) {
+  TopKInputs in = prepare(student, indices, logprobs, temperature, tail);
+  const auto acc = in.p.acc_double ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({kTopKPlanes, in.p.rows}) && stats.scalar_type() == acc,
+                    "kdfast: stats of shape ", stats.sizes(), " do not belong to these logits");
+  // A gradient broadcast to every row (that of a sum or mean) is read in place with stride 0.
+  at::Tensor g = grad_loss.to(acc).expand({in.p.rows});
+  const bool broadcast = in.p.rows > 0 && g.stride(0) == 0;
+  if (!broadcast) g = g.contiguous();
+  const at::Tensor st = stats.contiguous();
+  at::Tensor gs = empty_output(in.student.sizes(), in.student.options());
+  if (in.p.rows > 0) {
+    in.p.stats = const_cast<void*>(st.data_ptr());
+    in.p.grad_loss = g.data_ptr();
+    in.p.grad_stride = broadcast ? 0 : 1;
+    in.p.grad_student = gs.data_ptr();
+    launch(in.p);
+  }
+  return gs.to(student.scalar_type());
+}
+
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  // Divergence from a sparse teacher over (rows, classes) student logits: per row the k teacher entries
+  // (indices int64/int32 into classes, log-probabilities at T = 1, -inf = padding) as in csrc/common/topk_kd.h.
+  // loss = the (rows,) unscaled divergence (float32, float64 when student or log-probs are float64); stats = the
+  // (2, rows) row statistics the backward reads. The indices must be in range (the Python function checks).
+  m.def("topk_kd_fwd(Tensor student, Tensor indices, Tensor logprobs, float temperature, str tail) "
+        "-> (Tensor loss, Tensor stats)");
+  // Gradient of sum(grad_loss * loss) with respect to the student logits, in the student's dtype, from topk_kd_fwd's
+  // stats: grad_loss (rows,) or a broadcast scalar; written once, (p - q) / T on the top-k classes, p c / T elsewhere.
+  m.def("topk_kd_bwd(Tensor grad_loss, Tensor student, Tensor indices, Tensor logprobs, Tensor stats, "
+        "float temperature, str tail) -> Tensor grad_student");
+}
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("topk_kd_fwd", [](const at::Tensor& s, const at::Tensor& i, const at::Tensor& lp, double T,
+                           c10::string_view tail) {
+    return topk_kd_fwd(s, i, lp, T, std::string(tail), cpu::topk_kd_forward);
+  });
+  m.impl("topk_kd_bwd", [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& i, const at::Tensor& lp,
+                           const at::Tensor& stats, double T, c10::string_view tail) {
+    return topk_kd_bwd(g, s, i, lp, stats, T, std::string(tail), cpu::topk_kd_backward);
+  });
+}
+
+}  // namespace kdfast

@@ -1,0 +1,297 @@
+"""topk_kd_div (kernel ops topk_kd_fwd / topk_kd_bwd) against the float64 reference, and its errors."""
+import pytest
+import torch
+from conftest import assert_close
+
+import kdfast
+from kdfast import reference
+from kdfast.topk import TopKDTypeError, TopKIndexError, topk_rows
+
+TAILS = ["renormalize", "bucket"]
+
+
+def make(rows, V, k, dtype=torch.float32, pad=0, seed=0, device="cpu", index_dtype=torch.int64, scale=3.0):
+    """Student logits (rows, V) and a teacher's top-k of distinct classes, the last `pad` entries of every row
+    padding (-inf, index 0 as servers fill them)."""
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(rows, V, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = torch.randn(rows, V, generator=g, dtype=torch.float64) * scale
+    idx, lp = kdfast.topk_from_logits(t, k)
+    idx, lp = idx.clone(), lp.clone()
+    if pad:
+        lp[:, k - pad:] = float("-inf")
+        idx[:, k - pad:] = 0
+    return s.to(device), idx.to(device, index_dtype), lp.float().to(device)
+
+
+def both(s, idx, lp, T=1.0, **kw):
+    """(kernel loss, kernel grad, reference loss, reference grad) for a sum of the rows."""
+    x = s.detach().clone().requires_grad_(True)
+    out = kdfast.topk_kd_div(x, idx, lp, T, **kw)
+    out.sum().backward()
+    y = s.detach().double().requires_grad_(True)
+    ref = reference.topk_kd_div(y, idx, lp.double(), T, **kw)
+    ref.sum().backward()
+    return out, x.grad, ref, y.grad
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("V,k", [(50, 1), (50, 7), (333, 64), (1000, 50), (4099, 64)])
+def test_matches_reference(tail, T, V, k, dtype):
+    s, idx, lp = make(9, V, k, dtype, pad=min(3, k - 1), seed=V + k)
+    out, g, ref, gref = both(s, idx, lp, T, tail=tail, reduction="none")
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert g.dtype == dtype
+    assert_close(out, ref, dtype, scale=10)
+    assert_close(g, gref, dtype, scale=10)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_every_cpu_capability(tail, cpu_capability):
+    s, idx, lp = make(5, 1031, 17, pad=2, seed=3)
+    out, g, ref, gref = both(s, idx, lp, 2.0, tail=tail)
+    assert_close(out, ref, torch.float32)
+    assert_close(g, gref, torch.float32)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_large_vocabulary_int32(tail):
+    s, idx, lp = make(2, 131073, 64, pad=5, seed=1, index_dtype=torch.int32)
+    out, g, ref, gref = both(s, idx, lp, 1.0, tail=tail, reduction="sum")
+    assert_close(out, ref, torch.float32, scale=10)
+    assert_close(g, gref, torch.float32)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_bfloat16_gradient_within_one_percent(tail):
+    s, idx, lp = make(64, 32000, 64, torch.bfloat16, seed=2)
+    _, g, _, gref = both(s, idx, lp, 1.0, tail=tail, reduction="sum")
+    err = (g.double() - gref).norm() / gref.norm()
+    assert err < 0.01
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_mask_and_reductions(tail, reduction):
+    s, idx, lp = make(12, 300, 10, pad=4, seed=4)
+    s = s.reshape(3, 4, 300)
+    idx, lp = idx.reshape(3, 4, 10), lp.reshape(3, 4, 10)
+    mask = torch.rand(3, 4, generator=torch.Generator().manual_seed(0)) > 0.4
+    for scale_t2 in (True, False):
+        out, g, ref, gref = both(s, idx, lp, 2.0, tail=tail, mask=mask, reduction=reduction, scale_t2=scale_t2)
+        assert out.shape == ref.shape
+        assert_close(out, ref, torch.float32)
+        assert_close(g, gref, torch.float32)
+    assert (g[~mask] == 0).all()
+
+
+def test_all_padding_row_and_repeated_padding_index():
+    s, idx, lp = make(4, 100, 8, seed=5)
+    lp[1] = float("-inf")  # the server returned nothing for this row
+    lp[2, 3:] = float("-inf")
+    idx[2, 3:] = 0  # padding filled with a repeated 0, which may also be a valid class of the row
+    idx[2, 0] = 0
+    for tail in TAILS:
+        out, g, ref, gref = both(s, idx, lp, 1.0, tail=tail, reduction="none")
+        assert_close(out, ref, torch.float32)
+        assert_close(g, gref, torch.float32)
+        assert out[1] == 0 and (g[1] == 0).all()
+
+
+def test_padding_index_out_of_range_is_never_read():
+    s, idx, lp = make(3, 64, 6, pad=2, seed=6)
+    idx[:, 4:] = -1
+    idx[0, 5] = 10**9
+    out, g, ref, gref = both(s, idx, lp, tail="bucket", reduction="none")
+    assert_close(out, ref, torch.float32)
+
+
+def test_bucket_with_full_vocabulary_equals_kd_div():
+    s = torch.randn(6, 40, dtype=torch.float64)
+    t = torch.randn(6, 40, dtype=torch.float64)
+    idx, lp = kdfast.topk_from_logits(t, 40)
+    for T in (0.5, 2.0):
+        a = kdfast.topk_kd_div(s, idx, lp, T, tail="bucket")
+        b = kdfast.kd_div(s, t, T)
+        torch.testing.assert_close(a, b)
+
+
+def test_gradient_formulas():
+    """(p - q) on the top-k, p elsewhere for renormalize (the gradient of the rows' sum, T = 1)."""
+    s, idx, lp = make(3, 30, 5, torch.float64, seed=7)
+    x = s.clone().requires_grad_(True)
+    kdfast.topk_kd_div(x, idx, lp.double(), reduction="sum").backward()
+    p = s.softmax(-1)
+    q = torch.zeros_like(p).scatter_(-1, idx, lp.double().softmax(-1))
+    torch.testing.assert_close(x.grad, p - q)
+
+
+def test_non_contiguous_and_empty():
+    s, idx, lp = make(8, 200, 6, seed=8)
+    s_nc = s.t().contiguous().t()  # same values, column-major
+    out, g, ref, gref = both(s_nc, idx[:, ::1], lp, 1.5, reduction="none")
+    assert_close(out, ref, torch.float32)
+    assert_close(g, gref, torch.float32)
+    wide = torch.randn(8, 400)[:, ::2]
+    assert_close(kdfast.topk_kd_div(wide, idx, lp), reference.topk_kd_div(wide.double(), idx, lp.double()),
+                 torch.float32)
+    empty = torch.randn(0, 50, requires_grad=True)
+    ei, el = torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4)
+    assert kdfast.topk_kd_div(empty, ei, el).item() == 0
+    assert kdfast.topk_kd_div(empty, ei, el, reduction="none").shape == (0,)
+    kdfast.topk_kd_div(empty, ei, el, reduction="sum").backward()
+    assert empty.grad.shape == (0, 50)
+
+
+def test_nan_and_minus_inf():
+    s, idx, lp = make(3, 50, 4, seed=9)
+    s[0, 7] = float("nan")
+    s[1, :] = float("-inf")
+    s[1, idx[1]] = 0.0  # the student can still place mass on the teacher's classes
+    for tail in ("renormalize",):
+        out, _, ref, _ = both(s, idx, lp, tail=tail, reduction="none")
+        assert torch.isnan(out[0]) and torch.isfinite(out[1:]).all()
+        assert_close(out[1:], ref[1:], torch.float32)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_gradcheck(tail):
+    s, idx, lp = make(3, 11, 4, torch.float64, pad=1, seed=10)
+    s.requires_grad_(True)
+    lp = lp.double().requires_grad_(True)
+    mask = torch.tensor([True, False, True])
+    assert torch.autograd.gradcheck(lambda a, b: kdfast.topk_kd_div(a, idx, b, 1.7, tail=tail, mask=mask), (s, lp))
+    assert torch.autograd.gradcheck(lambda a, b: kdfast.topk_kd_div(a, idx, b, 0.5, tail=tail, reduction="none"),
+                                    (s, lp))
+
+
+def test_double_backward_raises():
+    s, idx, lp = make(2, 20, 3, torch.float64)
+    s.requires_grad_(True)
+    (g,) = torch.autograd.grad(kdfast.topk_kd_div(s, idx, lp), s, create_graph=True)
+    with pytest.raises(RuntimeError, match="topk_kd_div does not support double backward"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_opcheck(tail):
+    s, idx, lp = make(4, 37, 5, pad=1)
+    s.requires_grad_(True)
+    torch.library.opcheck(torch.ops.kdfast.topk_kd_fwd.default, (s, idx, lp, 2.0, tail))
+    _, stats = torch.ops.kdfast.topk_kd_fwd(s.detach(), idx, lp, 2.0, tail)
+    torch.library.opcheck(torch.ops.kdfast.topk_kd_bwd.default, (torch.ones(4), s.detach(), idx, lp, stats, 2.0, tail))
+
+
+def test_compile_fullgraph():
+    s, idx, lp = make(6, 120, 8, pad=2)
+    x = s.clone().requires_grad_(True)
+    f = torch.compile(lambda a, i, b: kdfast.topk_kd_div(a, i, b, 2.0, tail="bucket"), fullgraph=True)
+    out = f(x, idx, lp)
+    out.backward()
+    _, g, ref, gref = both(s, idx, lp, 2.0, tail="bucket")
+    assert_close(out, ref, torch.float32)
+    assert_close(x.grad, gref, torch.float32)
+
+
+def test_topk_rows_entry_point():
+    """The per-chunk entry point fused_linear_kd calls: rows of a TopK, differentiable in the logits."""
+    s, idx, lp = make(5, 90, 7, pad=2)
+    x = s.clone().requires_grad_(True)
+    rows = topk_rows(x[1:4], kdfast.TopK(idx, lp).rows(1, 4), 1.0, "renormalize")
+    assert rows.shape == (3,)
+    assert_close(rows, reference.topk_kd_rows(s[1:4].double(), idx[1:4], lp[1:4].double()), torch.float32)
+    rows.sum().backward()
+    assert (x.grad[[0, 4]] == 0).all() and (x.grad[1:4] != 0).any()
+
+
+def test_topk_from_logits_and_container():
+    logits = torch.randn(2, 3, 50)
+    tk = kdfast.topk_from_logits(logits, 5)
+    idx, lp = tk
+    assert tk.indices is idx and tk.logprobs is lp and tk.k == 5
+    assert idx.dtype == torch.int64 and lp.dtype == torch.float32 and idx.shape == (2, 3, 5)
+    torch.testing.assert_close(lp, logits.log_softmax(-1).gather(-1, idx))
+    assert (lp[..., :-1] >= lp[..., 1:]).all()
+    with pytest.raises(ValueError, match="k must be in"):
+        kdfast.topk_from_logits(logits, 51)
+    with pytest.raises(TypeError, match="k must be an int"):
+        kdfast.topk_from_logits(logits, 2.0)
+    with pytest.raises(TypeError):
+        kdfast.TopK(idx.float(), lp)
+    with pytest.raises(ValueError, match="one shape"):
+        kdfast.TopK(idx[..., :3], lp)
+
+
+# ---- errors, one per documented case ----
+
+def _args():
+    s, idx, lp = make(4, 30, 5)
+    return s, idx, lp
+
+
+def test_error_index_out_of_range():
+    s, idx, lp = _args()
+    idx[1, 2] = 30
+    with pytest.raises(IndexError, match="teacher_indices holds 30, outside"):
+        kdfast.topk_kd_div(s, idx, lp)
+    idx[1, 2] = -3
+    with pytest.raises(ValueError, match="teacher_indices holds -3"):
+        kdfast.topk_kd_div(s, idx, lp)
+    assert issubclass(TopKIndexError, IndexError)
+
+
+def test_error_float_indices():
+    s, idx, lp = _args()
+    with pytest.raises(TopKDTypeError, match="teacher_indices must be int64 or int32"):
+        kdfast.topk_kd_div(s, idx.float(), lp)
+    with pytest.raises(ValueError):  # also a ValueError, as the issue's list of errors has it
+        kdfast.topk_kd_div(s, idx.float(), lp)
+
+
+def test_error_shapes():
+    s, idx, lp = _args()
+    with pytest.raises(ValueError, match="one shape"):
+        kdfast.topk_kd_div(s, idx, lp[:, :4])
+    with pytest.raises(ValueError, match="leading dims"):
+        kdfast.topk_kd_div(s, idx[:3], lp[:3])
+    with pytest.raises(ValueError, match="mask must have the row shape"):
+        kdfast.topk_kd_div(s, idx, lp, mask=torch.ones(5, dtype=torch.bool))
+
+
+def test_error_tail_temperature_reduction():
+    s, idx, lp = _args()
+    with pytest.raises(ValueError, match="tail must be one of"):
+        kdfast.topk_kd_div(s, idx, lp, tail="zero")
+    for T in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            kdfast.topk_kd_div(s, idx, lp, T)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        kdfast.topk_kd_div(s, idx, lp, reduction="mean")
+
+
+def test_error_positive_logprobs():
+    s, idx, lp = _args()
+    lp[2, 0] = 0.5
+    with pytest.raises(ValueError, match="teacher_logprobs must be log-probabilities"):
+        kdfast.topk_kd_div(s, idx, lp)
+
+
+def test_error_dtypes():
+    s, idx, lp = _args()
+    with pytest.raises(TypeError, match="student_logits must be float"):
+        kdfast.topk_kd_div(s.long(), idx, lp)
+    with pytest.raises(TypeError, match="teacher_logprobs must be float"):
+        kdfast.topk_kd_div(s, idx, lp.long())
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        kdfast.topk_kd_div(s, idx, lp, mask=torch.ones(4))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tail", TAILS)
+def test_cuda_matches_reference(tail, dtype):
+    s, idx, lp = make(7, 5003, 64, dtype, pad=3, device="cuda")
+    out, g, ref, gref = both(s, idx, lp, 2.0, tail=tail, reduction="none")
+    assert_close(out, ref, dtype, scale=10)
+    assert_close(g, gref, dtype, scale=10)
+
