@@ -93,7 +93,9 @@ def test_tiny_run_reports_every_student(tiny_run):
 
 def test_tiny_run_store_holds_the_teachers_top_k(tiny_run):
     out, report, _ = tiny_run
-    store = kdfast.TopKStore.open(os.path.join(out, f"teacher-top{TINY.k}.kdtopk"))
+    store = kdfast.TopKStore.open(os.path.join(out, f"teacher-top{TINY.k}.kdtopk"), k=TINY.k,
+                                  vocab_size=report["vocab"])
+    assert len(store) == TINY.steps * TINY.batch * TINY.context
     rows = TINY.steps * TINY.batch * TINY.context
     assert report["store"]["rows"] == rows
     indices, logprobs = store.read(0, rows)

@@ -71,9 +71,8 @@ QUICK = {"teacher_steps": 120, "steps": 80, "eval_every": 20}
 STUDENTS = [
     ("cross-entropy only", "ce", None, ()),
     ("dense KD (fused_linear_kd, TeacherHead)", "dense", None, ("fused_linear_kd", "TeacherHead")),
-    ("top-k KD, renormalize (store, k=32)", "topk", "renormalize",
-     ("fused_linear_kd", "TopK", "TopKStore", "topk_from_logits")),
-    ("top-k KD, bucket (store, k=32)", "topk", "bucket", ("fused_linear_kd", "TopK", "TopKStore", "topk_from_logits")),
+    ("top-k KD, renormalize (store)", "topk", "renormalize", ("fused_linear_kd", "TopKStore", "topk_from_logits")),
+    ("top-k KD, bucket (store)", "topk", "bucket", ("fused_linear_kd", "TopKStore", "topk_from_logits")),
 ]
 
 
@@ -189,14 +188,12 @@ def ce_loss(model, step, x, y):
 
 @torch.no_grad()
 def write_store(path, teacher, order, train_w, settings) -> None:
-    """The teacher's top-k log-probabilities at every position of the students' batches, in training order (the
-    rows of step s are [s * batch * context, (s + 1) * batch * context))."""
+    """The teacher's top-k log-probabilities (at T = 1, as a server returns them) at every position of the
+    students' batches, in training order: the rows of step s are [s * batch * context, (s + 1) * batch * context)."""
     teacher.eval()
-    rows = order.numel() * settings.context
-    with kdfast.TopKStore.create(path, rows=rows, k=settings.k) as store:
+    with kdfast.TopKStore.create(path, k=settings.k, vocab_size=teacher.cfg.vocab_size) as store:
         for step in _bar(range(len(order)), f"teacher top-{settings.k} -> store", settings):
-            logits = teacher(train_w[order[step]][:, :-1]).flatten(0, 1)
-            store.write(step * len(logits), *kdfast.topk_from_logits(logits, settings.k))
+            store.append(kdfast.topk_from_logits(teacher(train_w[order[step]][:, :-1]), settings.k))
 
 
 def make_loss(kind, tail, teacher, store, settings):
@@ -211,8 +208,7 @@ def make_loss(kind, tail, teacher, store, settings):
                 t_hidden = teacher.hidden(x).flatten(0, 1)
             source, options = kdfast.TeacherHead(t_hidden, teacher.lm_head.weight), {}
         else:
-            indices, logprobs = store.read(step * rows, (step + 1) * rows)
-            source, options = kdfast.TopK(indices, logprobs), {"tail": tail}
+            source, options = store.read(step * rows, (step + 1) * rows), {"tail": tail}  # a kdfast.TopK
         return kdfast.fused_linear_kd(hidden, model.lm_head.weight, source, target=y.flatten(), alpha=settings.alpha,
                                       temperature=settings.temperature, **options)
     return kd_loss
@@ -254,7 +250,7 @@ def run(settings: Settings, log=print) -> dict:
         if kind == "topk" and store is None:
             t0 = time.perf_counter()
             write_store(store_path, teacher, order, train_w, settings)
-            store = kdfast.TopKStore.open(store_path)
+            store = kdfast.TopKStore.open(store_path, k=settings.k, vocab_size=vocab)
             report["store"] = {"path": store_path, "rows": order.numel() * settings.context, "k": settings.k,
                                "bytes": os.path.getsize(store_path), "write_s": time.perf_counter() - t0}
             log(f"top-{settings.k} store: {report['store']['rows']:,} rows, {report['store']['bytes'] / MiB:.1f} MiB "
