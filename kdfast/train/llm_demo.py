@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import kdfast
 
+from .demo import table
 from .lm import CausalLM, LMConfig
 from .schedules import lr_schedule
 from .text import MissingDependency, encode, load_corpus, require_tokenizers, train_tokenizer, windows
@@ -76,17 +77,17 @@ STUDENTS = [
 ]
 
 
-def _bar(iterable, desc, settings, total=None):
+def _bar(iterable, desc, settings):
     from tqdm import tqdm
-    return tqdm(iterable, desc=desc, total=total, leave=False, disable=not settings.progress, file=sys.stderr)
+    return tqdm(iterable, desc=desc, leave=False, disable=not settings.progress, file=sys.stderr)
 
 
 def batch_order(n_windows: int, steps: int, batch: int, seed: int) -> torch.Tensor:
     """(steps, batch) window ids: seeded permutations of all windows, one after another (epochs)."""
     gen = torch.Generator().manual_seed(seed)
     epochs = -(-steps * batch // n_windows)
-    return torch.cat([torch.randperm(n_windows, generator=gen) for _ in range(epochs)])[: steps * batch].view(steps,
-                                                                                                           batch)
+    ids = torch.cat([torch.randperm(n_windows, generator=gen) for _ in range(epochs)])
+    return ids[: steps * batch].view(steps, batch)
 
 
 @torch.no_grad()
@@ -272,16 +273,6 @@ def _row_text(row) -> str:
     return "  ".join(f"{title}={fmt.format(row[key])}" for key, title, fmt in COLUMNS)
 
 
-def table(models) -> str:
-    cells = [[title for _, title, _ in COLUMNS]] + [[fmt.format(m[key]) for key, _, fmt in COLUMNS] for m in models]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-
-    def line(c):
-        return "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))) + " |"
-    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(cells[0]), rule] + [line(c) for c in cells[1:]])
-
-
 def markdown(report) -> str:
     s = report["settings"]
     return "\n".join([
@@ -293,7 +284,7 @@ def markdown(report) -> str:
         f"Peak memory: torch's allocations during one training step above the level before it. "
         f"Step time: median, wall clock and this process's CPU time. CPU, {torch.get_num_threads()} thread(s), "
         f"seed {s['seed']}; whole run {report['wall_s']:.0f} s wall clock, {report['cpu_s']:.0f} s CPU time.", "",
-        table(report["models"]), ""])
+        table(report["models"], COLUMNS), ""])
 
 
 def chart(report, path) -> None:
@@ -324,8 +315,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=defaults.out, help=f"output folder (default: ./{defaults.out})")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--quick", action="store_true",
-                        help=f"a short run (smaller corpus, teacher {QUICK['teacher_steps']} and students "
-                             f"{QUICK['steps']} steps)")
+                        help=f"a short run: teacher {QUICK['teacher_steps']} and students {QUICK['steps']} steps")
     parser.add_argument("--teacher-steps", type=int, help=f"teacher steps (default {defaults.teacher_steps})")
     parser.add_argument("--teacher-seconds", type=float,
                         help="also stop the teacher after this many seconds (the run is then not reproducible)")
@@ -363,7 +353,7 @@ def job(settings: Settings, log=print) -> dict:
         fh.write(markdown(report))
     chart(report, os.path.join(settings.out, "llm-demo.png"))
     log("")
-    log(table(report["models"]))
+    log(table(report["models"], COLUMNS))
     log(f"\nwall time {report['wall_s']:.0f} s (CPU time {report['cpu_s']:.0f} s); wrote llm-demo.md, llm-demo.png "
         f"and results.json under {settings.out}")
     return report
