@@ -51,16 +51,16 @@ class Settings:
     batch: int = 8
     teacher: dict = field(default_factory=lambda: {"dim": 192, "layers": 4, "heads": 4})
     student: dict = field(default_factory=lambda: {"dim": 96, "layers": 2, "heads": 4})
-    teacher_steps: int = 500                # about 2 minutes of one CPU core
+    teacher_steps: int = 420                # about 100 s of one CPU core
     teacher_seconds: float | None = None    # a wall-clock cap on the teacher (then not bit-reproducible)
-    steps: int = 250                        # each student's step budget
+    steps: int = 240                        # each student's step budget
     lr: float = 2e-3
     warmup: int = 20
     k: int = 32
     alpha: float = 0.5                      # weight of the KD term; 1 - alpha on cross-entropy with the labels
     temperature: float = 1.0
     eval_every: int = 25
-    eval_windows: int = 128                 # validation windows (of `context` tokens) scored at each evaluation
+    eval_windows: int = 96                  # validation windows (of `context` tokens) scored at each evaluation
     train_chars: int = 1_500_000
     validation_chars: int = 150_000
     progress: bool = True
