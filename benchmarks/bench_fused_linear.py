@@ -69,3 +69,37 @@ def test_fused_linear(benchmark, device, impl, workload):
     measure(benchmark, step, op="fused_linear_kd", workload=workload, impl=impl, device=device,
             bytes_moved=bytes_moved, flops=flops, rounds=3 if device == "cpu" else None, shape=[n, h, v, ht],
             dtype=str(dtype).replace("torch.", ""), divergence=divergence)
+
+
+def interleaved(workload: str, impls, rounds: int = 3) -> dict:
+    """Median seconds per fwd+bwd step of each impl, the impls' steps alternating round by round so that a shared
+    machine's load falls on all of them alike (the suite's rows run one after another)."""
+    import statistics
+    import time
+
+    n, h, v, ht, divergence, scale_t2, _ = WORKLOADS[workload]
+    x, w, th, tw, y = _inputs(n, h, v, ht, "cpu", torch.float32)
+    options = dict(target=y, temperature=T, alpha=ALPHA, divergence=divergence, beta=BETA, scale_t2=scale_t2)
+    calls = {}
+    for impl in impls:
+        calls[impl] = _liger(divergence, scale_t2) if impl == "liger" else make_impl(
+            impl, lambda x, w, th, tw, y: kdfast.fused_linear_kd(x, w, kdfast.TeacherHead(th, tw), **options),
+            lambda x, w, th, tw, y: reference.fused_linear_kd(x, w, kdfast.TeacherHead(th, tw), **options))
+    times = {impl: [] for impl in impls}
+    for r in range(rounds + 1):  # round 0 warms up (and compiles)
+        for impl in impls:
+            t0 = time.perf_counter()
+            calls[impl](x, w, th, tw, y).backward()
+            x.grad = w.grad = None
+            if r:
+                times[impl].append(time.perf_counter() - t0)
+    return {impl: statistics.median(ts) for impl, ts in times.items()}
+
+
+if __name__ == "__main__":  # python benchmarks/bench_fused_linear.py WORKLOAD IMPL... (side-by-side timing)
+    import sys
+
+    result = interleaved(sys.argv[1], sys.argv[2:])
+    base = result[sys.argv[2]]
+    for impl, seconds in result.items():
+        print(f"{sys.argv[1]} {impl}: {seconds:.2f} s ({seconds / base:.2f}x {sys.argv[2]})")

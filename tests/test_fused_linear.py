@@ -1,5 +1,6 @@
 """fused_linear_kd against the float64 composition (logits = hidden @ weight.T + bias, then KD + cross-entropy) for
 dense, TeacherHead and top-k teachers; gradients, chunking, dtypes, autograd/opcheck/compile/autocast, errors."""
+import pathlib
 import sys
 import types
 from typing import NamedTuple
@@ -172,6 +173,17 @@ def test_topk_row_without_entries_gives_zero(TopK):
         assert float(rows.abs().max()) < 1e-12 and float(grad.abs().max()) < 1e-12
 
 
+def test_neg_inf_teacher_logits_and_nan_propagation():
+    h, w, b, y, t_logits, _ = make((6,))
+    t_logits[:, :10] = float("-inf")  # classes the teacher rules out contribute 0 to KL(teacher || student)
+    assert_matches(h, w, b, t_logits, target=y, temperature=2.0, alpha=0.5, chunk_size=4)
+    h_nan = h.detach().clone()
+    h_nan[2, 0] = float("nan")
+    h_nan.requires_grad_(True)
+    out, grads = run(kdfast.fused_linear_kd, h_nan, w, b, t_logits, target=y, alpha=0.5, chunk_size=4)
+    assert out.isnan() and grads[1].isnan().any()
+
+
 def test_chunk_sizes_agree_and_are_deterministic():
     h, w, b, y, t_logits, head = make((2, 17))
     results = [run(kdfast.fused_linear_kd, h, w, b, head, target=y, alpha=0.5, chunk_size=c) for c in (1, 5, 34, 99)]
@@ -183,11 +195,32 @@ def test_chunk_sizes_agree_and_are_deterministic():
 
 
 def test_default_chunk_rule():
-    assert fused_linear.default_chunk_size(2048, 32000) == (16 << 20) // (32000 * 4)
-    assert fused_linear.default_chunk_size(2048, 32000, torch.float64) == (16 << 20) // (32000 * 8)
+    assert fused_linear.default_chunk_size(2048, 32000) == (32 << 20) // (32000 * 4)
+    assert fused_linear.default_chunk_size(2048, 32000, torch.float64) == (32 << 20) // (32000 * 8)
     assert fused_linear.default_chunk_size(8192, 128256, torch.float32, "cuda") == (256 << 20) // (128256 * 4)
     assert fused_linear.default_chunk_size(10, 100) == 10
     assert fused_linear.default_chunk_size(10, 1 << 30) == 1
+
+
+def test_memory_stays_a_few_chunks_of_logits():
+    """The N x V logits never exist: the peak of torch's allocations during forward + backward stays near three
+    chunks of logits plus the weight gradient (measured as the benchmark suite measures it)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from harness import peak_memory
+    finally:
+        sys.path.pop(0)
+    n, v, chunk = 1024, 20000, 64
+    h, w, b, y, t_logits, head = make((n,), H=32, V=v, Ht=16)
+
+    def step():
+        kdfast.fused_linear_kd(h, w, head, student_bias=b, target=y, alpha=0.5, chunk_size=chunk).backward()
+        h.grad = w.grad = b.grad = None
+
+    step()
+    logits_bytes = n * v * 4
+    budget = 3 * chunk * v * 4 + 2 * w.numel() * 4 + 2 * h.numel() * 4 + (1 << 20)
+    assert peak_memory(step, "cpu") < min(budget, logits_bytes / 2)
 
 
 def test_all_rows_ignored_gives_zero():
