@@ -85,3 +85,17 @@ def in_open_unit(value, name: str) -> float:
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The accumulation dtype of a loss over these tensors: float64 when any is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def row_mask(mask, row_shape, like: torch.Tensor, like_name: str):
+    """A bool mask of the loss's row shape on `like`'s device (None passes)."""
+    if mask is None:
+        return None
+    tensor(mask, "mask")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if mask.shape != row_shape:
+        raise ValueError(f"mask must have the row shape {tuple(row_shape)} (the leading dims of {like_name}), "
+                         f"got {tuple(mask.shape)}")
+    same_device({like_name: like, "mask": mask})
+    return mask

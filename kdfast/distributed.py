@@ -31,12 +31,7 @@ def _check_common(student, temperature, mask, reduction, scale_t2, group):
     check.choice(reduction, "reduction", REDUCTIONS)
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
-    if mask is not None:
-        check.tensor(mask, "mask")
-        if mask.dtype != torch.bool or mask.shape != student.shape[:-1]:
-            raise ValueError(f"mask must be a bool tensor of the row shape {tuple(student.shape[:-1])}, got "
-                             f"{mask.dtype} {tuple(mask.shape)}")
-        check.same_device({"student_shard": student, "mask": mask})
+    check.row_mask(mask, student.shape[:-1], student, "student_shard")
     return temperature
 
 

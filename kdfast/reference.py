@@ -265,7 +265,8 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
 def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, tail="renormalize"):
     """The unscaled divergence of every row (..., V) from a sparse teacher (..., k): log-probabilities at T = 1,
     -inf = padding (its index is not read). "renormalize": KL(softmax(lp / T) || p[idx]); "bucket": one more
-    category, the mass the teacher did not return, against the student's mass off the top-k classes. A row
+    category, the mass the teacher did not return, against the student's mass off the top-k classes (the first
+    taken as 0 within (valid + 1) eps of 0, the second floored at eps: rounding noise of k-term sums). A row
     without a valid entry gives 0 with "renormalize"."""
     acc = _acc_dtype(student_logits, teacher_logprobs)
     logp = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
@@ -275,10 +276,13 @@ def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=
     logp_top = torch.where(valid, logp_top, torch.full_like(logp_top, float("-inf")))
     t = lp / temperature
     if tail == "bucket":
+        # Within rounding of 0 (about k eps), the teacher's tail is 0 and the student's rest eps.
+        eps = torch.finfo(acc).eps
         mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
-        u = torch.log((1 - mass).clamp_min(0))
+        tail_mass = 1 - mass
+        u = torch.where(tail_mass > (valid.sum(-1, keepdim=True) + 1) * eps, tail_mass, 0).log()
         t = torch.cat([t, u / temperature], dim=-1)
-        rest = (1 - logp_top.exp().sum(-1, keepdim=True)).clamp_min(0)
+        rest = (1 - logp_top.exp().sum(-1, keepdim=True)).clamp_min(eps)
         logp_top = torch.cat([logp_top, rest.log()], dim=-1)
     elif tail != "renormalize":
         raise ValueError(f"unknown tail {tail!r}")

@@ -47,16 +47,20 @@ def _eager(x: torch.Tensor) -> bool:
 
 
 def _check_values(indices, logprobs, classes) -> None:
-    if not _eager(logprobs):
+    if not _eager(logprobs) or logprobs.numel() == 0:
         return
-    valid = logprobs > float("-inf")
-    bad = valid & ((indices < 0) | (indices >= classes))
-    if bool(bad.any()):
-        raise TopKIndexError(f"teacher_indices holds {int(indices[bad][0])}, outside [0, {classes}) (the student's "
-                             f"vocabulary) on an entry that is not padding")
-    if bool((logprobs > 0).any()):
+    # Fast path, two reductions: every index in range (padding included) and no log-probability above 0.
+    lo, hi = torch.aminmax(indices)
+    if not 0 <= int(lo) <= int(hi) < classes:
+        valid = logprobs > float("-inf")
+        bad = valid & ((indices < 0) | (indices >= classes))
+        if bool(bad.any()):
+            raise TopKIndexError(f"teacher_indices holds {int(indices[bad][0])}, outside [0, {classes}) (the "
+                                 f"student's vocabulary) on an entry that is not padding")
+    top = float(logprobs.max())
+    if top > 0:
         raise ValueError(f"teacher_logprobs must be log-probabilities (<= 0; -inf for padding), got a maximum of "
-                         f"{float(logprobs.max())}")
+                         f"{top}")
 
 
 class TopK(tuple):
@@ -121,14 +125,7 @@ def _check_call(student, indices, logprobs, temperature, tail, mask, reduction, 
     check.choice(reduction, "reduction", REDUCTIONS)
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
-    if mask is not None:
-        check.tensor(mask, "mask")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        if mask.shape != student.shape[:-1]:
-            raise ValueError(f"mask must have the row shape {tuple(student.shape[:-1])} (the logits' leading dims), "
-                             f"got {tuple(mask.shape)}")
-        check.same_device({"student_logits": student, "mask": mask})
+    check.row_mask(mask, student.shape[:-1], student, "student_logits")
     _check_values(indices, logprobs, student.shape[-1])
     return temperature
 
@@ -174,11 +171,13 @@ def _categories(logp_top, lp, valid, temperature, tail):
     t = lp / temperature
     u = None
     if tail == "bucket":
-        mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
-        u = torch.log((1 - mass).clamp_min(0))
+        # Within rounding of 0 (csrc/common/topk_kd.h, topk_eps): the teacher's tail is 0, the student's rest eps.
+        eps = torch.finfo(lp.dtype).eps
+        tail_mass = 1 - torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
+        u = torch.where(tail_mass > (valid.sum(-1, keepdim=True) + 1) * eps, tail_mass, 0).log()
         t = torch.cat([t, u / temperature], dim=-1)
         rest = (1 - torch.where(valid, logp_top.exp(), torch.zeros_like(logp_top)).sum(-1, keepdim=True))
-        logp_top = torch.cat([logp_top, rest.clamp_min(0).log()], dim=-1)
+        logp_top = torch.cat([logp_top, rest.clamp_min(eps).log()], dim=-1)
     return torch.log_softmax(t, dim=-1), logp_top, u
 
 

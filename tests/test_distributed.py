@@ -123,11 +123,15 @@ def test_single_rank_group_is_the_single_process_loss(tmp_path):
         for fn, tail, T, masked in CASES:
             a = student.clone().requires_grad_(True)
             b = student.clone().requires_grad_(True)
-            la = _loss(fn, tail, T, masked, a, teacher, idx, lp, mask, True)
-            lb = _loss(fn, tail, T, masked, b, teacher, idx, lp, mask, False)
+            lpa = lp.clone().requires_grad_(True)  # the teacher's log-probs' gradient too
+            lpb = lp.clone().requires_grad_(True)
+            la = _loss(fn, tail, T, masked, a, teacher, idx, lpa, mask, True)
+            lb = _loss(fn, tail, T, masked, b, teacher, idx, lpb, mask, False)
             la.backward()
             lb.backward()
             torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+            if fn == "topk":
+                torch.testing.assert_close(lpa.grad, lpb.grad, rtol=1e-4, atol=1e-7)
     finally:
         dist.destroy_process_group()

@@ -221,6 +221,8 @@ def test_topk_from_logits_and_container():
         kdfast.TopK(idx.float(), lp)
     with pytest.raises(ValueError, match="one shape"):
         kdfast.TopK(idx[..., :3], lp)
+    rows = kdfast.TopK(idx.reshape(6, 5), lp.reshape(6, 5)).rows(2, 4).to("cpu")
+    assert rows.indices.shape == (2, 5) and torch.equal(rows.logprobs, lp.reshape(6, 5)[2:4])
 
 
 # ---- errors, one per documented case ----
@@ -275,6 +277,14 @@ def test_error_positive_logprobs():
     lp[2, 0] = 0.5
     with pytest.raises(ValueError, match="teacher_logprobs must be log-probabilities"):
         kdfast.topk_kd_div(s, idx, lp)
+
+
+def test_error_mixed_devices():
+    s, idx, lp = _args()
+    with pytest.raises(ValueError, match="teacher_logprobs is on meta but teacher_indices is on cpu"):
+        kdfast.topk_kd_div(s, idx, lp.to("meta"))
+    with pytest.raises(ValueError, match="is on meta"):
+        kdfast.topk_kd_div(s, idx, lp, mask=torch.ones(4, dtype=torch.bool, device="meta"))
 
 
 def test_error_dtypes():

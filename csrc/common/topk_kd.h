@@ -8,7 +8,8 @@
 //   renormalize: q = softmax(t) over the valid entries; loss = sum_j q_j (log q_j - (a[idx_j] - lse));
 //                d loss / d a = p - sum_j q_j e_{idx_j}. A row without a valid entry has loss 0 and gradient 0.
 //   bucket:      one more category, the tail u = log(1 - sum_j exp(lp_j)) with student mass 1 - S,
-//                S = sum_j p[idx_j]; q = softmax([t, u / T]); loss = KL(q || [p[idx], 1 - S]);
+//                S = sum_j p[idx_j]; q = softmax([t, u / T]); loss = KL(q || [p[idx], 1 - S]) (u and 1 - S
+//                within rounding of 0 as topk_eps says);
 //                d loss / d a = p - q on the top-k indices, p (1 - q_tail / (1 - S)) elsewhere.
 // Both gradients are p * c off the top-k indices and p - (sum of q at that index) on them, c the row's
 // "off-top coefficient" (1 for renormalize); the backward recomputes p from the saved lse.
@@ -49,6 +50,13 @@ struct TopKProblem {
   void* grad_student;      // backward output, dtype of the student
 };
 
+// The accumulator's machine epsilon. Sums of k probabilities carry a rounding error of about k eps: a teacher tail
+// 1 - sum exp(lp) at or below (valid + 1) eps is taken as 0 (with k = V the tail is exactly 0, not rounding noise),
+// and the student's mass off the top-k, 1 - S, is floored at eps (finite where rounding leaves nothing).
+template <class S> KDFAST_HD constexpr S topk_eps();
+template <> KDFAST_HD constexpr float topk_eps<float>() { return 1.1920929e-07f; }
+template <> KDFAST_HD constexpr double topk_eps<double>() { return 2.220446049250313e-16; }
+
 KDFAST_HD inline bool topk_index_ok(int64_t i, int64_t classes) { return i >= 0 && i < classes; }
 
 // The teacher side of one row: the log-normaliser of its T-scaled categories and its tail log-mass.
@@ -74,7 +82,8 @@ KDFAST_HD inline TopKTeacher<S> topk_teacher(const S* lp, int64_t k, S inv_T, To
     mx = x * inv_T > mx ? x * inv_T : mx;
   }
   if (tail == TopKTail::Bucket) {
-    r.tail = mass < S(1) ? M::log(S(1) - mass) : S(-INFINITY);
+    const S rest = S(1) - mass;
+    r.tail = rest > S(r.valid + 1) * topk_eps<S>() ? M::log(rest) : S(-INFINITY);
     mx = r.tail * inv_T > mx ? r.tail * inv_T : mx;
   }
   if (mx == S(-INFINITY)) return r;
@@ -109,7 +118,8 @@ KDFAST_HD inline void topk_finish_row(const TopKProblem& p, int64_t row, S lse_a
   }
   if (p.tail == TopKTail::Bucket) {
     const S logq = t.tail * inv_T - t.lse, q = M::exp(logq);
-    const S rest = top_mass < S(1) ? S(1) - top_mass : S(0);  // the student's mass off the top-k indices
+    const S rest = S(1) - top_mass > topk_eps<S>() ? S(1) - top_mass : topk_eps<S>();  // the student's mass off
+                                                                                       // the top-k indices
     loss += M::mul_nonzero(q, logq - M::log(rest));
     coef = q == S(0) ? S(1) : S(1) - q / rest;
   } else if (t.valid == 0) {
