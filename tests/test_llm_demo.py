@@ -111,6 +111,13 @@ def test_run_is_deterministic_for_a_seed(tmp_path):
     assert [m["curve"] for m in first["models"]] == [m["curve"] for m in second["models"]]
 
 
+def test_teacher_seconds_caps_the_teacher(tmp_path):
+    pytest.importorskip("tokenizers")
+    report = llm_demo.run(replace(TINY, out=str(tmp_path), teacher_seconds=1e-9, steps=2), log=lambda _: None)
+    teacher = report["models"][0]
+    assert teacher["steps"] == 1 and teacher["curve"][-1][0] == 1 and math.isfinite(teacher["val_loss"])
+
+
 def test_missing_tokenizers_is_one_clear_line(monkeypatch, capsys):
     def missing():
         raise text.MissingDependency("the LLM demo needs the `tokenizers` package: pip install 'kdfast[llm]'")
