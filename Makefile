@@ -3,7 +3,7 @@ PY ?= python3
 JOBS ?= 2
 OUT ?= gpu-results
 
-.PHONY: setup build test demo bench bench-run cuda-compile gpu-check clean
+.PHONY: setup build test demo llm-demo bench bench-run cuda-compile gpu-check clean
 
 # Installs what is missing (torch only if absent: on a GPU machine the installed CUDA torch is kept; then the test
 # extra, requirements-dev.txt: the trainer's packages, pytest, pytest-benchmark, ruff) and builds the extension in
@@ -22,6 +22,11 @@ test: setup
 
 demo: setup
 	$(PY) -m kdfast demo
+
+# The LLM main job (CPU, about 5 minutes): needs the `llm` extra (tokenizers), installed here when missing.
+llm-demo: setup
+	@$(PY) -c "import tokenizers" 2>/dev/null || $(PY) -m pip install -q "tokenizers>=0.15"
+	$(PY) -m kdfast llm-demo
 
 # Benchmarks of every op on this machine (CPU, or the GPU where there is one), then the report
 # (benchmarks/results/<name>.json, .md, .png). BENCH_FILES=bench_logits.py and BENCH='-k llm' narrow the run.

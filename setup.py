@@ -60,7 +60,9 @@ setup(
     packages=find_packages(include=["kdfast", "kdfast.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],  # the losses need nothing else
-    extras_require={"train": requirements("requirements-train.txt"), "test": requirements("requirements-dev.txt")},
+    extras_require={"train": requirements("requirements-train.txt"),
+                    "llm": requirements("requirements-llm.txt"),  # python -m kdfast llm-demo
+                    "test": requirements("requirements-dev.txt")},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

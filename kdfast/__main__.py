@@ -1,5 +1,5 @@
 """`python -m kdfast COMMAND ...`: train (the trainer's CLI), demo (kdfast's main job), compare (every method
-against cross-entropy). The benchmarks run with `make bench` (benchmarks/)."""
+against cross-entropy), llm-demo (the LLM main job). The benchmarks run with `make bench` (benchmarks/)."""
 import importlib
 import importlib.util
 import sys
@@ -8,6 +8,7 @@ COMMANDS = {
     "train": ("kdfast.train.cli", "train a student (optionally distilled from a teacher)"),
     "demo": ("kdfast.train.demo", "kdfast's main job: distillation on digits, table and chart"),
     "compare": ("kdfast.train.compare", "every distillation method against cross-entropy alone (digits, shapes)"),
+    "llm-demo": ("kdfast.train.llm_demo", "the LLM main job: small language models distilled on Python source"),
 }
 
 
@@ -23,7 +24,7 @@ def missing_train_packages() -> list:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "\n".join(f"  {name:8s}{help_}" for name, (_, help_) in COMMANDS.items())
+        usage = "\n".join(f"  {name:10s}{help_}" for name, (_, help_) in COMMANDS.items())
         print(f"usage: python -m kdfast COMMAND [args]\n\ncommands:\n{usage}", file=sys.stdout if argv else sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)

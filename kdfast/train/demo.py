@@ -84,10 +84,12 @@ def _row_text(row) -> str:
     return "  ".join(f"{title}={fmt.format(row[key])}" for key, title, fmt in COLUMNS if key in row)
 
 
-def table(rows) -> str:
-    cells = [[title for _, title, _ in COLUMNS]]
-    cells += [[fmt.format(r[key]) if key in r else "" for key, _, fmt in COLUMNS] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+def table(rows, columns=COLUMNS) -> str:
+    """A markdown table of rows (dicts) with columns [(key, title, format)]; a missing key leaves its cell empty."""
+    cells = [[title for _, title, _ in columns]]
+    cells += [[fmt.format(r[key]) if key in r else "" for key, _, fmt in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+
     def line(c):
         return "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w)
                                  for i, (x, w) in enumerate(zip(c, widths))) + " |"
