@@ -1,5 +1,5 @@
 """pairwise_affinity_loss and similarity_preserving_loss, forward + backward (student requires grad, teacher
-frozen), per workload of issue 4."""
+frozen), per workload."""
 import pytest
 import torch
 from harness import make_impl, measure

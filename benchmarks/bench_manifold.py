@@ -1,4 +1,4 @@
-"""batched_svd and manifold_distillation_loss, forward + backward, per workload of issue 5."""
+"""batched_svd and manifold_distillation_loss, forward + backward, per workload."""
 import pytest
 import torch
 from harness import make_impl, measure

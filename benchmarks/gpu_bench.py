@@ -193,7 +193,7 @@ IMAGENET_S = ((64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7))  # ResNet
 IMAGENET_T = ((256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))  # ResNet-50 stages
 TINY_ATTENTION = (2, ((3, 5, 5), (4, 3, 3)), ((6, 5, 5), (8, 3, 3)))
 
-# In order of importance: a call cut short keeps the rows that carry the targets.
+# In order of importance: a call cut short keeps the rows that carry the GPU targets (docs/gpu-check.md).
 ROWS = [
     Row("kd_div", "llm-8k", F32, (8192, 32000), (5, 33), logits("kd_div")),
     Row("kd_div", "llm-8k", BF16, (8192, 32000), (5, 33), logits("kd_div")),

@@ -26,7 +26,7 @@ def with_spectrum(batch, m, n, s, seed=0):
 
 
 def check_svd(A, U, S, Vh, dtype):
-    """The issue's bounds: reconstruction relative to ||A||_F, orthogonality (spectral norm), singular values
+    """The documented bounds: reconstruction relative to ||A||_F, orthogonality (spectral norm), singular values
     within the bound relative to the largest against float64 torch.linalg.svdvals."""
     bound = BOUND[dtype]
     A, U, S, Vh = (x.detach().double().cpu() for x in (A, U, S, Vh))

@@ -253,7 +253,7 @@ def test_error_float_indices():
     s, idx, lp = _args()
     with pytest.raises(TopKDTypeError, match="teacher_indices must be int64 or int32"):
         kdfast.topk_kd_div(s, idx.float(), lp)
-    with pytest.raises(ValueError):  # also a ValueError, as the list of errors has it
+    with pytest.raises(ValueError):  # also a ValueError, as every bad value is
         kdfast.topk_kd_div(s, idx.float(), lp)
 
 
