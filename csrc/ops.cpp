@@ -6,14 +6,6 @@
 #include "cpu/dispatch.h"
 
 TORCH_LIBRARY(kdfast, m) {
-  // Fused temperature-softmax divergence over (outer, classes, inner) logits, per row (outer, inner):
-  // div = the unscaled divergence, ce = cross-entropy at T = 1 against target (empty without a target),
-  // stats = the (5, outer, inner) row statistics the backward needs.
-  m.def("kd_fwd(Tensor student, Tensor teacher, Tensor? target, float temperature, str divergence, float beta, "
-        "int ignore_index) -> (Tensor div, Tensor ce, Tensor stats)");
-  m.def("kd_bwd(Tensor grad_div, Tensor? grad_ce, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
-        "float temperature, str divergence, float beta, int ignore_index, bool student_grad, bool teacher_grad) "
-        "-> (Tensor grad_student, Tensor grad_teacher)");
   // Attention maps of every (batch, channels, positions) feature map of a call in one launch: pooled over the
   // channels as mean/sum/max of |x|^p and, with normalize, L2-normalised over the positions. maps are float32
   // (float64 when a feature is), norms the (features, batch) norms before normalisation, argmax the int32 first
