@@ -117,6 +117,21 @@ KdProblem base_problem(const Rows& r, const std::optional<at::Tensor>& target, d
   return p;
 }
 
+// Runs the forward launcher; with one class the divergence is exactly 0 (see launch_backward).
+void launch_forward(const KdProblem& p, at::Tensor& div, const KdLauncher& launch) {
+  launch(p);
+  if (p.classes == 1) div.zero_();
+}
+
+// Runs the backward launcher, but for one class, where every gradient is exactly 0 (the divergence of two one-point
+// distributions and the cross-entropy of one class are the constant 0; the kernels would leave a rounding residue
+// where the compiler fuses s / T - logsumexp into one rounding).
+void launch_backward(const KdProblem& p, at::Tensor& gs, at::Tensor& gt, const KdLauncher& launch) {
+  if (p.classes > 1) return launch(p);
+  if (p.grad_student) gs.zero_();
+  if (p.grad_teacher) gt.zero_();
+}
+
 std::optional<at::Tensor> long_target(const std::optional<at::Tensor>& target) {
   if (!target) return std::nullopt;
   return target->to(at::kLong).contiguous();
@@ -148,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd(const at::Tensor& student,
     p.div = div.data_ptr();
     p.ce = y ? ce.data_ptr() : nullptr;
     p.stats = stats.data_ptr();
-    launch(p);
+    launch_forward(p, div, launch);
   }
   return {div, ce, stats};
 }
@@ -181,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd(const at::Tensor& grad_div, const std:
     p.grad_ce_stride = gc_stride;
     p.grad_student = student_grad ? gs.data_ptr() : nullptr;
     p.grad_teacher = teacher_grad ? gt.data_ptr() : nullptr;
-    launch(p);
+    launch_backward(p, gs, gt, launch);
   }
   return {student_grad ? to_caller(gs, r, student) : gs, teacher_grad ? to_caller(gt, r, teacher) : gt};
 }
@@ -272,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_reduce_fwd(
   p.div = div.data_ptr();
   p.ce = d.y ? ce.data_ptr() : nullptr;
   p.stats = stats.data_ptr();
-  if (R > 0) launch(p);
+  if (R > 0) launch_forward(p, div, launch);
   if (div.is_cpu()) {
     const auto [sd, sc, n] = p.acc_double ? host_sums<double>(p) : host_sums<float>(p);
     const double loss = (kd_weight * sd + (d.y ? ce_weight * sc : 0.0)) / denominator(red, n, p.classes);
@@ -328,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor> kd_reduce_bwd(
     p.grad_div_stride = p.grad_ce_stride = 0;
     p.grad_student = student_grad ? gs.data_ptr() : nullptr;
     p.grad_teacher = teacher_grad ? gt.data_ptr() : nullptr;
-    launch(p);
+    launch_backward(p, gs, gt, launch);
   }
   return {student_grad ? to_caller(gs, d.r, student) : gs, teacher_grad ? to_caller(gt, d.r, teacher) : gt};
 }

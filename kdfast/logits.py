@@ -66,18 +66,20 @@ if _C is not None:
         return student.new_empty((), dtype=acc), student.new_empty((planes, rows), dtype=acc), \
             student.new_empty((), dtype=acc)
 
-    def _grad_layout(x, dim):
-        """An empty gradient laid out as kd_reduce_bwd returns it: the classes innermost where they are in memory
-        (channels-last dim=1), else contiguous."""
-        if x.dim() - 1 != dim % x.dim() and not x.is_contiguous() and x.movedim(dim, -1).is_contiguous():
-            return torch.empty_like(x.movedim(dim, -1)).movedim(-1, dim)
-        return x.new_empty(x.shape)
-
     @torch.library.register_fake("kdfast::kd_reduce_bwd")
     def _kd_reduce_bwd_fake(grad_loss, student, teacher, target, mask, stats, count, dim, temperature, divergence,
                             beta, ignore_index, reduction, kd_weight, ce_weight, student_grad, teacher_grad):
-        gs = _grad_layout(student, dim) if student_grad else student.new_empty((0,))
-        gt = _grad_layout(teacher, dim) if teacher_grad else teacher.new_empty((0,))
+        # Laid out as the op returns them: with the classes innermost where the student has them innermost in
+        # memory (channels-last dim=1), else contiguous.
+        moved = student.dim() - 1 != dim % student.dim() and not student.is_contiguous() and \
+            student.movedim(dim, -1).is_contiguous()
+
+        def like(x):
+            return torch.empty_like(x.movedim(dim, -1), memory_format=torch.contiguous_format).movedim(-1, dim) \
+                if moved else x.new_empty(x.shape)
+
+        gs = like(student) if student_grad else student.new_empty((0,))
+        gt = like(teacher) if teacher_grad else teacher.new_empty((0,))
         return gs, gt
 
 

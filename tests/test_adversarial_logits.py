@@ -171,7 +171,8 @@ def test_func_grad_over_kd_loss_and_hessian():
     s, t = logits((4, 7), torch.float64, requires_grad=False)
     y = torch.tensor([0, 6, -100, 3])
     got = torch.func.grad(lambda a: kdfast.kd_loss(a, t, y, 3.0, 0.5))(s)
-    want, = torch.autograd.grad(reference.kd_loss(s.clone().requires_grad_(), t, y, 3.0, 0.5), (s,))
+    a = s.clone().requires_grad_()
+    want, = torch.autograd.grad(reference.kd_loss(a, t, y, 3.0, 0.5), (a,))
     assert_close(got, want, torch.float64)
     # Under torch.func the loss is the reference's: higher derivatives work there.
     h = torch.func.hessian(lambda a: kdfast.kd_div(a, t[0], 2.0))(s[0])
