@@ -148,7 +148,10 @@ def markdown(rows):
 
 
 if __name__ == "__main__":
-    shapes = [tuple(int(v) for v in a.split("x")) for a in sys.argv[1:]] or CLASSIFICATION
+    args = sys.argv[1:]
+    if args and args[0].startswith("--threads="):
+        torch.set_num_threads(int(args.pop(0).split("=")[1]))
+    shapes = [tuple(int(v) for v in a.split("x")) for a in args] or CLASSIFICATION
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, T = {T}, forward + backward, "
           f"median of interleaved rounds")
     print(markdown(interleaved(shapes)))
