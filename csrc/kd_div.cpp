@@ -262,6 +262,13 @@ std::array<double, 3> host_sums(const KdProblem& p) {
   return {sd, sc, n};
 }
 
+// The value of a one-element CPU tensor (a loss gradient or a row count), without a dispatcher call.
+double host_value(const at::Tensor& x) {
+  if (x.scalar_type() == at::kDouble) return *x.const_data_ptr<double>();
+  if (x.scalar_type() == at::kFloat) return *x.const_data_ptr<float>();
+  return x.item<double>();
+}
+
 at::Tensor host_scalar(double v, const at::TensorOptions& acc) {
   at::Tensor x = at::empty({}, acc);
   if (x.scalar_type() == at::kDouble) *x.data_ptr<double>() = v;
@@ -316,30 +323,30 @@ std::tuple<at::Tensor, at::Tensor> kd_reduce_bwd(
   TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({kd_stat_planes(p.divergence, d.y.has_value()), p.rows()}) &&
                         stats.scalar_type() == acc.dtype() && stats.is_contiguous(),
                     "kdfast: stats of shape ", stats.sizes(), " do not belong to these logits");
-  // Every counted row's divergence and cross-entropy get one gradient each (read with row stride 0).
+  // Every counted row's divergence and cross-entropy get one gradient each (read with row stride 0): on the CPU
+  // from host memory, read and written without an ATen op.
   at::Tensor g;
+  std::array<double, 2> gd{};
+  std::array<float, 2> gf{};
+  const void* g_ptr = nullptr;
   if (grad_loss.is_cpu()) {
-    const double scale = grad_loss.item<double>() / denominator(red, count.item<double>(), p.classes);
-    g = at::empty({2}, acc);
-    if (p.acc_double) {
-      g.data_ptr<double>()[0] = scale * kd_weight;
-      g.data_ptr<double>()[1] = scale * ce_weight;
-    } else {
-      g.data_ptr<float>()[0] = float(scale * kd_weight);
-      g.data_ptr<float>()[1] = float(scale * ce_weight);
-    }
+    const double scale = host_value(grad_loss) / denominator(red, host_value(count), p.classes);
+    gd = {scale * kd_weight, scale * ce_weight};
+    gf = {float(gd[0]), float(gd[1])};
+    g_ptr = p.acc_double ? static_cast<const void*>(gd.data()) : static_cast<const void*>(gf.data());
   } else {
     at::Tensor den = red == Reduction::Sum ? at::ones({}, acc)
                                            : (red == Reduction::Mean ? count * double(p.classes) : count).clamp_min(1);
     g = at::stack({grad_loss.to(acc.dtype()) * kd_weight, grad_loss.to(acc.dtype()) * ce_weight}) / den;
+    g_ptr = g.data_ptr();
   }
   at::Tensor gs = student_grad ? empty_output(d.r.s.sizes(), d.r.s.options()) : at::empty({0}, student.options());
   at::Tensor gt = teacher_grad ? empty_output(d.r.t.sizes(), d.r.t.options()) : at::empty({0}, teacher.options());
   if (p.rows() > 0 && (student_grad || teacher_grad)) {
     p.stats = const_cast<void*>(stats.data_ptr());
     const size_t elt = p.acc_double ? sizeof(double) : sizeof(float);
-    p.grad_div = g.data_ptr();
-    p.grad_ce = d.y && ce_weight != 0 ? static_cast<const char*>(g.data_ptr()) + elt : nullptr;
+    p.grad_div = g_ptr;
+    p.grad_ce = d.y && ce_weight != 0 ? static_cast<const char*>(g_ptr) + elt : nullptr;
     p.grad_div_stride = p.grad_ce_stride = 0;
     p.grad_student = student_grad ? gs.data_ptr() : nullptr;
     p.grad_teacher = teacher_grad ? gt.data_ptr() : nullptr;
