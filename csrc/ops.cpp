@@ -1,4 +1,4 @@
-// Every kdfast op schema, and the Python module kdfast._C (build facts and CPU instruction-set control).
+// The kdfast op library, and the Python module kdfast._C (build facts and CPU instruction-set control).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -6,16 +6,8 @@
 #include "common/svd.h"
 #include "cpu/dispatch.h"
 
-TORCH_LIBRARY(kdfast, m) {
-  // Fused temperature-softmax divergence over (outer, classes, inner) logits, per row (outer, inner):
-  // div = the unscaled divergence, ce = cross-entropy at T = 1 against target (empty without a target),
-  // stats = the (5, outer, inner) row statistics the backward needs.
-  m.def("kd_fwd(Tensor student, Tensor teacher, Tensor? target, float temperature, str divergence, float beta, "
-        "int ignore_index) -> (Tensor div, Tensor ce, Tensor stats)");
-  m.def("kd_bwd(Tensor grad_div, Tensor? grad_ce, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
-        "float temperature, str divergence, float beta, int ignore_index, bool student_grad, bool teacher_grad) "
-        "-> (Tensor grad_student, Tensor grad_teacher)");
-}
+// The library itself; each op's schema stands beside its C++ in csrc/<op>.cpp (TORCH_LIBRARY_FRAGMENT).
+TORCH_LIBRARY(kdfast, m) {}
 
 PYBIND11_MODULE(_C, m) {
   using namespace kdfast::cpu;

@@ -9,15 +9,92 @@ from torch import nn
 
 from . import _validate as check
 from . import reference
-from ._ops import has_kernel
+from ._autograd import once_differentiable
+from ._ops import _C, has_kernel
 from ._reduce import reduce_rows
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
+if _C is not None:
+
+    @torch.library.register_fake("kdfast::kd_fwd")
+    def _kd_fwd_fake(student, teacher, target, temperature, divergence, beta, ignore_index):
+        acc = check.acc_dtype(student, teacher)
+        rows = (student.shape[0], student.shape[2])
+        ce_shape = rows if target is not None else (0,)
+        planes = 3 + (divergence == "jsd") + (target is not None)  # kd_stat_planes in csrc/common/kd_div.h
+        return (student.new_empty(rows, dtype=acc), student.new_empty(ce_shape, dtype=acc),
+                student.new_empty((planes, *rows), dtype=acc))
+
+    @torch.library.register_fake("kdfast::kd_bwd")
+    def _kd_bwd_fake(grad_div, grad_ce, student, teacher, target, stats, temperature, divergence, beta,
+                     ignore_index, student_grad, teacher_grad):
+        gs = torch.empty_like(student) if student_grad else student.new_empty((0,))
+        gt = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
+        return gs, gt
+
+    def _kd_setup_context(ctx, inputs, output):
+        student, teacher, target, temperature, divergence, beta, ignore_index = inputs
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for outputs the loss does not use
+        ctx.save_for_backward(student, teacher, target, output[2])
+        ctx.options = (temperature, divergence, beta, ignore_index)
+
+    @once_differentiable("kd_div")
+    def _kd_backward(ctx, grad_div, grad_ce, _grad_stats):
+        student, teacher, target, stats = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_div is None:
+            grad_div = torch.zeros_like(stats[0])
+        if target is None or (grad_ce is not None and grad_ce.numel() == 0):
+            grad_ce = None
+        gs, gt = torch.ops.kdfast.kd_bwd(grad_div, grad_ce, student, teacher, target, stats, *ctx.options,
+                                         need_s, need_t)
+        return gs if need_s else None, gt if need_t else None, None, None, None, None, None
+
+    torch.library.register_autograd("kdfast::kd_fwd", _kd_backward, setup_context=_kd_setup_context)
+
+    # kd_reduce_fwd's autograd is registered in C++ (csrc/kd_div_autograd.cpp): a Python autograd function would
+    # cost more per call than the whole loss on classification-size logits.
+    @torch.library.register_fake("kdfast::kd_reduce_fwd")
+    def _kd_reduce_fwd_fake(student, teacher, target, mask, dim, temperature, divergence, beta, ignore_index,
+                            reduction, kd_weight, ce_weight):
+        acc = check.acc_dtype(student, teacher)
+        planes = 3 + (divergence == "jsd") + (target is not None)  # kd_stat_planes in csrc/common/kd_div.h
+        rows = student.numel() // student.shape[dim]
+        return student.new_empty((), dtype=acc), student.new_empty((planes, rows), dtype=acc), \
+            student.new_empty((), dtype=acc)
+
+    @torch.library.register_fake("kdfast::kd_reduce_bwd")
+    def _kd_reduce_bwd_fake(grad_loss, student, teacher, target, mask, stats, count, dim, temperature, divergence,
+                            beta, ignore_index, reduction, kd_weight, ce_weight, student_grad, teacher_grad):
+        # Laid out as the op returns them: with the classes innermost where the student has them innermost in
+        # memory (channels-last dim=1), else contiguous.
+        moved = student.dim() - 1 != dim % student.dim() and not student.is_contiguous() and \
+            student.movedim(dim, -1).is_contiguous()
+
+        def like(x):
+            return torch.empty_like(x.movedim(dim, -1), memory_format=torch.contiguous_format).movedim(-1, dim) \
+                if moved else x.new_empty(x.shape)
+
+        gs = like(student) if student_grad else student.new_empty((0,))
+        gt = like(teacher) if teacher_grad else teacher.new_empty((0,))
+        return gs, gt
+
+
+# Temperatures above PRECISE_T are computed in float64 for every input dtype: the divergence falls as 1/T^2 while
+# float32 rounds the row statistics at about 1e-7 absolute, which the T^2 scale then magnifies (T = 1e4 gave 11.92
+# for an exact 0.947). In float64 the scaled loss stays within about 1e-16 T^2 absolute up to MAX_T.
+PRECISE_T = 16.0
+MIN_T, MAX_T = 1e-6, 1e6
+
+
 def _check_options(temperature, divergence, beta) -> float:
     temperature = check.positive_finite(temperature, "temperature")
+    if not MIN_T <= temperature <= MAX_T:
+        raise ValueError(f"temperature must be in [{MIN_T:g}, {MAX_T:g}] (beyond it float64 cannot resolve the "
+                         f"divergence), got {temperature}")
     check.choice(divergence, "divergence", DIVERGENCES)
     beta = check.real(beta, "beta")
     if divergence == "jsd":
@@ -82,13 +159,32 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
             raise ValueError(f"mask must have the row shape {tuple(_row_shape(student_logits, dim))} (the logits' "
                              f"shape without dim={dim}), got {tuple(mask.shape)}")
         check.same_device({"student_logits": student_logits, "mask": mask})
-    if not has_kernel(student_logits.device):
+    if _transformed() or not has_kernel(student_logits.device):
         return reference.kd_div(student_logits, teacher_logits, temperature, divergence=divergence, beta=beta,
                                 dim=dim, mask=mask, reduction=reduction, scale_t2=scale_t2)
-    rows, _ = _kernel_rows(student_logits, teacher_logits, None, temperature, divergence, beta, dim, -100)
-    # Scaled after the reduction: the rows' gradient then stays one broadcast value, which the kernel reads in place.
-    out = reduce_rows(rows, mask, reduction, student_logits.shape[dim])
-    return out * (temperature * temperature) if scale_t2 else out
+    s, t, precise = _precise(student_logits, teacher_logits, temperature)
+    if reduction == "none":
+        rows, _ = _kernel_rows(s, t, None, temperature, divergence, beta, dim, -100)
+        out = reduce_rows(rows, mask, reduction, s.shape[dim])
+        out = out * (temperature * temperature) if scale_t2 else out
+    else:
+        out = torch.ops.kdfast.kd_reduce_fwd(s, t, None, mask, dim, temperature, divergence, beta, -100, reduction,
+                                             temperature * temperature if scale_t2 else 1.0, 0.0)[0]
+    return out.float() if precise else out
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) is active: the kernels' autograd (C++, and
+    once-differentiable) does not compose with them, so the reference computes the loss there (the same values,
+    and every order of derivative). torch.compile traces the kernels."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None
+
+
+def _precise(student, teacher, temperature):
+    """The logits to compute with: float64 copies above PRECISE_T (the loss then comes back float32)."""
+    if temperature <= PRECISE_T or (student.dtype == torch.float64 and teacher.dtype == torch.float64):
+        return student, teacher, False
+    return student.double(), teacher.double(), True
 
 
 def _check_target(target, student_logits, dim, ignore_index):
@@ -99,14 +195,16 @@ def _check_target(target, student_logits, dim, ignore_index):
         raise ValueError(f"target must have the row shape {tuple(_row_shape(student_logits, dim))} (the logits' "
                          f"shape without dim={dim}), got {tuple(target.shape)}")
     check.same_device({"student_logits": student_logits, "target": target})
-    classes = student_logits.shape[dim]
-    # A data-dependent check: done eagerly on CPU only (on CUDA it would synchronise; there a bad class gives NaN).
+
+
+def _check_classes(target, classes, ignore_index):
+    """The reference path's check of the class indices (the kernels check them on the CPU themselves). Data-dependent:
+    done eagerly on CPU only (on CUDA it would synchronise; there a bad class gives NaN)."""
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (target != ignore_index) & ((target < 0) | (target >= classes))
         if bool(bad.any()):
             raise ValueError(f"target holds class {int(target[bad][0])}, outside [0, {classes}) and not "
                              f"ignore_index={ignore_index}")
-    return target.long()
 
 
 def kd_loss(student_logits, teacher_logits, target, temperature=4.0, alpha=0.9, *, divergence="kl", beta=0.5,
@@ -119,15 +217,18 @@ def kd_loss(student_logits, teacher_logits, target, temperature=4.0, alpha=0.9, 
     alpha = check.in_closed_unit(alpha, "alpha")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    target = _check_target(target, student_logits, dim, ignore_index)
+    _check_target(target, student_logits, dim, ignore_index)
+    if _transformed():
+        return reference.kd_loss(student_logits, teacher_logits, target.long(), temperature, alpha,
+                                 divergence=divergence, beta=beta, dim=dim, ignore_index=ignore_index)
     if not has_kernel(student_logits.device):
-        return reference.kd_loss(student_logits, teacher_logits, target, temperature, alpha, divergence=divergence,
-                                 beta=beta, dim=dim, ignore_index=ignore_index)
-    div, ce = _kernel_rows(student_logits, teacher_logits, target, temperature, divergence, beta, dim, ignore_index)
-    keep = target != ignore_index
-    count = keep.sum().clamp_min(1)
-    kd = torch.where(keep, div, torch.zeros_like(div)).sum() * (temperature * temperature) / count
-    return alpha * kd + (1 - alpha) * (ce.sum() / count)
+        _check_classes(target, student_logits.shape[dim], ignore_index)
+        return reference.kd_loss(student_logits, teacher_logits, target.long(), temperature, alpha,
+                                 divergence=divergence, beta=beta, dim=dim, ignore_index=ignore_index)
+    s, t, precise = _precise(student_logits, teacher_logits, temperature)
+    out = torch.ops.kdfast.kd_reduce_fwd(s, t, target, None, dim, temperature, divergence, beta, ignore_index,
+                                         "batchmean", alpha * temperature * temperature, 1.0 - alpha)[0]
+    return out.float() if precise else out
 
 
 class KDDiv(nn.Module):

@@ -15,8 +15,11 @@ def _acc_dtype(*xs: torch.Tensor) -> torch.dtype:
 
 
 def _plogq(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    """p * log_ratio with 0 where p == 0 (a class of probability 0 contributes nothing); NaN stays NaN."""
-    return torch.where(p == 0, torch.zeros_like(p), p * log_ratio)
+    """p * log_ratio with 0 where p == 0 (a class of probability 0 contributes nothing, also to the gradient:
+    log_ratio is -inf or NaN there for a -inf logit, and 0 * inf in the product's backward would be NaN); NaN
+    stays NaN."""
+    zero = p == 0
+    return torch.where(zero, torch.zeros_like(p), p * torch.where(zero, torch.zeros_like(log_ratio), log_ratio))
 
 
 def kd_div_rows(student_logits, teacher_logits, temperature=1.0, divergence="kl", beta=0.5, dim=-1):
@@ -30,7 +33,8 @@ def kd_div_rows(student_logits, teacher_logits, temperature=1.0, divergence="kl"
     elif divergence == "reverse_kl":
         terms = _plogq(ps, ls - lt)
     elif divergence == "jsd":
-        lm = torch.log(beta * pt + (1 - beta) * ps)
+        m = beta * pt + (1 - beta) * ps
+        lm = torch.log(torch.where(m == 0, torch.ones_like(m), m))  # m = 0 only where both are 0: no term there
         terms = beta * _plogq(pt, lt - lm) + (1 - beta) * _plogq(ps, ls - lm)
     else:
         raise ValueError(f"unknown divergence {divergence!r}")

@@ -118,6 +118,33 @@ def test_reductions_and_masks(device, reduction, scale_t2):
         ref = reference.kd_div(s.double(), t.double(), 2.0, dim=-1, mask=m, reduction=reduction, scale_t2=scale_t2)
         assert_close(out, ref, torch.float32, scale=4)
 
+@pytest.mark.parametrize("classes", [1, 2, 3, 7, 8, 9, 10, 15, 16, 17, 31, 33, 100, 1000, 1024, 1025])
+def test_short_rows_reduced_in_the_op(device, dtype, classes):
+    """Rows of up to 1024 classes take the two-pass short-row kernels (every tail length of a vector), and the
+    reductions run inside the op: kd_div with and without a mask, kd_loss with ignored rows, against the reference."""
+    s, t = make_logits((13, classes), dtype, device, seed=classes)
+    mask = (torch.arange(13, device=device) % 3) != 1
+    target = torch.arange(13, device=device) % classes
+    target[4] = -100
+    T = 3.0
+    for div in DIVERGENCES:
+        for reduction, m in (("batchmean", None), ("sum", mask), ("mean", mask), ("batchmean", mask)):
+            kw = dict(divergence=div, beta=0.4, mask=m, reduction=reduction)
+            out = kdfast.kd_div(s, t, T, **kw)
+            gs, gt = torch.autograd.grad(out, (s, t))
+            ref, rgs, rgt = reference_and_grads(reference.kd_div, s, t, T, **kw)
+            assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and out.shape == ()
+            assert_close(out, ref, dtype, scale=T * T * classes)
+            assert_close(gs, rgs, dtype)
+            assert_close(gt, rgt, dtype)
+        out = kdfast.kd_loss(s, t, target, T, 0.7, divergence=div, beta=0.4)
+        gs, gt = torch.autograd.grad(out, (s, t))
+        ref, rgs, rgt = reference_and_grads(reference.kd_loss, s, t, target, T, 0.7, divergence=div, beta=0.4)
+        assert_close(out, ref, dtype, scale=T * T * classes)
+        assert_close(gs, rgs, dtype)
+        assert_close(gt, rgt, dtype)
+
+
 def test_all_false_mask_gives_zero_loss_and_zero_grads(device):
     s, t = make_logits((4, 9), torch.float32, device)
     mask = torch.zeros(4, dtype=torch.bool, device=device)
@@ -199,7 +226,7 @@ def test_pixelwise_dim1_reads_in_place():
 
     class Spy(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.kdfast.kd_fwd.default:
+            if func is torch.ops.kdfast.kd_reduce_fwd.default:
                 seen.append(args[0].data_ptr() == s.data_ptr() and args[1].data_ptr() == t.data_ptr())
             return func(*args, **(kwargs or {}))
 
@@ -244,6 +271,37 @@ def test_opcheck(device, with_target):
                           (g, gce, s.detach(), t.detach(), y, stats, 2.0, "kl", 0.5, -100, True, True))
 
 @pytest.mark.skipif(_ops._C is None, reason="extension not built")
+@pytest.mark.parametrize("select", ["all", "mask", "target"])
+@pytest.mark.parametrize("layout", ["rows", "pixels", "channels_last"])
+def test_opcheck_reduced(device, select, layout):
+    s, t = make_logits((3, 5, 2, 2), torch.float32, device)
+    if layout == "channels_last":
+        s = s.detach().to(memory_format=torch.channels_last).requires_grad_()
+    dim = -1 if layout == "rows" else 1
+    rows = row_shape(s.shape, dim)
+    index = torch.arange(rows.numel(), device=device).reshape(rows)
+    y = index % 2 if select == "target" else None
+    if y is not None:
+        y[0, 0, 0] = -100
+    mask = index % 3 > 0 if select == "mask" else None
+    for div, red in (("kl", "batchmean"), ("jsd", "sum"), ("reverse_kl", "mean")):
+        args = (s, t, y, mask, dim, 2.0, div, 0.5, -100, red, 4.0, 0.1 if y is not None else 0.0)
+        torch.library.opcheck(torch.ops.kdfast.kd_reduce_fwd.default, args)
+        loss, stats, count = torch.ops.kdfast.kd_reduce_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a
+                                                              for a in args))
+        torch.library.opcheck(torch.ops.kdfast.kd_reduce_bwd.default,
+                              (torch.tensor(1.5, device=device), s.detach(), t.detach(), y, mask, stats, count,
+                               *args[4:], True, True))
+
+
+def test_reduced_op_takes_a_target_or_a_mask():
+    s, t = make_logits((3, 4), torch.float32, "cpu", requires_grad=False)
+    with pytest.raises(ValueError, match="not both"):
+        torch.ops.kdfast.kd_reduce_fwd(s, t, torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.bool), -1,
+                                       2.0, "kl", 0.5, -100, "batchmean", 1.0, 1.0)
+
+
+@pytest.mark.skipif(_ops._C is None, reason="extension not built")
 @pytest.mark.parametrize("divergence,with_target,planes", [("kl", False, 3), ("reverse_kl", False, 3),
                                                            ("jsd", False, 4), ("kl", True, 4), ("jsd", True, 5)])
 def test_forward_saves_only_the_row_statistics_its_backward_reads(device, divergence, with_target, planes):
@@ -268,6 +326,17 @@ def test_torch_compile_fullgraph(device):
     gs, = torch.autograd.grad(out, (s,))
     egs, = torch.autograd.grad(kdfast.kd_loss(s, t, y, 4.0, 0.9), (s,))
     torch.testing.assert_close(gs, egs)
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+def test_torch_compile_fullgraph_masks_and_layouts(device, reduction):
+    s, t = make_logits((2, 5, 3, 4), torch.float32, device)
+    mask = torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(1)).to(device) > 0.3
+    fn = lambda a, b, m: kdfast.kd_div(a, b, 2.0, dim=1, mask=m, reduction=reduction)  # noqa: E731
+    out = torch.compile(fn, fullgraph=True)(s, t, mask)
+    want = fn(s, t, mask)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(torch.autograd.grad(out, (s, t)), torch.autograd.grad(want, (s, t)))
+
 
 def test_deterministic(device):
     s, t = make_logits((64, 5000), torch.float32, device, seed=9)

@@ -233,7 +233,13 @@ struct KdKernel {
     r.lse_t = load(st + kLseTeacher * R);
     r.aux0 = load(st + kAux0 * R);
     r.aux1 = k.div == Divergence::JSD ? load(st + kAux1 * R) : V(A(0));
-    r.g = p.grad_div_stride == 0 ? V(gd[0]) : load(gd);
+    if (p.row_mask || p.skip_ignored) {
+      alignas(64) A g[W] = {};
+      for (int l = 0; l < n; ++l) g[l] = kd_grad_div_of<A>(p, row + l);
+      r.g = n == 1 ? V(g[0]) : V::loadu(g);
+    } else {
+      r.g = p.grad_div_stride == 0 ? V(gd[0]) : load(gd);
+    }
     if (k.target) {
       r.lse1 = load(st + kd_lse1_plane(k.div) * R);
       // An ignored row's cross-entropy is the constant 0: no gradient flows through it.
@@ -248,6 +254,118 @@ struct KdKernel {
       r.lse1 = r.gce = r.y = V(A(0));
     }
     return r;
+  }
+
+  // ---- short rows (inner == 1, classes <= kShortRow) ----
+  // The row is read whole (converted once into a buffer when it is not of the accumulator type): one pass for
+  // the maxima, one for the sums against them, one horizontal reduction per sum. No online rescaling, no staging
+  // of a partial block and no merge of W lane states with scalar exp/log, which cost more than a short row itself.
+  static constexpr int64_t kShortRow = 1024;
+
+  template <class T>
+  const A* row_as_acc(const T* base, int64_t row, A* buf) const {
+    const T* src = base + row * p.classes;
+    if constexpr (std::is_same_v<T, A>) {
+      return src;
+    } else {
+      at::vec::convert(src, buf, p.classes);
+      return buf;
+    }
+  }
+
+  // Vector c of a short row: lanes past the last class hold -inf, which contributes nothing.
+  struct ShortRow {
+    int64_t full;
+    int tail;
+    V pad;
+    explicit ShortRow(int64_t C)
+        : full(C / W * W), tail(int(C - C / W * W)), pad(V::arange(A(0), A(1)) >= V(A(C - C / W * W))) {}
+    V at(const A* x, int64_t c) const {
+      if (c < full) return V::loadu(x + c);
+      return V::blendv(V::loadu(x + c, tail), V(-std::numeric_limits<A>::infinity()), pad);
+    }
+  };
+
+  void forward_short(int64_t row) const {
+    alignas(64) A bs[kShortRow], bt[kShortRow];
+    using M = VMath<V>;
+    const int64_t C = p.classes;
+    const ShortRow R(C);
+    const A* sp = row_as_acc(s, row, bs);
+    const A* tp = row_as_acc(t, row, bt);
+    const A ninf = -std::numeric_limits<A>::infinity();
+    V vs(ninf), vt(ninf);
+    for (int64_t c = 0; c < C; c += W) {
+      vs = at::vec::maximum(vs, R.at(sp, c));
+      vt = at::vec::maximum(vt, R.at(tp, c));
+    }
+    auto vmax = [](V x, V y) { return at::vec::maximum(x, y); };
+    auto vsum = [](V x, V y) { return x + y; };
+    // max(s) / T is the largest s / T exactly: rounding a product by a positive constant keeps the order.
+    const A ms = at::vec::vec_reduce_all<A>(vmax, vs) * k.inv_T, mt = at::vec::vec_reduce_all<A>(vmax, vt) * k.inv_T;
+    const V rs(ms == ninf ? A(0) : ms), rt(mt == ninf ? A(0) : mt), inv(k.inv_T), T(k.T);
+    V zs(A(0)), zt(A(0)), w(A(0)), z1(A(0));
+    for (int64_t c = 0; c < C; c += W) {
+      const V a = R.at(sp, c) * inv, b = R.at(tp, c) * inv;
+      const V es = M::exp(a - rs), et = M::exp(b - rt);
+      zs = zs + es;
+      zt = zt + et;
+      if (k.div == Divergence::KL) w = w + M::mul_nonzero(et, b - a);
+      else if (k.div == Divergence::ReverseKL) w = w + M::mul_nonzero(es, a - b);
+      if (k.ce_rescale) z1 = z1 + M::exp((a - rs) * T);
+    }
+    const A sw = at::vec::vec_reduce_all<A>(vsum, w);
+    KdRowState<A> st{{ms, at::vec::vec_reduce_all<A>(vsum, zs), sw}, {mt, at::vec::vec_reduce_all<A>(vsum, zt), sw},
+                     k.ce_rescale ? at::vec::vec_reduce_all<A>(vsum, z1) : A(0), A(0)};
+    if (k.target) {
+      const int64_t y = p.target[row];
+      if (y >= 0 && y < C) st.sy = sp[y];
+    }
+    kd_finish_row(p, row, st);
+    if (k.div != Divergence::JSD) return;
+    const A* stats = static_cast<const A*>(p.stats);
+    const V lse_s(stats[kLseStudent * p.rows() + row]), lse_t(stats[kLseTeacher * p.rows() + row]);
+    V kl_t(A(0)), kl_s(A(0));
+    for (int64_t c = 0; c < C; c += W) {
+      V dt, ds;
+      jsd_terms<V, V>(V(k.beta), R.at(sp, c) * inv, R.at(tp, c) * inv, lse_s, lse_t, dt, ds);
+      kl_t = kl_t + dt;
+      kl_s = kl_s + ds;
+    }
+    jsd_finish_row<A>(p, row, at::vec::vec_reduce_all<A>(vsum, kl_t), at::vec::vec_reduce_all<A>(vsum, kl_s));
+  }
+
+  void backward_short(int64_t row, TS* gs, TT* gt) const {
+    alignas(64) A bs[kShortRow], bt[kShortRow], os[kShortRow], ot[kShortRow];
+    const int64_t C = p.classes;
+    const ShortRow R(C);
+    const A* sp = row_as_acc(s, row, bs);
+    const A* tp = row_as_acc(t, row, bt);
+    const KdLaneStats<A> r = lane_stats(row, 1);
+    // Accumulator-typed gradients are written in place, but for the last, partial vector.
+    A* gs_out = nullptr;
+    A* gt_out = nullptr;
+    if (gs) {
+      if constexpr (std::is_same_v<TS, A>) gs_out = gs + row * C; else gs_out = os;
+    }
+    if (gt) {
+      if constexpr (std::is_same_v<TT, A>) gt_out = gt + row * C; else gt_out = ot;
+    }
+    for (int64_t c = 0; c < R.full; c += W) {
+      const V cls = V::arange(A(c), A(1));
+      bwd_block(k, sp + c, tp + c, &cls, r, 1, gs_out ? gs_out + c : os, gt_out ? gt_out + c : nullptr);
+    }
+    if (R.tail) {
+      alignas(64) A ts[W], tt[W], og[W], oh[W];
+      R.at(sp, R.full).store(ts);
+      R.at(tp, R.full).store(tt);
+      const V cls = V::arange(A(R.full), A(1));
+      bwd_block(k, ts, tt, &cls, r, 1, og, gt_out ? oh : nullptr);
+      if (gs_out) std::copy(og, og + R.tail, gs_out + R.full);
+      if (gt_out) std::copy(oh, oh + R.tail, gt_out + R.full);
+    }
+    if constexpr (!std::is_same_v<TS, A>) if (gs) unstage(os, gs + row * C, C);
+    if constexpr (!std::is_same_v<TT, A>) if (gt) unstage(ot, gt + row * C, C);
   }
 
   // ---- pixel mode (inner > 1) ----
@@ -325,15 +443,19 @@ struct KdKernel {
     }
   }
 
+  bool short_rows() const { return p.inner == 1 && p.classes <= kShortRow; }
+
   void forward() const {
-    for_all([&](int64_t r) { forward_row(r); },
+    const bool brief = short_rows();
+    for_all([&](int64_t r) { brief ? forward_short(r) : forward_row(r); },
             [&](int64_t o, int64_t i0, int nl) { forward_pixels(o, i0, nl); });
   }
 
   void backward() const {
     TS* gs = static_cast<TS*>(p.grad_student);
     TT* gt = static_cast<TT*>(p.grad_teacher);
-    for_all([&](int64_t r) { backward_row(r, gs, gt); },
+    const bool brief = short_rows();
+    for_all([&](int64_t r) { brief ? backward_short(r, gs, gt) : backward_row(r, gs, gt); },
             [&](int64_t o, int64_t i0, int nl) { backward_pixels(o, i0, nl, gs, gt); });
   }
 };

@@ -11,9 +11,11 @@ namespace kdfast {
 
 template <class T> struct VMath<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
-  // ATen's fast exp (about 20 ulp, well inside float32 loss tolerances), made to pass NaN through: it clamps its
-  // argument, which would turn NaN into a finite value.
-  static V exp(V x) { return V::blendv(x.exp_u20(), x, x != x); }
+  // ATen's fast exp (about 20 ulp, well inside float32 loss tolerances), made to pass NaN through (it clamps its
+  // argument, which would turn NaN into a finite value) and exact at 0 (x + 1 there, and NaN for NaN): a row's
+  // maximum then weighs exactly 1, so that one class and identical rows give an exactly 0 divergence and gradient.
+  static V exp(V x) { return V::blendv(x.exp_u20(), x + V(T(1)), (x != x) | (x == V(T(0)))); }
+  static V pick_equal(V a, V b, V x, V y) { return V::blendv(y, x, a == b); }
   static V log(V x) { return x.log(); }
   static V mul_nonzero(V p, V x) { return V::blendv(p * x, V(T(0)), p == V(T(0))); }
 };

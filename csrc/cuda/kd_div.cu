@@ -215,7 +215,7 @@ template <class A> __device__ __forceinline__ RowGrad<A> row_grad(const KdProble
   r.lse_t = st[kLseTeacher * R + row];
   r.aux0 = st[kAux0 * R + row];
   r.aux1 = k.div == Divergence::JSD ? st[kAux1 * R + row] : A(0);
-  r.g = static_cast<const A*>(p.grad_div)[row * p.grad_div_stride] * k.inv_T;
+  r.g = kd_grad_div_of<A>(p, row) * k.inv_T;
   r.y = k.target ? p.target[row] : -1;
   // An ignored row's cross-entropy is the constant 0: no gradient flows through it.
   r.gce = k.target && p.grad_ce && r.y != p.ignore_index ? static_cast<const A*>(p.grad_ce)[row * p.grad_ce_stride] : A(0);
@@ -328,6 +328,13 @@ int grid_for(int64_t units, int per_block) {
   return int(blocks < 65535LL * 32 ? (blocks > 0 ? blocks : 1) : 65535LL * 32);
 }
 
+template <class TS, class TT, class A, int GROUP, int VEC>
+void launch_rows(const KdProblem& p, const Consts<A>& k, bool vector, bool backward, cudaStream_t stream) {
+  const int grid = grid_for(p.outer, kThreads / GROUP);
+  if (backward) kd_bwd_rows<TS, TT, A, GROUP, VEC><<<grid, kThreads, 0, stream>>>(p, k, vector);
+  else kd_fwd_rows<TS, TT, A, GROUP, VEC><<<grid, kThreads, 0, stream>>>(p, k, vector);
+}
+
 template <class TS, class TT, class A>
 void launch(const KdProblem& p, bool backward, cudaStream_t stream) {
   const Consts<A> k = consts_of<A>(p);
@@ -342,16 +349,14 @@ void launch(const KdProblem& p, bool backward, cudaStream_t stream) {
   auto aligned = [](const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool vector = p.classes % VEC == 0 && aligned(p.student) && aligned(p.teacher) &&
                       aligned(p.grad_student) && aligned(p.grad_teacher);
-  const bool wide = p.classes > 2048;
-  if (wide) {
-    const int grid = grid_for(p.outer, 1);
-    if (backward) kd_bwd_rows<TS, TT, A, kThreads, VEC><<<grid, kThreads, 0, stream>>>(p, k, vector);
-    else kd_fwd_rows<TS, TT, A, kThreads, VEC><<<grid, kThreads, 0, stream>>>(p, k, vector);
-  } else {
-    const int grid = grid_for(p.outer, kThreads / 32);
-    if (backward) kd_bwd_rows<TS, TT, A, 32, VEC><<<grid, kThreads, 0, stream>>>(p, k, vector);
-    else kd_fwd_rows<TS, TT, A, 32, VEC><<<grid, kThreads, 0, stream>>>(p, k, vector);
-  }
+  // A block per row above 2048 classes, a warp per row down to 16 * VEC classes, and below that several rows per
+  // warp (GROUP lanes each), so that short rows do not leave most of a warp idle.
+  const int64_t C = p.classes;
+  if (C > 2048) launch_rows<TS, TT, A, kThreads, VEC>(p, k, vector, backward, stream);
+  else if (C > 16 * VEC) launch_rows<TS, TT, A, 32, VEC>(p, k, vector, backward, stream);
+  else if (C > 8 * VEC) launch_rows<TS, TT, A, 16, VEC>(p, k, vector, backward, stream);
+  else if (C > 4 * VEC) launch_rows<TS, TT, A, 8, VEC>(p, k, vector, backward, stream);
+  else launch_rows<TS, TT, A, 4, VEC>(p, k, vector, backward, stream);
 }
 
 template <class TS>

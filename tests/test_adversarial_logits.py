@@ -1,0 +1,333 @@
+"""kd_div / kd_loss / KDDiv / KDLoss at the edges of every argument: each case gives a correct value or a clear
+error, never a plausible wrong number (double backward, transforms, compiled target checks, extreme temperatures,
+masked logits, one class, identical rows, empty, non-contiguous, wrong dtypes and devices)."""
+import pytest
+import torch
+from conftest import assert_close
+
+import kdfast
+from kdfast import reference
+
+DIVERGENCES = ["kl", "reverse_kl", "jsd"]
+INF = float("inf")
+
+
+def logits(shape, dtype=torch.float32, seed=0, scale=3.0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return s.requires_grad_(requires_grad), t.requires_grad_(requires_grad)
+
+
+def grads_of(fn, s, t):
+    out = fn(s, t)
+    return (out, *torch.autograd.grad(out.sum(), (s, t)))
+
+
+# ---- double backward: a clear error at the second derivative, never zeros ----
+
+@pytest.mark.parametrize("call", [
+    lambda s, t: kdfast.kd_div(s, t, 4.0),
+    lambda s, t: kdfast.kd_div(s, t, 4.0, reduction="none").sum(),
+    lambda s, t: kdfast.kd_div(s, t, 40.0, divergence="jsd", reduction="sum"),
+    lambda s, t: kdfast.kd_loss(s, t, torch.tensor([0, 2, -100, 1]), 4.0, 0.7),
+], ids=["kd_div", "kd_div-none", "kd_div-precise", "kd_loss"])
+def test_gradient_penalty_raises(call):
+    s, t = logits((4, 5))
+    g, = torch.autograd.grad(call(s, t), (s,), create_graph=True)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0  # the first-order gradient itself is right (not zeros)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        g.pow(2).sum().backward()
+
+
+def test_first_order_gradient_under_create_graph_matches():
+    s, t = logits((4, 5), torch.float64)
+    g1, = torch.autograd.grad(kdfast.kd_div(s, t, 2.0), (s,), create_graph=True)
+    g2, = torch.autograd.grad(kdfast.kd_div(s, t, 2.0), (s,))
+    torch.testing.assert_close(g1.detach(), g2)
+
+
+# ---- kd_loss's target check holds in compiled graphs ----
+
+def test_compiled_kd_loss_rejects_out_of_range_target():
+    s, t = logits((4, 6))
+    f = torch.compile(lambda a, b, y: kdfast.kd_loss(a, b, y, 4.0, 0.9), fullgraph=True)
+    f(s, t, torch.tensor([0, 1, 2, 3]))
+    for bad in ([0, 6, 1, 2], [0, -1, 1, 2]):
+        with pytest.raises(ValueError, match="outside"):
+            f(s, t, torch.tensor(bad))
+    assert torch.isfinite(f(s, t, torch.tensor([0, -100, 5, 3])))
+
+
+# ---- extreme temperatures ----
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("T", [16.5, 1e2, 1e4, 1e5])
+def test_large_temperature_stays_accurate(divergence, T):
+    s, t = logits((6, 37))
+    out, gs, gt = grads_of(lambda a, b: kdfast.kd_div(a, b, T, divergence=divergence, beta=0.3), s, t)
+    ref, rgs, rgt = grads_of(lambda a, b: reference.kd_div(a, b, T, divergence=divergence, beta=0.3),
+                             s.detach().double().requires_grad_(), t.detach().double().requires_grad_())
+    assert out.dtype == torch.float32 and gs.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gs.double(), rgs, rtol=1e-4, atol=1e-7 * (T if divergence == "kl" else 1))
+
+
+def test_temperature_limit_is_half_the_variance():
+    """T^2 KL(p_t || p_s) tends to half the variance over the classes of t - s: checked at the largest T."""
+    s, t = logits((3, 11), torch.float32, requires_grad=False)
+    want = 0.5 * (t.double() - s.double()).var(dim=1, unbiased=False).mean()
+    got = kdfast.kd_div(s, t, kdfast.logits.MAX_T)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("T", [1e-7, 2e6, 1e30])
+def test_temperature_outside_usable_range_raises(T):
+    s, t = logits((2, 3))
+    with pytest.raises(ValueError, match=r"temperature must be in \[1e-06, 1e\+06\]"):
+        kdfast.kd_div(s, t, T)
+    with pytest.raises(ValueError, match="temperature must be in"):
+        kdfast.KDLoss(T)
+
+
+def test_small_temperature():
+    s, t = logits((3, 8), torch.float64)
+    out = kdfast.kd_div(s, t, 1e-6)
+    ref = reference.kd_div(s, t, 1e-6)
+    assert_close(out, ref, torch.float64)
+
+
+# ---- masked (-inf) logits: the reference and the kernels, both gradients ----
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_masked_logits_both_gradients(divergence):
+    s, t = logits((5, 9), torch.float64, requires_grad=False)
+    s[:, 3] = -INF
+    t[:, 3] = -INF  # masked in both: contributes nothing
+    t[:, 5] = -INF  # masked in the teacher only (an LLM's masked vocabulary entry)
+    if divergence != "kl":
+        s[:, 5] = -INF  # reverse_kl and jsd are infinite where only one side is masked
+    s.requires_grad_()
+    t.requires_grad_()
+    ref = grads_of(lambda a, b: reference.kd_div(a, b, 2.0, divergence=divergence), s, t)
+    for x in ref:
+        assert torch.isfinite(x).all()
+    got = grads_of(lambda a, b: kdfast.kd_div(a, b, 2.0, divergence=divergence), s, t)
+    for g, r in zip(got, ref):
+        assert_close(g, r, torch.float64)
+    assert ref[2][:, 3].eq(0).all() and ref[2][:, 5].eq(0).all()
+
+
+# ---- one class and identical rows: exactly 0, never negative ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_one_class_is_exactly_zero(dtype, divergence):
+    s, t = logits((6, 1), dtype)
+    for reduction in ("none", "sum", "batchmean"):
+        out = kdfast.kd_div(s, t, 3.0, divergence=divergence, reduction=reduction)
+        assert torch.count_nonzero(out) == 0
+    for reduction in ("none", "batchmean"):
+        out = kdfast.kd_div(s, t, 3.0, divergence=divergence, reduction=reduction)
+        gs, gt = torch.autograd.grad(out.sum(), (s, t))
+        assert torch.count_nonzero(gs) == 0 and torch.count_nonzero(gt) == 0
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 100), (2, 1000), (1, 5000), (2, 3, 4)])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_identical_rows_are_exactly_zero_and_shifts_never_negative(shape, divergence):
+    s, _ = logits(shape, requires_grad=False)
+    assert torch.count_nonzero(kdfast.kd_div(s, s.clone(), 4.0, divergence=divergence, reduction="none")) == 0
+    assert kdfast.kd_div(s, s.clone(), 4.0, divergence=divergence).item() == 0.0
+    shifted = kdfast.kd_div(s, s + 3.7, 4.0, divergence=divergence, reduction="none")
+    assert (shifted >= 0).all() and shifted.max() < 1e-5
+
+
+# ---- transforms ----
+
+def test_vmap_over_kd_loss():
+    s, t = logits((3, 4, 6), requires_grad=False)
+    y = torch.tensor([[0, 1, 2, 3], [5, 4, -100, 0], [1, 1, 1, 1]])
+    got = torch.vmap(lambda a, b, c: kdfast.kd_loss(a, b, c, 4.0, 0.8))(s, t, y)
+    want = torch.stack([kdfast.kd_loss(s[i], t[i], y[i], 4.0, 0.8) for i in range(3)])
+    torch.testing.assert_close(got, want)
+
+
+def test_vmap_over_kd_div():
+    s, t = logits((3, 4, 6), requires_grad=False)
+    got = torch.vmap(lambda a, b: kdfast.kd_div(a, b, 2.0, divergence="jsd"), in_dims=(1, 1))(s, t)
+    want = torch.stack([kdfast.kd_div(s[:, i], t[:, i], 2.0, divergence="jsd") for i in range(4)])
+    torch.testing.assert_close(got, want)
+
+
+def test_func_grad_over_kd_div():
+    s, t = logits((4, 7), torch.float64, requires_grad=False)
+    got = torch.func.grad(lambda a: kdfast.kd_div(a, t, 2.0))(s)
+    want, = torch.autograd.grad(reference.kd_div(s.requires_grad_(), t, 2.0), (s,))
+    assert_close(got, want, torch.float64)
+
+
+def test_func_grad_over_kd_loss_and_hessian():
+    s, t = logits((4, 7), torch.float64, requires_grad=False)
+    y = torch.tensor([0, 6, -100, 3])
+    got = torch.func.grad(lambda a: kdfast.kd_loss(a, t, y, 3.0, 0.5))(s)
+    a = s.clone().requires_grad_()
+    want, = torch.autograd.grad(reference.kd_loss(a, t, y, 3.0, 0.5), (a,))
+    assert_close(got, want, torch.float64)
+    # Under torch.func the loss is the reference's: higher derivatives work there.
+    h = torch.func.hessian(lambda a: kdfast.kd_div(a, t[0], 2.0))(s[0])
+    want = torch.autograd.functional.hessian(lambda a: reference.kd_div(a, t[0], 2.0), s[0])
+    assert_close(h, want, torch.float64)
+
+
+def test_vmap_and_grad_give_what_the_kernels_give():
+    s, t = logits((3, 5, 9), requires_grad=False)
+    got = torch.vmap(torch.func.grad(lambda a, b: kdfast.kd_div(a, b, 4.0)))(s, t)
+    for i in range(3):
+        a = s[i].clone().requires_grad_()
+        want, = torch.autograd.grad(kdfast.kd_div(a, t[i], 4.0), (a,))
+        assert_close(got[i], want, torch.float32)
+
+
+# ---- empty inputs ----
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_empty_batch_every_reduction(reduction):
+    s, t = logits((0, 7))
+    out = kdfast.kd_div(s, t, 2.0, reduction=reduction)
+    assert out.shape == ((0,) if reduction == "none" else ())
+    if reduction != "none":
+        assert out.item() == 0.0
+        gs, gt = torch.autograd.grad(out, (s, t))
+        assert gs.shape == s.shape and gt.shape == t.shape
+
+
+def test_all_rows_ignored_and_all_masked():
+    s, t = logits((3, 4, 5))
+    assert kdfast.kd_loss(s, t, torch.full((3, 5), -100), dim=1).item() == 0.0
+    out = kdfast.kd_div(s, t, 2.0, mask=torch.zeros(3, 5, dtype=torch.bool), dim=1, reduction="mean")
+    gs, = torch.autograd.grad(out, (s,))
+    assert out.item() == 0.0 and torch.count_nonzero(gs) == 0
+
+
+# ---- non-finite values ----
+
+def test_nan_in_a_counted_row_gives_nan_and_in_a_masked_row_nothing():
+    s, t = logits((4, 6), requires_grad=False)
+    s[1, 2] = float("nan")
+    assert kdfast.kd_div(s, t, 2.0).isnan()
+    mask = torch.tensor([True, False, True, True])
+    out = kdfast.kd_div(s, t, 2.0, mask=mask)
+    assert torch.isfinite(out)
+    assert kdfast.kd_loss(s, t, torch.tensor([0, -100, 1, 2])).isfinite()
+    assert kdfast.kd_loss(s, t, torch.tensor([0, 1, 1, 2])).isnan()
+
+
+def test_positive_infinite_logit_gives_nan_not_a_number():
+    s, t = logits((2, 5), requires_grad=False)
+    s[0, 1] = INF
+    assert kdfast.kd_div(s, t, 2.0).isnan()
+
+
+def test_huge_finite_logits():
+    s, t = logits((3, 10), torch.float32, requires_grad=False)
+    s, t = s * 1e30, t * 1e30
+    out = kdfast.kd_div(s, t, 4.0)
+    ref = reference.kd_div(s.double(), t.double(), 4.0)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=0)
+
+
+# ---- layouts ----
+
+def test_non_contiguous_inputs_and_grad_layouts():
+    s, t = logits((6, 10, 8), torch.float64)
+    for a, b, dim in [(s.transpose(1, 2), t.transpose(1, 2), -1), (s[:, ::2], t[:, ::2], 1)]:
+        got = grads_of(lambda x, z, d=dim: kdfast.kd_div(x, z, 2.0, dim=d, reduction="sum"), a, b)
+        want = grads_of(lambda x, z, d=dim: reference.kd_div(x, z, 2.0, dim=d, reduction="sum"), a, b)
+        for g, w in zip(got, want):
+            assert_close(g, w, torch.float64)
+    cl = s.detach().unsqueeze(-1).contiguous(memory_format=torch.contiguous_format)
+    cl = cl.to(memory_format=torch.channels_last).requires_grad_()
+    t4 = t.detach().unsqueeze(-1).requires_grad_()
+    got = grads_of(lambda x, z: kdfast.kd_div(x, z, 2.0, dim=1), cl, t4)
+    want = grads_of(lambda x, z: reference.kd_div(x, z, 2.0, dim=1), cl, t4)
+    assert got[1].stride() == cl.stride()  # the gradient keeps the classes innermost, as the input has them
+    for g, w in zip(got, want):
+        assert_close(g, w, torch.float64)
+
+
+# ---- arguments: clear errors ----
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"temperature": True}, TypeError, "temperature"),
+    ({"temperature": "4"}, TypeError, "temperature"),
+    ({"temperature": float("nan")}, ValueError, "temperature"),
+    ({"temperature": -INF}, ValueError, "temperature"),
+    ({"divergence": "KL"}, ValueError, "divergence"),
+    ({"divergence": "jsd", "beta": float("nan")}, ValueError, "beta"),
+    ({"beta": None}, TypeError, "beta"),
+    ({"dim": 1.0}, TypeError, "dim"),
+    ({"dim": True}, TypeError, "dim"),
+    ({"dim": -3}, ValueError, "dim"),
+    ({"reduction": "mean "}, ValueError, "reduction"),
+    ({"scale_t2": 1}, TypeError, "scale_t2"),
+    ({"mask": torch.ones(4)}, TypeError, "mask"),
+    ({"mask": [True] * 4}, TypeError, "mask"),
+    ({"mask": torch.ones(5, dtype=torch.bool)}, ValueError, "mask"),
+])
+def test_kd_div_argument_errors(kwargs, error, match):
+    s, t = logits((4, 6))
+    with pytest.raises(error, match=match):
+        kdfast.kd_div(s, t, **kwargs)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((torch.tensor([0, 1, 2, 3]), 4.0, float("nan")), {}, ValueError, "alpha"),
+    ((torch.tensor([0, 1, 2, 3]), 4.0, -0.1), {}, ValueError, "alpha"),
+    ((torch.tensor([0, 1, 2, 3]), 4.0, True), {}, TypeError, "alpha"),
+    ((torch.tensor([0, 1, 2, 3]),), {"ignore_index": 1.5}, TypeError, "ignore_index"),
+    ((torch.tensor([0.0, 1, 2, 3]),), {}, TypeError, "target"),
+    ((torch.tensor([True, False, True, True]),), {}, TypeError, "target"),
+    ((torch.tensor([[0, 1, 2, 3]]),), {}, ValueError, "target"),
+    (([0, 1, 2, 3],), {}, TypeError, "target"),
+    ((torch.tensor([0, 1, 2, 2**40]),), {}, ValueError, "outside"),
+    ((torch.tensor([0, 1, 2, -100]),), {"ignore_index": -1}, ValueError, "outside"),
+])
+def test_kd_loss_argument_errors(args, kwargs, error, match):
+    s, t = logits((4, 6))
+    with pytest.raises(error, match=match):
+        kdfast.kd_loss(s, t, *args, **kwargs)
+
+
+def test_kd_loss_accepts_narrow_integer_targets():
+    s, t = logits((4, 6), torch.float64)
+    want = kdfast.kd_loss(s, t, torch.tensor([0, 5, 2, 1]))
+    for dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+        torch.testing.assert_close(kdfast.kd_loss(s, t, torch.tensor([0, 5, 2, 1], dtype=dtype)), want)
+
+
+def test_logits_argument_errors():
+    with pytest.raises(TypeError, match="student_logits"):
+        kdfast.kd_div(torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4))
+    with pytest.raises(TypeError, match="teacher_logits"):
+        kdfast.kd_div(torch.ones(3, 4), [[1.0] * 4] * 3)
+    with pytest.raises(TypeError, match="student_logits"):
+        kdfast.kd_div(torch.ones(3, 4, dtype=torch.complex64), torch.ones(3, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        kdfast.kd_div(torch.tensor(1.0), torch.tensor(2.0))
+    with pytest.raises(ValueError, match="same shape"):
+        kdfast.kd_div(torch.ones(3, 4), torch.ones(4, 3))
+    with pytest.raises(ValueError, match="device"):
+        kdfast.kd_loss(torch.ones(3, 4), torch.ones(3, 4), torch.zeros(3, dtype=torch.long, device="meta"))
+
+
+def test_module_arguments():
+    with pytest.raises(ValueError, match="alpha"):
+        kdfast.KDLoss(4.0, float("nan"))
+    with pytest.raises(ValueError, match="reduction"):
+        kdfast.KDDiv(4.0, reduction="avg")
+    with pytest.raises(ValueError, match="beta"):
+        kdfast.KDDiv(4.0, divergence="jsd", beta=1.0)
+    s, t = logits((4, 6))
+    with pytest.raises(ValueError, match="mask"):
+        kdfast.KDDiv(2.0)(s, t, torch.ones(3, dtype=torch.bool))
