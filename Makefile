@@ -6,11 +6,11 @@ OUT ?= gpu-results
 .PHONY: setup build test demo llm-demo bench bench-run cuda-compile gpu-check clean
 
 # Installs what is missing (torch only if absent: on a GPU machine the installed CUDA torch is kept; then the test
-# extra, requirements-dev.txt: the trainer's packages, pytest, pytest-benchmark, ruff) and builds the extension in
+# extra, requirements-dev.txt: the trainer's and the LLM demo's packages, pytest, pytest-benchmark, ruff) and builds the extension in
 # place, so that `python -m kdfast` and pytest use this checkout.
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	@$(PY) -c "import pytest, pytest_benchmark, ruff, numpy, matplotlib, sklearn, tqdm" 2>/dev/null || \
+	@$(PY) -c "import pytest, pytest_benchmark, ruff, numpy, matplotlib, sklearn, tqdm, tokenizers" 2>/dev/null || \
 		$(PY) -m pip install -q -r requirements-dev.txt
 	@$(MAKE) --no-print-directory build
 
