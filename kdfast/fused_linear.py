@@ -232,13 +232,8 @@ def _check_teacher(teacher, rows, vocab):
                 raise ValueError(f"teacher.bias must be ({vocab},), got {tuple(teacher.bias.shape)}")
             tensors.append(teacher.bias.detach())
         return "head", tensors
-    if isinstance(teacher, TopK):
-        check.tensor(teacher.indices, "teacher.indices")
-        check.floating(teacher.logprobs, "teacher.logprobs")
-        if teacher.indices.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"teacher.indices must be int64 or int32, got {teacher.indices.dtype}")
+    if isinstance(teacher, TopK):  # its constructor checked the pair's types and shapes
         _check_rows(teacher.indices, "teacher.indices", rows, "k")
-        check.same_shape(teacher.indices, teacher.logprobs, "teacher.indices", "teacher.logprobs")
         idx = teacher.indices.reshape(-1, teacher.indices.shape[-1]).long()
         _check_topk_values(idx, teacher.logprobs.reshape(idx.shape), vocab)
         return "topk", [idx, teacher.logprobs.detach().reshape(idx.shape)]
