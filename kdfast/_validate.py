@@ -87,15 +87,16 @@ def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def row_mask(mask, row_shape, like: torch.Tensor, like_name: str):
-    """A bool mask of the loss's row shape on `like`'s device (None passes)."""
+def row_mask(mask, row_shape, like: torch.Tensor, like_name: str, rows_are: str = ""):
+    """A bool mask of the loss's row shape on `like`'s device (None passes). rows_are says in the error what the row
+    shape is (default: the leading dims of like_name)."""
     if mask is None:
         return None
     tensor(mask, "mask")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
     if mask.shape != row_shape:
-        raise ValueError(f"mask must have the row shape {tuple(row_shape)} (the leading dims of {like_name}), "
-                         f"got {tuple(mask.shape)}")
+        raise ValueError(f"mask must have the row shape {tuple(row_shape)} "
+                         f"({rows_are or 'the leading dims of ' + like_name}), got {tuple(mask.shape)}")
     same_device({like_name: like, "mask": mask})
     return mask

@@ -19,7 +19,7 @@ from . import reference
 from ._autograd import once_differentiable
 from ._ops import has_kernel
 from ._validate import acc_dtype
-from .logits import DIVERGENCES
+from .logits import DIVERGENCES, _check_classes
 from .topk import TopK
 from .topk import _check_values as _check_topk_values
 
@@ -248,11 +248,7 @@ def _check_target(target, rows, vocab, ignore_index):
     if tuple(target.shape) != tuple(rows):
         raise ValueError(f"target must have the row shape {tuple(rows)} of student_hidden, got {tuple(target.shape)}")
     y = target.reshape(-1).long()
-    if y.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = (y != ignore_index) & ((y < 0) | (y >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"target holds class {int(y[bad][0])}, outside [0, {vocab}) and not "
-                             f"ignore_index={ignore_index}")
+    _check_classes(y, vocab, ignore_index)
     return y
 
 

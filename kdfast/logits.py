@@ -151,14 +151,8 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
     check.choice(reduction, "reduction", REDUCTIONS)
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
-    if mask is not None:
-        check.tensor(mask, "mask")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        if mask.shape != _row_shape(student_logits, dim):
-            raise ValueError(f"mask must have the row shape {tuple(_row_shape(student_logits, dim))} (the logits' "
-                             f"shape without dim={dim}), got {tuple(mask.shape)}")
-        check.same_device({"student_logits": student_logits, "mask": mask})
+    check.row_mask(mask, _row_shape(student_logits, dim), student_logits, "student_logits",
+                   f"the logits' shape without dim={dim}")
     if _transformed() or not has_kernel(student_logits.device):
         return reference.kd_div(student_logits, teacher_logits, temperature, divergence=divergence, beta=beta,
                                 dim=dim, mask=mask, reduction=reduction, scale_t2=scale_t2)

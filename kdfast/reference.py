@@ -8,10 +8,7 @@ import torch.nn.functional as F
 
 from ._features import affinity_graph, affinity_nodes, manifold_combine, manifold_points, match_spatial  # noqa: F401
 from ._reduce import reduce_rows, reduce_samples
-
-
-def _acc_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+from ._validate import acc_dtype
 
 
 def _plogq(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -24,7 +21,7 @@ def _plogq(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
 
 def kd_div_rows(student_logits, teacher_logits, temperature=1.0, divergence="kl", beta=0.5, dim=-1):
     """The unscaled divergence of every row (slice along dim), in float32 (float64 for double inputs)."""
-    acc = _acc_dtype(student_logits, teacher_logits)
+    acc = acc_dtype(student_logits, teacher_logits)
     ls = F.log_softmax(student_logits.to(acc) / temperature, dim=dim)
     lt = F.log_softmax(teacher_logits.to(acc) / temperature, dim=dim)
     ps, pt = ls.exp(), lt.exp()
@@ -52,7 +49,7 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
 
 def cross_entropy_rows(student_logits, target, dim=-1, ignore_index=-100):
     """Cross-entropy at T = 1 of every row, 0 on ignored rows, in float32 (float64 for double inputs)."""
-    acc = _acc_dtype(student_logits)
+    acc = acc_dtype(student_logits)
     logits = student_logits.to(acc).movedim(dim, 1) if student_logits.dim() > 1 else student_logits.to(acc)
     return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
 
@@ -70,7 +67,7 @@ def kd_loss(student_logits, teacher_logits, target, temperature=4.0, alpha=0.9, 
 
 def attention_map(features, p=2.0, *, pool="mean", normalize=True):
     """Reference of kdfast.attention_map: (B, prod(spatial)) channel pooling of |features|^p, L2-normalised."""
-    a = features.to(_acc_dtype(features)).abs().pow(p)
+    a = features.to(acc_dtype(features)).abs().pow(p)
     if pool == "mean":
         a = a.mean(1)
     elif pool == "sum":
@@ -106,7 +103,7 @@ def attention_transfer_loss(student_features, teacher_features, p=2.0, *, pool="
 def pairwise_affinity_loss(student_features, teacher_features, *, pool_size=None, pool="max", reduction="mean"):
     """Reference of kdfast.pairwise_affinity_loss, with the explicit n x n graphs: per sample the mean over pairs of
     (a^s_ij - a^t_ij)^2 ("none", averaged by "mean"); "sum" the sum over samples and pairs."""
-    acc = _acc_dtype(student_features, teacher_features)
+    acc = acc_dtype(student_features, teacher_features)
     gs = affinity_graph(student_features, pool_size=pool_size, pool=pool, acc=acc)
     gt = affinity_graph(teacher_features, pool_size=pool_size, pool=pool, acc=acc)
     squares = (gs - gt).square()
@@ -118,7 +115,7 @@ def pairwise_affinity_loss(student_features, teacher_features, *, pool_size=None
 def similarity_preserving_loss(student_features, teacher_features, *, reduction="mean"):
     """Reference of kdfast.similarity_preserving_loss (Tung & Mori): G = f f^T over the batch, rows L2-normalised
     (eps 1e-12); per sample its row's sum of squared differences ("none"), their sum ("sum") or that / B^2."""
-    acc = _acc_dtype(student_features, teacher_features)
+    acc = acc_dtype(student_features, teacher_features)
     b = student_features.shape[0]
     fs = student_features.reshape(b, -1 if b else 0).to(acc)
     ft = teacher_features.reshape(b, -1 if b else 0).to(acc)
@@ -128,14 +125,14 @@ def similarity_preserving_loss(student_features, teacher_features, *, reduction=
 
 def batched_svd(A):
     """Reduced SVD A = U diag(S) Vh of each matrix (..., m, n), S descending, in float32 (float64 for double)."""
-    return torch.linalg.svd(A.to(_acc_dtype(A)), full_matrices=False)
+    return torch.linalg.svd(A.to(acc_dtype(A)), full_matrices=False)
 
 
 def manifold_projection(features, rank, center=True):
     """Coordinates (..., n, rank) of n points (..., n, d) on their top-`rank` singular directions: with the
     centred X = U S Vh, X V_rank = U_rank S_rank, each column's sign set so that the entry of largest magnitude
     in the matching column of V_rank is positive."""
-    X = features.to(_acc_dtype(features))
+    X = features.to(acc_dtype(features))
     if center:
         X = X - X.mean(-2, keepdim=True)
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
@@ -149,7 +146,7 @@ def manifold_set_loss(student, teacher, rank):
     """||P_s - P_t||_F^2 per set, P = Y Y^T / ||Y Y^T||_F with Y = manifold_projection(X, rank) of each side
     (..., n, d_s) and (..., n, d_t); P = 0 where Y = 0. Expanded through rank x rank products, using
     ||Y Y^T||_F = ||Y^T Y||_F and <Ys Ys^T, Yt Yt^T> = ||Ys^T Yt||_F^2 (the n x n P is never formed)."""
-    acc = _acc_dtype(student, teacher)
+    acc = acc_dtype(student, teacher)
     Ys = manifold_projection(student.to(acc), rank)
     Yt = manifold_projection(teacher.to(acc), rank)
     return manifold_combine((Ys.mT @ Ys).square().sum((-2, -1)), (Yt.mT @ Yt).square().sum((-2, -1)),
@@ -174,7 +171,7 @@ def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=
     category, the mass the teacher did not return, against the student's mass off the top-k classes (the first
     taken as 0 within (valid + 1) eps of 0, the second floored at eps: rounding noise of k-term sums). A row
     without a valid entry gives 0 with "renormalize"."""
-    acc = _acc_dtype(student_logits, teacher_logprobs)
+    acc = acc_dtype(student_logits, teacher_logprobs)
     logp = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
     lp = teacher_logprobs.to(acc)
     valid = lp > float("-inf")
@@ -213,7 +210,7 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
     """Reference of kdfast.fused_linear_kd: the logits built in full, then alpha * KD + (1 - alpha) * CE over the
     rows whose target is not ignore_index (all rows without a target). teacher: logits, a TeacherHead (hidden,
     weight, bias) or a TopK (indices, logprobs); the teacher gets no gradient. chunk_size is ignored."""
-    acc = _acc_dtype(student_hidden, student_weight)
+    acc = acc_dtype(student_hidden, student_weight)
     bias = None if student_bias is None else student_bias.to(acc)
     logits = F.linear(student_hidden.to(acc), student_weight.to(acc), bias)
     keep = None if target is None else target != ignore_index
