@@ -3,7 +3,7 @@ PY ?= python3
 JOBS ?= 2
 OUT ?= gpu-results
 
-.PHONY: setup build test demo llm-demo bench bench-run cuda-compile gpu-check clean
+.PHONY: setup build test demo llm-demo bench bench-run cuda-compile cuda-build gpu-check clean
 
 # Installs what is missing (torch only if absent: on a GPU machine the installed CUDA torch is kept; then the test
 # extra, requirements-dev.txt: the trainer's and the LLM demo's packages, pytest, pytest-benchmark, ruff) and builds the extension in
@@ -41,10 +41,29 @@ bench-run:
 		$(BENCH) || exit 1; done
 	$(PY) benchmarks/report.py build/bench/*.json $(if $(NAME),--name $(NAME))
 
-# Compiles the torch-free CUDA kernels alone for sm_80 and sm_90 (CI's check; ptxas reports with VERBOSE=1).
+# Compiles the torch-free CUDA kernels alone with CMake, for the architectures of csrc/cuda/archs.txt (ptxas
+# register and spill reports with VERBOSE=1).
 cuda-compile:
 	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release $(if $(VERBOSE),-DKDFAST_PTXAS_VERBOSE=ON) >/dev/null
 	cmake --build cmake-build -j $(JOBS)
+
+# CI's CUDA build (no GPU needed): the whole extension, every .cu and binding, for the default architectures
+# (csrc/cuda/archs.txt), against the CUDA wheel of torch in a venv of its own outside the checkout (CUDA_VENV: made
+# when missing, about 5 GB, and reused while its torch is $(CUDA_TORCH)); then it imports the build and checks that
+# every kdfast op has a CUDA kernel (python -m kdfast._registry). The build goes to build/cuda, so the checkout's
+# own (CPU) extension is untouched. pip runs without this machine's pip config (a local CPU wheel and constraints).
+CUDA_TORCH ?= 2.13.0
+CUDA_VENV ?= $(or $(KDFAST_CUDA_VENV),$(HOME)/.cache/kdfast/cuda-venv)
+cuda-build:
+	@$(CUDA_VENV)/bin/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(CUDA_TORCH)' \
+		or torch.version.cuda is None)" 2>/dev/null || { $(PY) -m venv --clear $(CUDA_VENV) && \
+		env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null $(CUDA_VENV)/bin/pip install -q \
+		torch==$(CUDA_TORCH) setuptools wheel ninja; }
+	rm -rf build/cuda
+	PATH=$(CUDA_VENV)/bin:$$PATH CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} CCACHE_BASEDIR=$${CCACHE_BASEDIR:-$(CURDIR)} \
+		KDFAST_CUDA=1 MAX_JOBS=$(JOBS) NVCC_APPEND_FLAGS=-Werror=all-warnings \
+		$(CUDA_VENV)/bin/python setup.py -q build --build-base build/cuda --build-lib build/cuda/lib
+	cd build/cuda/lib && $(CUDA_VENV)/bin/python -m kdfast._registry CUDA
 
 # On a GPU machine: build for sm_90, every op against the CPU kernels and the float64 reference, the CUDA tests,
 # compute-sanitizer, the headline GPU benchmarks; results under $(OUT) (docs/gpu-check.md). CALL=call1 or call2 runs

@@ -42,16 +42,52 @@ def extension():
     if not want_cuda():
         return cpp_extension.CppExtension("kdfast._C", sources, extra_compile_args={"cxx": cxx},
                                           extra_link_args=["-fopenmp"])
+    home = cpp_extension.CUDA_HOME or ""
+    if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        # torch takes CUDA_HOME from `which nvcc` when it is not set: a wrapper script in /usr/local/bin gives
+        # /usr/local, whose include/ has no CUDA headers.
+        raise SystemExit(f"kdfast: CUDA_HOME={home!r} has no include/cuda_runtime.h; set CUDA_HOME to the CUDA "
+                         "toolkit's folder (e.g. /usr/local/cuda)")
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    archs = os.environ.get("KDFAST_CUDA_ARCHS", "80;90")
-    nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
-    for a in archs.split(";"):
-        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+    # No --use_fast_math: the kernels that want fast exp/log call the intrinsics themselves, and the float32
+    # Jacobi SVD must keep denormals (docs/gpu-check.md, "Floating-point flags", gives the reason per kernel).
+    nvcc = ["-O3", "-lineinfo"] + gencode_flags(os.environ.get("KDFAST_CUDA_ARCHS") or default_cuda_archs())
+    include = pip_cuda_includes()
     return cpp_extension.CUDAExtension("kdfast._C", sources,
-                                       extra_compile_args={"cxx": cxx + ["-DKDFAST_WITH_CUDA"],
-                                                           "nvcc": nvcc + ["-DKDFAST_WITH_CUDA"]},
+                                       extra_compile_args={"cxx": cxx + ["-DKDFAST_WITH_CUDA"] + include,
+                                                           "nvcc": nvcc + ["-DKDFAST_WITH_CUDA"] + include},
                                        extra_link_args=["-fopenmp"])
 
+
+def default_cuda_archs() -> str:
+    """The default architecture list: the one line of csrc/cuda/archs.txt that is not a comment."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cuda", "archs.txt")) as fh:
+        return next(line.strip() for line in fh if line.strip() and not line.startswith("#"))
+
+
+def gencode_flags(archs: str) -> list:
+    """nvcc flags for "80;90"-style lists: machine code for each architecture and the PTX of the last one (newer
+    GPUs compile it at load; it comes out of the last one's compile, so it costs no extra compile)."""
+    archs = [a.strip() for a in archs.split(";") if a.strip()]
+    if not archs or not all(a.isdigit() for a in archs):
+        raise ValueError(f"KDFAST_CUDA_ARCHS must be compute capabilities like '80;90', got {archs!r}")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return flags + [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+
+
+def pip_cuda_includes() -> list:
+    """The CUDA math libraries' headers (cublas_v2.h, cusparse.h, cusolverDn.h: torch's CUDA headers include them)
+    from the pip packages that the CUDA wheel of torch installs (site-packages/nvidia/cu*/include), for a toolkit
+    installed without them. -isystem puts them after the toolkit's own headers, which keep precedence."""
+    if os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")):
+        return []
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec is not None else []
+    found = sorted(d for root in roots for d in glob.glob(os.path.join(root, "cu*", "include"))
+                   if os.path.exists(os.path.join(d, "cusparse.h")))
+    return ["-isystem", found[-1]] if found else []
 
 setup(
     name="kdfast",

@@ -98,6 +98,40 @@ def _topk_ce_chunk(logits, indices, logprobs, target, kd_weight, ce_weight, temp
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The chunk products in the accumulation dtype from possibly half-precision inputs. On CUDA a float16/bfloat16
+# hidden and weight stay as they are and the tensor cores multiply them with float32 accumulation and output
+# (torch.mm's out_dtype), instead of multiplying float32 copies (a V x H weight copied to float32 is 2 GB at
+# V = 128k, H = 4096, and float32 products run far below the tensor cores). Elsewhere (CPU, float32 or float64
+# inputs, mixed half dtypes) the operands are copied to the accumulation dtype.
+
+
+def _tensor_core_dtype(acc, *operands):
+    """The half dtype the products of these operands run in, or None for `acc`: on CUDA, float32 accumulation
+    and every operand float16, or every operand bfloat16."""
+    dtypes = {x.dtype for x in operands}
+    half = next(iter(dtypes)) if len(dtypes) == 1 else None
+    cuda = all(x.is_cuda for x in operands)
+    return half if cuda and acc == torch.float32 and half in (torch.float16, torch.bfloat16) else None
+
+
+def _operand(x, acc, half):
+    """x as a product operand: itself on the half-precision path, else a copy in the accumulation dtype."""
+    return x if half is not None else x.to(acc)
+
+
+def _mm(a, b, half, add=None, out=None):
+    """add + a @ b (a @ b without add), into out when given. On the half-precision path both operands are taken
+    in `half` (a float32 logits gradient is rounded to it, as unfused autograd would hold it) and the products
+    accumulate in float32; add and out are float32."""
+    if half is None:
+        return torch.mm(a, b, out=out) if add is None else torch.addmm(add, a, b, out=out)
+    a, b = a.to(half), b.to(half)
+    if add is None:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.addmm(add, a, b, out_dtype=torch.float32, out=out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The op: loss and every gradient in one forward; its autograd scales the stored gradients.
 
 
@@ -114,9 +148,11 @@ def fused_linear_kd_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     acc = acc_dtype(hidden, weight, *(t for t in teacher if t.is_floating_point()))
     # Autocast would run the matmuls below in half precision: the loss and gradients are float32 by contract.
     with torch.autocast(hidden.device.type, enabled=False), torch.no_grad():
-        w = weight.to(acc)
+        half = _tensor_core_dtype(acc, hidden, weight)
+        w = _operand(weight, acc, half)
         b = None if bias is None else bias.to(acc)
-        t_w = teacher[1].to(acc) if teacher_form == "head" else None
+        t_half = _tensor_core_dtype(acc, teacher[0], teacher[1]) if teacher_form == "head" else None
+        t_w = _operand(teacher[1], acc, t_half) if teacher_form == "head" else None
         t_b = teacher[2].to(acc) if teacher_form == "head" and len(teacher) > 2 else None
         keep = None if target is None else target != ignore_index
         count = torch.tensor(n) if keep is None else keep.sum()
@@ -130,8 +166,8 @@ def fused_linear_kd_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
         grad_b = hidden.new_zeros((v,) if needs[2] else (0,), dtype=acc)
         for lo in range(0, n, chunk_size):
             hi = min(n, lo + chunk_size)
-            h = hidden[lo:hi].to(acc)
-            logits = h @ w.T if b is None else torch.addmm(b, h, w.T)
+            h = _operand(hidden[lo:hi], acc, half)
+            logits = _mm(h, w.T, half, add=b)
             y = None if target is None else target[lo:hi]
             kd_weight = kd_scale if keep is None else kd_scale * keep[lo:hi]
             if teacher_form == "topk":
@@ -140,8 +176,7 @@ def fused_linear_kd_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
                                              ignore_index)
             else:
                 if teacher_form == "head":
-                    t_h = teacher[0][lo:hi].to(acc)
-                    t_logits = t_h @ t_w.T if t_b is None else torch.addmm(t_b, t_h, t_w.T)
+                    t_logits = _mm(_operand(teacher[0][lo:hi], acc, t_half), t_w.T, t_half, add=t_b)
                 else:
                     t_logits = teacher[0][lo:hi]
                 rows, ce, g = _dense_chunk(logits, t_logits, y if use_ce else None, kd_weight, ce_weight,
@@ -152,9 +187,9 @@ def fused_linear_kd_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
                 rows = torch.where(keep[lo:hi], rows, torch.zeros_like(rows))
             loss += (rows.sum() * kd_scale) + (ce.sum() * ce_weight if ce is not None else 0)
             if needs[0]:
-                torch.mm(g, w, out=grad_h[lo:hi])
+                _mm(g, w, half, out=grad_h[lo:hi])
             if needs[1]:
-                grad_w.addmm_(g.T, h)
+                _mm(g.T, h, half, add=grad_w, out=grad_w)
             if needs[2]:
                 grad_b += g.sum(0)
             del g

@@ -1,5 +1,5 @@
 // CUDA kernels of the batched attention maps (attention_fwd / attention_bwd / attention_transfer_*). Torch-free:
-// CI compiles this file for sm_80 and sm_90 with CMake on a machine without a GPU.
+// CI compiles this file with the whole extension for the default architectures on a machine without a GPU.
 //
 // One block per (group, sample), where a group is one feature map (plain maps) or the student and the teacher of
 // one layer pair (attention transfer), so that the per-sample norm, loss row and dot products are block

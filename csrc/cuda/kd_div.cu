@@ -1,5 +1,5 @@
 // CUDA kernels of the fused temperature-softmax divergences (kd_fwd / kd_bwd). Torch-free: CI compiles this
-// file for sm_80 and sm_90 with CMake on a machine without a GPU.
+// file with the whole extension for the default architectures on a machine without a GPU.
 //
 // Same algorithm as the CPU kernels (csrc/cpu/kd_div_kernel.h), with the work split by layout and class count:
 //   rows   (inner == 1): a group of GROUP threads per row, GROUP = 32 (a warp) for small C or the whole block

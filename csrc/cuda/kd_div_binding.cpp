@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_fwd(const at::Tensor& s, c
                                                           c10::string_view red, double kw, double cw) {
   const c10::cuda::CUDAGuard guard(s.device());
   return kd_reduce_fwd(s, t, y, mask, dim, T, std::string(d), beta, ignore, std::string(red), kw, cw,
-                       on_stream(cuda::kd_forward));
+                       on_stream(cuda::kd_forward, "kd"));
 }
 
 std::tuple<at::Tensor, at::Tensor> reduce_bwd(const at::Tensor& g, const at::Tensor& s, const at::Tensor& t,
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_bwd(const at::Tensor& g, const at::Ten
                                               bool sg, bool tg) {
   const c10::cuda::CUDAGuard guard(s.device());
   return kd_reduce_bwd(g, s, t, y, mask, stats, count, dim, T, std::string(d), beta, ignore, std::string(red), kw, cw,
-                       sg, tg, on_stream(cuda::kd_backward));
+                       sg, tg, on_stream(cuda::kd_backward, "kd"));
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // CUDA kernels of the sparse (top-k) teacher divergence (topk_kd_fwd / topk_kd_bwd). Torch-free: CI compiles this
-// file for sm_80 and sm_90 with CMake on a machine without a GPU. The math is csrc/common/topk_kd.h.
+// file with the whole extension for the default architectures on a machine without a GPU. The math is
+// csrc/common/topk_kd.h.
 //
 // One block per row (grid-stride over rows). Forward: each thread folds its strided classes into an online
 // softmax state, the block merges the states in a fixed order (warp butterfly, then the warps in order: no
