@@ -80,23 +80,6 @@ KDFAST_HD inline S kd_grad_div_of(const KdProblem& p, int64_t row) {
 // at::vec::Vectorized in csrc/cpu.
 template <class V> struct VMath;
 
-// float exp and log: the hardware approximations on the GPU (kd_div and topk_kd; the extension is built without
-// --use_fast_math, and docs/gpu-check.md "Floating-point flags" gives their error bounds), the libm ones on the CPU.
-KDFAST_HD inline float fast_expf(float x) {
-#ifdef __CUDA_ARCH__
-  return __expf(x);
-#else
-  return expf(x);
-#endif
-}
-KDFAST_HD inline float fast_logf(float x) {
-#ifdef __CUDA_ARCH__
-  return __logf(x);
-#else
-  return logf(x);
-#endif
-}
-
 #define KDFAST_SCALAR_VMATH(T, EXP, LOG)                                                      \
   template <> struct VMath<T> {                                                               \
     KDFAST_HD static T exp(T x) { return EXP(x); }                                            \
@@ -105,7 +88,13 @@ KDFAST_HD inline float fast_logf(float x) {
     KDFAST_HD static T mul_nonzero(T p, T x) { return p == T(0) ? T(0) : p * x; }             \
     KDFAST_HD static T pick_equal(T a, T b, T x, T y) { return a == b ? x : y; }               \
   };
-KDFAST_SCALAR_VMATH(float, fast_expf, fast_logf)
+// float exp and log: the hardware approximations in device code (kd_div and topk_kd; the extension is built without
+// --use_fast_math, and docs/gpu-check.md "Floating-point flags" gives their error bounds), libm's on the host.
+#ifdef __CUDA_ARCH__
+KDFAST_SCALAR_VMATH(float, __expf, __logf)
+#else
+KDFAST_SCALAR_VMATH(float, expf, logf)
+#endif
 KDFAST_SCALAR_VMATH(double, ::exp, ::log)
 #undef KDFAST_SCALAR_VMATH
 
