@@ -50,8 +50,9 @@ cuda-compile:
 # CI's CUDA build (no GPU needed): the whole extension, every .cu and binding, for the default architectures
 # (csrc/cuda/archs.txt), against the CUDA wheel of torch in a venv of its own outside the checkout (CUDA_VENV: made
 # when missing, about 5 GB, and reused while its torch is $(CUDA_TORCH)); then it imports the build and checks that
-# every kdfast op has a CUDA kernel (python -m kdfast._registry). The build goes to build/cuda, so the checkout's
-# own (CPU) extension is untouched. pip runs without this machine's pip config (a local CPU wheel and constraints).
+# every kdfast op has a CUDA kernel (python -m kdfast._registry) and runs tests/test_cuda_build.py with it. The
+# build goes to build/cuda, so the checkout's own (CPU) extension is untouched. pip runs without the machine's pip
+# configuration (which may point at a local CPU wheel and constraints).
 CUDA_TORCH ?= 2.13.0
 CUDA_VENV ?= $(or $(KDFAST_CUDA_VENV),$(HOME)/.cache/kdfast/cuda-venv)
 cuda-build:
@@ -59,11 +60,14 @@ cuda-build:
 		or torch.version.cuda is None)" 2>/dev/null || { $(PY) -m venv --clear $(CUDA_VENV) && \
 		env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null $(CUDA_VENV)/bin/pip install -q \
 		torch==$(CUDA_TORCH) setuptools wheel ninja; }
+	@$(CUDA_VENV)/bin/python -c "import pytest" 2>/dev/null || \
+		env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null $(CUDA_VENV)/bin/pip install -q pytest
 	rm -rf build/cuda
 	PATH=$(CUDA_VENV)/bin:$$PATH CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} CCACHE_BASEDIR=$${CCACHE_BASEDIR:-$(CURDIR)} \
 		KDFAST_CUDA=1 MAX_JOBS=$(JOBS) NVCC_APPEND_FLAGS=-Werror=all-warnings \
 		$(CUDA_VENV)/bin/python setup.py -q build --build-base build/cuda --build-lib build/cuda/lib
-	cd build/cuda/lib && $(CUDA_VENV)/bin/python -m kdfast._registry CUDA
+	cd build/cuda/lib && $(CUDA_VENV)/bin/python -m kdfast._registry CUDA && \
+		$(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider -o pythonpath= $(CURDIR)/tests/test_cuda_build.py
 
 # On a GPU machine: build for sm_90, every op against the CPU kernels and the float64 reference, the CUDA tests,
 # compute-sanitizer, the headline GPU benchmarks; results under $(OUT) (docs/gpu-check.md). CALL=call1 or call2 runs
