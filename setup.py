@@ -89,6 +89,7 @@ def pip_cuda_includes() -> list:
                    if os.path.exists(os.path.join(d, "cusparse.h")))
     return ["-isystem", found[-1]] if found else []
 
+
 setup(
     name="kdfast",
     version="0.1.0",
