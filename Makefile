@@ -3,7 +3,7 @@ PY ?= python3
 JOBS ?= 2
 OUT ?= gpu-results
 
-.PHONY: setup build test demo llm-demo bench bench-run cuda-compile gpu-check clean
+.PHONY: setup build test demo llm-demo bench bench-run cuda-compile cuda-emulation gpu-check clean
 
 # Installs what is missing (torch only if absent: on a GPU machine the installed CUDA torch is kept; then the test
 # extra, requirements-dev.txt: the trainer's and the LLM demo's packages, pytest, pytest-benchmark, ruff) and builds the extension in
@@ -45,6 +45,12 @@ bench-run:
 cuda-compile:
 	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release $(if $(VERBOSE),-DKDFAST_PTXAS_VERBOSE=ON) >/dev/null
 	cmake --build cmake-build -j $(JOBS)
+
+# The CUDA kernels run on the CPU (docs/cuda-emulation.md): the emulation's standalone driver built plain, with
+# ASan + UBSan and with TSan, then the op tests of the emulated kernels against the CPU kernels and the reference.
+cuda-emulation: build
+	JOBS=$(JOBS) $(PY) tests/cuda_emulation/build.py drivers
+	$(PY) -m pytest tests/test_cuda_emulation.py -q -m cuda_emulation
 
 # On a GPU machine: build for sm_90, every op against the CPU kernels and the float64 reference, the CUDA tests,
 # compute-sanitizer, the headline GPU benchmarks; results under $(OUT) (docs/gpu-check.md). CALL=call1 or call2 runs

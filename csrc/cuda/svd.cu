@@ -122,6 +122,7 @@ __global__ void __launch_bounds__(kThreads) svd_kernel(SvdProblem p) {
             vi[r] = c * u - s * w;
             vj[r] = s * u + c * w;
           }
+          __syncwarp();  // every lane has read d[i] and d[j] (its skip decision) before lane 0 updates them
           if (lane == 0) {
             sm.d[i] = alpha - t * gamma;
             sm.d[j] = beta + t * gamma;

@@ -37,7 +37,7 @@ def cuda_include() -> str:
 
 
 def flags() -> list:
-    return ["-std=c++17", "-DKDFAST_CUDA_EMULATION", f"-I{HERE / 'include'}", f"-I{cuda_include()}", *WARNINGS]
+    return ["-DKDFAST_CUDA_EMULATION", f"-I{HERE / 'include'}", f"-I{cuda_include()}", *WARNINGS]
 
 
 def build_driver(variant: str) -> pathlib.Path:
@@ -45,7 +45,7 @@ def build_driver(variant: str) -> pathlib.Path:
     out = BUILD / variant
     out.mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX", "g++")
-    opt = ["-O1", "-g"] + SANITIZERS[variant]
+    opt = ["-std=c++17", "-O1", "-g"] + SANITIZERS[variant]
     headers = max(p.stat().st_mtime for p in [*HERE.glob("*.h"), *HERE.glob("include/*.h"),
                                               *(ROOT / "csrc" / "cuda").glob("*"), *(ROOT / "csrc" / "common").glob("*")])
     objects, jobs = [], []
@@ -82,7 +82,7 @@ def extension():
 
     BUILD.mkdir(parents=True, exist_ok=True)
     sources = [HERE / "ops.cpp", *(HERE / "kernels" / f"{k}.cpp" for k in KERNELS),
-               *(HERE / "op_code" / f"{k}.cpp" for k in KERNELS)]
+               *(HERE / "op_code" / f"{k}_op.cpp" for k in KERNELS)]
     return cpp_extension.load(
         name="kdfast_emu", sources=[str(s) for s in sources], build_directory=str(BUILD),
         extra_cflags=[*flags(), "-O1", "-Dkdfast=kdfast_emu", "-fvisibility=hidden", f"-I{ROOT / 'csrc'}"],
