@@ -228,7 +228,7 @@ def svd_bytes(m, n, dtype):
     return (rows * cols + cols * cols + 2 * cols + 8) * size + cols * 4
 
 
-SVD_SHAPES = [(4, 3), (3, 6), (7, 7), (40, 33), (33, 64), (100, 64), (64, 64)]
+SVD_SHAPES = [(4, 3), (3, 6), (7, 7), (40, 33), (64, 64)]
 
 
 @pytest.mark.parametrize("m,n", SVD_SHAPES, ids=[f"{m}x{n}" for m, n in SVD_SHAPES])
@@ -236,9 +236,7 @@ SVD_SHAPES = [(4, 3), (3, 6), (7, 7), (40, 33), (33, 64), (100, 64), (64, 64)]
 def test_svd(emu, dtype, m, n):
     """Columns up to a warp's lanes and beyond, tall and wide, under and over 48 KiB of shared memory (the
     cudaFuncSetAttribute limit)."""
-    if svd_bytes(m, n, dtype) > 96 * 1024:
-        pytest.skip("over 96 KiB: kdfast.batched_svd uses torch.linalg.svd there")
-    A = with_spectrum(2, m, n, torch.logspace(0, -5, min(m, n), dtype=torch.float64)).to(dtype)
+    A = with_spectrum(2 if n < 32 else 1, m, n, torch.logspace(0, -5, min(m, n), dtype=torch.float64)).to(dtype)
     with emulated(emu):
         U, S, Vh = kdfast.batched_svd(A)
     check_svd(A, U, S, Vh, dtype)

@@ -46,8 +46,9 @@ def build_driver(variant: str) -> pathlib.Path:
     out.mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX", "g++")
     opt = ["-std=c++17", "-O1", "-g"] + SANITIZERS[variant]
-    headers = max(p.stat().st_mtime for p in [*HERE.glob("*.h"), *HERE.glob("include/*.h"),
-                                              *(ROOT / "csrc" / "cuda").glob("*"), *(ROOT / "csrc" / "common").glob("*")])
+    deps = [*HERE.glob("*.h"), *HERE.glob("include/*.h"), *(ROOT / "csrc" / "cuda").glob("*"),
+            *(ROOT / "csrc" / "common").glob("*")]
+    headers = max(p.stat().st_mtime for p in deps)
     objects, jobs = [], []
     for src in [*(HERE / "kernels" / f"{k}.cpp" for k in KERNELS), HERE / "driver.cpp"]:
         obj = out / (src.stem + ".o")
