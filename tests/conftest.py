@@ -35,6 +35,7 @@ TOLERANCE = {
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU and kdfast built with CUDA")
+    config.addinivalue_line("markers", "cuda_emulation: the CUDA kernels run on the CPU (docs/cuda-emulation.md)")
 
 
 def pytest_collection_modifyitems(config, items):

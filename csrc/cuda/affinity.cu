@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "affinity.h"
+#include "launch.cuh"
 
 namespace kdfast::cuda {
 namespace {
@@ -95,12 +96,12 @@ void with_dtype(DType d, const AffinityChunk& p, int side, cudaStream_t stream) 
 
 template <class T> struct StageLaunch {
   static void run(dim3 g, dim3 b, cudaStream_t st, const AffinityChunk& p, int side) {
-    stage_kernel<T><<<g, b, 0, st>>>(p, side);
+    launch<stage_kernel<T>>(g, b, 0, st, p, side);
   }
 };
 template <class T> struct GradLaunch {
   static void run(dim3 g, dim3 b, cudaStream_t st, const AffinityChunk& p, int side) {
-    grad_kernel<T><<<g, b, 0, st>>>(p, side);
+    launch<grad_kernel<T>>(g, b, 0, st, p, side);
   }
 };
 

@@ -20,6 +20,7 @@
 #include "../common/attention.h"
 #include "attention.h"
 #include "convert.cuh"
+#include "launch.cuh"
 
 namespace kdfast::cuda {
 namespace {
@@ -224,13 +225,13 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Slice s) {
 template <class A, PowKind K>
 struct Forward {
   static void launch(const Slice& s, unsigned blocks, cudaStream_t st) {
-    forward_kernel<A, K><<<blocks, kThreads, 0, st>>>(s);
+    cuda::launch<forward_kernel<A, K>>(blocks, kThreads, 0, st, s);
   }
 };
 template <class A, PowKind K>
 struct Backward {
   static void launch(const Slice& s, unsigned blocks, cudaStream_t st) {
-    backward_kernel<A, K><<<blocks, kThreads, 0, st>>>(s);
+    cuda::launch<backward_kernel<A, K>>(blocks, kThreads, 0, st, s);
   }
 };
 

@@ -17,6 +17,7 @@
 #include "../common/kd_div.h"
 #include "kd_div.h"
 #include "convert.cuh"
+#include "launch.cuh"
 
 namespace kdfast::cuda {
 namespace {
@@ -325,14 +326,15 @@ template <class T> constexpr int vec_of() { return 16 / int(sizeof(T)); }
 
 int grid_for(int64_t units, int per_block) {
   const int64_t blocks = (units + per_block - 1) / per_block;
-  return int(blocks < 65535LL * 32 ? (blocks > 0 ? blocks : 1) : 65535LL * 32);
+  const int64_t limit = grid_limit(65535LL * 32);
+  return int(blocks < limit ? (blocks > 0 ? blocks : 1) : limit);
 }
 
 template <class TS, class TT, class A, int GROUP, int VEC>
 void launch_rows(const KdProblem& p, const Consts<A>& k, bool vector, bool backward, cudaStream_t stream) {
   const int grid = grid_for(p.outer, kThreads / GROUP);
-  if (backward) kd_bwd_rows<TS, TT, A, GROUP, VEC><<<grid, kThreads, 0, stream>>>(p, k, vector);
-  else kd_fwd_rows<TS, TT, A, GROUP, VEC><<<grid, kThreads, 0, stream>>>(p, k, vector);
+  if (backward) cuda::launch<kd_bwd_rows<TS, TT, A, GROUP, VEC>>(grid, kThreads, 0, stream, p, k, vector);
+  else cuda::launch<kd_fwd_rows<TS, TT, A, GROUP, VEC>>(grid, kThreads, 0, stream, p, k, vector);
 }
 
 template <class TS, class TT, class A>
@@ -340,8 +342,8 @@ void launch(const KdProblem& p, bool backward, cudaStream_t stream) {
   const Consts<A> k = consts_of<A>(p);
   if (p.inner > 1) {
     const int grid = grid_for(p.rows(), kThreads);
-    if (backward) kd_bwd_pixels<TS, TT, A><<<grid, kThreads, 0, stream>>>(p, k);
-    else kd_fwd_pixels<TS, TT, A><<<grid, kThreads, 0, stream>>>(p, k);
+    if (backward) cuda::launch<kd_bwd_pixels<TS, TT, A>>(grid, kThreads, 0, stream, p, k);
+    else cuda::launch<kd_fwd_pixels<TS, TT, A>>(grid, kThreads, 0, stream, p, k);
     return;
   }
   // Chunks of VEC classes make 16-byte loads of the narrower type (and whole 16-byte words of the wider one).

@@ -4,6 +4,8 @@
 // is decided on the device (no host synchronisation).
 #include "svd.h"
 
+#include "launch.cuh"
+
 #include <cmath>
 #include <cstdint>
 
@@ -51,7 +53,7 @@ __device__ Smem<S> carve(void* base, int64_t rows, int64_t cols) {
 
 template <class S>
 __global__ void __launch_bounds__(kThreads) svd_kernel(SvdProblem p) {
-  extern __shared__ unsigned char smem_raw[];
+  KDFAST_DYNAMIC_SHARED(unsigned char, smem_raw);
   __shared__ int flag_nonfinite, flag_big;
   const int64_t rows = p.rows(), cols = p.cols(), n2 = svd_padded_cols(cols), m = p.m, n = p.n, k = cols;
   const Smem<S> sm = carve<S>(smem_raw, rows, cols);
@@ -120,6 +122,7 @@ __global__ void __launch_bounds__(kThreads) svd_kernel(SvdProblem p) {
             vi[r] = c * u - s * w;
             vj[r] = s * u + c * w;
           }
+          __syncwarp();  // every lane has read d[i] and d[j] (its skip decision) before lane 0 updates them
           if (lane == 0) {
             sm.d[i] = alpha - t * gamma;
             sm.d[j] = beta + t * gamma;
@@ -197,8 +200,8 @@ cudaError_t launch(const SvdProblem& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(svd_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(bytes));
   if (err != cudaSuccess) return err;
-  const int64_t blocks = p.batch < (int64_t(1) << 30) ? p.batch : (int64_t(1) << 30);
-  svd_kernel<S><<<static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(bytes), stream>>>(p);
+  const int64_t limit = grid_limit(int64_t(1) << 30), blocks = p.batch < limit ? p.batch : limit;
+  cuda::launch<svd_kernel<S>>(static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(bytes), stream, p);
   return cudaGetLastError();
 }
 

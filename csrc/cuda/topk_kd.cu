@@ -15,6 +15,7 @@
 
 #include "../common/topk_kd.h"
 #include "convert.cuh"
+#include "launch.cuh"
 #include "topk_kd.h"
 
 namespace kdfast::cuda {
@@ -115,20 +116,23 @@ template <class F> cudaError_t dispatch(const TopKProblem& p, F&& launch) {
   return cudaErrorInvalidValue;
 }
 
-int blocks_for(int64_t rows) { return int(rows < kMaxBlocks ? rows : kMaxBlocks); }
+int blocks_for(int64_t rows) {
+  const int64_t limit = grid_limit(kMaxBlocks);
+  return int(rows < limit ? rows : limit);
+}
 
 }  // namespace
 
 cudaError_t topk_kd_forward(const TopKProblem& p, cudaStream_t stream) {
   return dispatch(p, [&](auto ts, auto acc) {
-    topk_fwd_kernel<decltype(ts), decltype(acc)><<<blocks_for(p.rows), kThreads, 0, stream>>>(p);
+    launch<topk_fwd_kernel<decltype(ts), decltype(acc)>>(blocks_for(p.rows), kThreads, 0, stream, p);
     return cudaGetLastError();
   });
 }
 
 cudaError_t topk_kd_backward(const TopKProblem& p, cudaStream_t stream) {
   return dispatch(p, [&](auto ts, auto acc) {
-    topk_bwd_kernel<decltype(ts), decltype(acc)><<<blocks_for(p.rows), kThreads, 0, stream>>>(p);
+    launch<topk_bwd_kernel<decltype(ts), decltype(acc)>>(blocks_for(p.rows), kThreads, 0, stream, p);
     return cudaGetLastError();
   });
 }

@@ -1,0 +1,3 @@
+// csrc/topk_kd.cpp, the device-independent op code, for the CUDA emulation's library kdfast_emu.
+#include "../no_cpu_registration.h"
+#include "../../../csrc/topk_kd.cpp"
