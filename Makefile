@@ -3,7 +3,7 @@ PY ?= python3
 JOBS ?= 2
 OUT ?= gpu-results
 
-.PHONY: setup build test demo llm-demo bench bench-run cuda-compile cuda-build cuda-emulation gpu-check clean
+.PHONY: setup build test qemu-test demo llm-demo bench bench-run cuda-compile cuda-build cuda-emulation gpu-check clean
 
 # Installs what is missing (torch only if absent: on a GPU machine the installed CUDA torch is kept; then the test
 # extra, requirements-dev.txt: the trainer's and the LLM demo's packages, pytest, pytest-benchmark, ruff) and builds the extension in
@@ -19,6 +19,16 @@ build:
 
 test: setup
 	$(PY) -m pytest tests -q
+
+# Every op on CPU models without AVX-512, without AVX2 and without AVX, under qemu-user (Debian: apt-get install
+# qemu-user), each with the instruction set the dispatch must pick: a function compiled for a higher instruction set
+# that reached a lower one's callers dies there with SIGILL (docs/architecture.md).
+QEMU_MODELS ?= Haswell:avx2 IvyBridge:default Nehalem:default
+qemu-test: setup
+	@command -v qemu-x86_64 >/dev/null || { echo "qemu-test needs qemu-x86_64 (Debian: apt-get install qemu-user)"; exit 1; }
+	@python=$$($(PY) -c "import sys; print(sys.executable)"); for m in $(QEMU_MODELS); do echo "== $${m%%:*}"; \
+		KDFAST_EXPECT_CPU_CAPABILITY=$${m#*:} qemu-x86_64 -cpu $${m%%:*} $$python -m pytest tests/test_cpu_isa.py \
+		-q -p no:cacheprovider || exit 1; done
 
 demo: setup
 	$(PY) -m kdfast demo

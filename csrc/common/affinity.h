@@ -40,7 +40,9 @@ struct AffinityChunk {
 // Chain rule of k = x / max(|x|, eps) for one node: dx = (dk - k <k, dk>) / |x| where |x| >= eps (the clamp
 // passes the gradient through the norm there), dx = dk / eps below it. NaN norms fall in the first case and
 // propagate.
+KDFAST_ISA_BEGIN
 KDFAST_HD inline double inv_clamped_norm(double norm, double eps) { return 1.0 / (norm < eps ? eps : norm); }
 KDFAST_HD inline double projected(double norm, double eps) { return norm < eps ? 0.0 : 1.0; }
+KDFAST_ISA_END
 
 }  // namespace kdfast

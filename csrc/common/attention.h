@@ -16,7 +16,9 @@ enum class Pool : int { Mean = 0, Sum = 1, Max = 2 };
 // cost of a memory-bound kernel (p = 2 is the published default, p = 1 the paper's other channel pooling).
 enum class PowKind : int { One = 0, Two = 1, General = 2 };
 
+KDFAST_ISA_BEGIN
 inline PowKind pow_kind(double p) { return p == 1.0 ? PowKind::One : (p == 2.0 ? PowKind::Two : PowKind::General); }
+KDFAST_ISA_END
 
 // One feature map, read as (batch, channels, positions), element (b, c, i) at (b * channels + c) * positions + i.
 struct AttentionFeature {
@@ -54,6 +56,8 @@ struct AttentionProblem {
 };
 
 constexpr double kAttentionEps = 1e-12;  // torch.nn.functional.normalize's default eps
+
+KDFAST_ISA_BEGIN
 
 // A transfer row: the mean over a pair's positions of the squared differences, 0 for a pair without positions
 // (an H = 0 or W = 0 map), as every loss gives 0 on empty input.
@@ -105,4 +109,5 @@ KDFAST_HD inline V pooled_grad(bool normalize, V y, V dy, S dot, S n, S scale) {
   return (dy - y * V(dot)) / V(n) * V(scale);
 }
 
+KDFAST_ISA_END
 }  // namespace kdfast

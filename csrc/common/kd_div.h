@@ -21,12 +21,16 @@ enum KdStat : int {
   kAux1 = 3,        // jsd only: KL(p_s || m)
 };
 
+KDFAST_ISA_BEGIN
+
 KDFAST_HD inline int kd_stat_planes(Divergence d, bool target) {
   return 3 + (d == Divergence::JSD ? 1 : 0) + (target ? 1 : 0);
 }
 
 // The plane of logsumexp(s), for the cross-entropy term (only with a target).
 KDFAST_HD inline int kd_lse1_plane(Divergence d) { return d == Divergence::JSD ? 4 : 3; }
+
+KDFAST_ISA_END
 
 // The logits are read as (outer, classes, inner), element (o, c, i) at (o * classes + c) * inner + i:
 // inner == 1 for a softmax over the last dim, inner = H*W for dim=1 of a contiguous (B, C, H, W) tensor.
@@ -63,6 +67,8 @@ struct KdProblem {
 
   KDFAST_HD int64_t rows() const { return outer * inner; }
 };
+
+KDFAST_ISA_BEGIN
 
 // Whether a row counts in the reduction (see row_mask and skip_ignored).
 KDFAST_HD inline bool kd_row_counted(const KdProblem& p, int64_t row) {
@@ -223,4 +229,5 @@ KDFAST_HD inline void jsd_finish_row(const KdProblem& p, int64_t row, S kl_t, S 
   static_cast<S*>(p.div)[row] = kd_nonnegative(S(p.beta) * kl_t + (S(1) - S(p.beta)) * kl_s);
 }
 
+KDFAST_ISA_END
 }  // namespace kdfast

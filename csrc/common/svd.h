@@ -42,6 +42,8 @@ constexpr int64_t kSvdMaxCols = 64;
 // (NaN, or rounding that keeps re-exciting a pair). Jacobi converges quadratically: 6-12 sweeps are typical.
 constexpr int kSvdMaxSweeps = 30;
 
+KDFAST_ISA_BEGIN
+
 template <class S> struct SvdLimits;
 template <> struct SvdLimits<float> {
   static constexpr float eps = 1.1920929e-07f;
@@ -164,4 +166,5 @@ KDFAST_HD inline void svd_complete_column(S* u, int64_t rows, const int* order, 
   }
 }
 
+KDFAST_ISA_END
 }  // namespace kdfast

@@ -50,6 +50,8 @@ struct TopKProblem {
   void* grad_student;      // backward output, dtype of the student
 };
 
+KDFAST_ISA_BEGIN
+
 // The accumulator's machine epsilon. Sums of k probabilities carry a rounding error of about k eps: a teacher tail
 // 1 - sum exp(lp) at or below (valid + 1) eps is taken as 0 (with k = V the tail is exactly 0, not rounding noise),
 // and the student's mass off the top-k, 1 - S, is floored at eps (finite where rounding leaves nothing).
@@ -137,4 +139,5 @@ KDFAST_HD inline S topk_q(S lp, S inv_T, const TopKTeacher<S>& t) {
   return VMath<S>::exp(lp * inv_T - t.lse);
 }
 
+KDFAST_ISA_END
 }  // namespace kdfast

@@ -1,4 +1,5 @@
-// The kernels for AVX-512 (F, BW, VL, DQ). See avx2.cpp for why the target and macros are set here.
+// The kernels for AVX-512 (F, BW, VL, DQ). See avx2.cpp for why the target and macros are set here, after baseline.h.
+#include "baseline.h"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 #include "avx2_macros.h"
 #ifndef __AVX512F__
