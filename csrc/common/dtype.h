@@ -13,7 +13,7 @@
 // instruction set's copy for the callers of every file, and a CPU without it would crash (docs/architecture.md).
 // The problem structs stay in plain kdfast, outside KDFAST_ISA_BEGIN / KDFAST_ISA_END: the kernels' entry points
 // (csrc/cpu/dispatch.h) take them.
-#if defined(CPU_CAPABILITY) && !defined(__CUDACC__)
+#if defined(CPU_CAPABILITY)
 #define KDFAST_ISA_BEGIN inline namespace CPU_CAPABILITY {
 #define KDFAST_ISA_END }
 #else
