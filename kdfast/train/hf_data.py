@@ -44,6 +44,7 @@ def load_model(folder: str, option: str, dtype: torch.dtype = torch.float32):
         raise PipelineError(f"{option} {folder}: no such folder (a model folder written by save_pretrained)")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise PipelineError(f"{option} {folder}: no config.json there (a model folder written by save_pretrained)")
+    transformers.utils.logging.disable_progress_bar()  # the commands show their own bar
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
