@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 
+from ..topk_store import TopKStoreError
 from .checkpoint import write_json
 
 META_VERSION = 1
@@ -230,3 +232,17 @@ def progress(total: int, initial: int, unit: str, rank: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True,
                 disable=True if (rank != 0 or not enabled) else None)
+
+
+def run_command(p, run, argv):
+    """(args, what run(args) returned) of a command, or (args, None) after printing its one-line error (the CLI
+    then exits with 2); the process group, if any, is ended either way."""
+    args = p.parse_args(argv)
+    try:
+        return args, run(args)
+    except (PipelineError, TopKStoreError) as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return args, None
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -20,7 +20,6 @@ import os
 import re
 import resource
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch.distributed as dist
 
 from ..fused_linear import fused_linear_kd
 from ..topk import TopK
-from ..topk_store import TopKStore, TopKStoreError
+from ..topk_store import TopKStore
 from . import hf_data
 from .checkpoint import save_checkpoint, write_json, write_json_lines
 from .hf_data import PipelineError
@@ -92,8 +91,8 @@ def check_store(meta: dict, store: str, student, tokenizer, student_dir: str) ->
                             f"({mine['tokens']} tokens, sha256 {mine['sha256'][:12]})")
     vocab = hf_data.output_weight(student).shape[0]
     if vocab != meta["vocab_size"]:
-        raise PipelineError(f"--store {store} holds a vocabulary of {meta['vocab_size']} (lm_head of {meta['teacher']}); "
-                            f"--student {student_dir} has {vocab}")
+        raise PipelineError(f"--store {store} holds a vocabulary of {meta['vocab_size']} (lm_head of "
+                            f"{meta['teacher']}); --student {student_dir} has {vocab}")
     if not meta.get("complete"):
         raise PipelineError(f"--store {store}: topk-build has not finished it (run topk-build again to complete it)")
 
@@ -289,16 +288,9 @@ def _drop_older(out: str, step: int, rank: int) -> None:
 
 
 def main(argv=None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        metrics = run(args)
-    except (PipelineError, TopKStoreError) as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
+    args, metrics = hf_data.run_command(parser(), run, argv)
+    if metrics is None:
         return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, indent=1))
     return 0

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import struct
-import sys
 
 import torch
 import torch.distributed as dist
 
 from ..topk import topk_from_logits
-from ..topk_store import _ROWS_OFFSET, HEADER_BYTES, TopKStore, TopKStoreError, _record_bytes
+from ..topk_store import _ROWS_OFFSET, HEADER_BYTES, TopKStore, _record_bytes
 from . import hf_data
 from .hf_data import PipelineError
 
@@ -128,8 +127,9 @@ def run(args) -> dict:
     rank, world, device = hf_data.start_processes(args.device)
     teacher, tokenizer = hf_data.load_model(args.teacher, "--teacher", DTYPES[args.dtype])
     teacher.to(device).eval()
-    if args.k > hf_data.output_weight(teacher).shape[0]:
-        raise PipelineError(f"--k {args.k} is more than the teacher's vocabulary ({hf_data.output_weight(teacher).shape[0]})")
+    vocab = hf_data.output_weight(teacher).shape[0]
+    if args.k > vocab:
+        raise PipelineError(f"--k {args.k} is more than the teacher's vocabulary ({vocab})")
     settings = _settings(args, teacher, tokenizer)
     meta = _prepare(args, settings) if rank == 0 else None
     if world > 1:
@@ -181,17 +181,10 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        summary = run(args)
-    except (PipelineError, TopKStoreError) as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
+    args, summary = hf_data.run_command(parser(), run, argv)
+    if summary is None:
         return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if summary:
+    if summary:  # rank 0
         print(f"{args.out}: {summary['rows']} rows of top-{summary['k']} (V={summary['vocab_size']}) from "
               f"{summary['sequences']} sequences, {summary['tokens']} tokens")
     return 0
