@@ -53,8 +53,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences a step (all processes together)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the store")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (before --epochs end)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (peak)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: with momentum 0.9")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (peak)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear warm-up, then cosine decay to 0")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: none)")
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (0: only at the end)")
@@ -199,7 +200,10 @@ def run(args) -> dict:
     wrapper.train()
     if world > 1:
         shard(wrapper, device, world)
-    optimizer = torch.optim.AdamW(wrapper.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(wrapper.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(wrapper.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     per_epoch = math.ceil(len(lengths) / args.batch_size)
     total = per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, per_epoch * args.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, args.warmup, total))
@@ -233,14 +237,15 @@ def run(args) -> dict:
                            torch.cat([p.logprobs for p in parts]).to(device))
             target = ids[:, 1:][rows].to(device)
             total_rows = int((lengths[chosen] - 1).sum())
-            loss = wrapper(ids.to(device), mask.to(device), rows.to(device), target, teacher, total_rows)
+            share = wrapper(ids.to(device), mask.to(device), rows.to(device), target, teacher, total_rows)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # FSDP2 averages the processes' gradients; the global loss is the sum of their shares.
+            (share * world).backward()
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(wrapper.parameters(), args.grad_clip)
             optimizer.step()
             scheduler.step()
-            value = loss.detach().float()
+            value = share.detach().float()
             if world > 1:
                 dist.all_reduce(value)
             step += 1
