@@ -234,3 +234,17 @@ def test_fsdp2_on_two_processes_matches_one(world, tmp_path, kind):
     b = transformers.AutoModelForCausalLM.from_pretrained(sharded).state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4)
+
+
+def test_without_transformers_the_commands_name_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    from kdfast import __main__ as cli
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else
+                        find_spec(name, *a))
+    for command in ("topk-build", "llm-train"):
+        assert cli.main([command, "--help"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and 'pip install "kdfast[hf]"' in err and command in err
