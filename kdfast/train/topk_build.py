@@ -11,9 +11,11 @@ teacher on its share of the batches and rank 0 writes them in order.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import struct
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -72,9 +74,12 @@ def _rewind_store(path: str, rows: int, k: int) -> None:
         fh.write(struct.pack("<Q", rows))
 
 
-def _settings(args, teacher, tokenizer) -> dict:
-    """What must not change between a run and its resumption."""
-    return {"teacher": os.path.abspath(args.teacher), "tokenizer": hf_data.tokenizer_identity(tokenizer),
+def _settings(args, teacher, tokenizer, seqs) -> dict:
+    """What must not change between a run and its resumption (the text's tokens included, by hash)."""
+    text = hashlib.sha256(np.asarray([len(s) for s in seqs], dtype="<i4").tobytes())
+    text.update(np.asarray([t for s in seqs for t in s], dtype="<i4").tobytes())
+    return {"sequences_sha256": text.hexdigest(),
+            "teacher": os.path.abspath(args.teacher), "tokenizer": hf_data.tokenizer_identity(tokenizer),
             "vocab_size": hf_data.output_weight(teacher).shape[0], "kind": "topk", "k": args.k,
             "seq_len": args.seq_len, "data": [os.path.abspath(f) for f in args.data], "text_field": args.text_field,
             "max_tokens": args.max_tokens, "logprob_dtype": args.logprob_dtype}
@@ -130,16 +135,16 @@ def run(args) -> dict:
     vocab = hf_data.output_weight(teacher).shape[0]
     if args.k > vocab:
         raise PipelineError(f"--k {args.k} is more than the teacher's vocabulary ({vocab})")
-    settings = _settings(args, teacher, tokenizer)
+    documents = hf_data.read_documents(args.data, args.text_field)
+    seqs = hf_data.sequences(documents, tokenizer, args.seq_len, args.max_tokens)
+    if not seqs:
+        raise PipelineError(f"--data {' '.join(args.data)}: no sequence of 2 or more tokens in the text")
+    settings = _settings(args, teacher, tokenizer, seqs)
     meta = _prepare(args, settings) if rank == 0 else None
     if world > 1:
         box = [meta]
         dist.broadcast_object_list(box, src=0)
         meta = box[0]
-    documents = hf_data.read_documents(args.data, args.text_field)
-    seqs = hf_data.sequences(documents, tokenizer, args.seq_len, args.max_tokens)
-    if not seqs:
-        raise PipelineError(f"--data {' '.join(args.data)}: no sequence of 2 or more tokens in the text")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = [seqs[i:i + args.batch_size] for i in range(0, len(seqs), args.batch_size)]
     total_tokens = sum(len(s) for s in seqs)
