@@ -99,6 +99,7 @@ setup(
     install_requires=["torch>=2.4"],  # the losses need nothing else
     extras_require={"train": requirements("requirements-train.txt"),
                     "llm": requirements("requirements-llm.txt"),  # python -m kdfast llm-demo
+                    "hf": requirements("requirements-hf.txt"),  # python -m kdfast topk-build, llm-train
                     "test": requirements("requirements-dev.txt")},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

@@ -1,5 +1,6 @@
 """`python -m kdfast COMMAND ...`: train (the trainer's CLI), demo (kdfast's main job), compare (every method
-against cross-entropy), llm-demo (the LLM main job). The benchmarks run with `make bench` (benchmarks/)."""
+against cross-entropy), llm-demo (the LLM main job), topk-build and llm-train (distil a Hugging Face causal LM
+through a top-k store). The benchmarks run with `make bench` (benchmarks/)."""
 import importlib
 import importlib.util
 import sys
@@ -9,7 +10,11 @@ COMMANDS = {
     "demo": ("kdfast.train.demo", "kdfast's main job: distillation on digits, table and chart"),
     "compare": ("kdfast.train.compare", "every distillation method against cross-entropy alone (digits, shapes)"),
     "llm-demo": ("kdfast.train.llm_demo", "the LLM main job: small language models distilled on Python source"),
+    "topk-build": ("kdfast.train.topk_build", "run a Hugging Face teacher over text once, keep its top-k in a store"),
+    "llm-train": ("kdfast.train.llm_train", "distil a Hugging Face student from a topk-build store"),
 }
+# Commands on Hugging Face models also need the kdfast[hf] extra (requirements-hf.txt).
+HF_COMMANDS = ("topk-build", "llm-train")
 
 
 # The modules of the kdfast[train] extra (requirements-train.txt) that every command needs; the losses alone need
@@ -34,6 +39,10 @@ def main(argv=None) -> int:
     if missing:
         print(f"python -m kdfast {argv[0]} needs the trainer's packages (missing: {', '.join(missing)}): "
               f"pip install \"kdfast[train]\" (from a checkout: pip install \".[train]\")", file=sys.stderr)
+        return 1
+    if argv[0] in HF_COMMANDS and importlib.util.find_spec("transformers") is None:
+        print(f"python -m kdfast {argv[0]} needs Hugging Face transformers: pip install \"kdfast[hf]\" (from a "
+              f"checkout: pip install \".[hf]\")", file=sys.stderr)
         return 1
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:])

@@ -140,3 +140,83 @@ def test_fused_gkd_trainer_trains(tmp_path):
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(before, trainer.model.lm_head.weight.detach())
+
+
+# --- TRL's DistillationTrainer: kdfast.train.trl_loss.use_fused_loss() -----------------------------------------------
+
+def distillation_trainer(tmp_path, beta, temperature=1.0, max_steps=2):
+    pytest.importorskip("trl")
+    tokenizers = pytest.importorskip("tokenizers")
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    processing = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                      eos_token="</s>", padding_side="left")
+    gen = torch.Generator().manual_seed(0)
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (n,), generator=gen)) for n in (3, 5, 4, 6)]
+    args = DistillationConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=max_steps,
+                              beta=beta, temperature=temperature, max_completion_length=4, learning_rate=1e-3,
+                              report_to="none", save_strategy="no", logging_steps=1, use_cpu=True,
+                              disable_tqdm=True, seed=0)
+    student, teacher = tiny_model("llama", 32, 0).float(), tiny_model("llama", 48, 1).float()
+    return DistillationTrainer(model=student, teacher_model=teacher, args=args, processing_class=processing,
+                               train_dataset=Dataset.from_dict({"prompt": prompts}))
+
+
+def completions(rows=3, prompt=4, completion=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {"prompt_ids": torch.randint(3, VOCAB, (rows, prompt), generator=gen),
+              "completion_ids": torch.randint(3, VOCAB, (rows, completion), generator=gen)}
+    inputs["prompt_mask"] = torch.ones_like(inputs["prompt_ids"])
+    inputs["prompt_mask"][0, :2] = 0                 # left padding of the prompt
+    inputs["completion_mask"] = torch.ones_like(inputs["completion_ids"])
+    inputs["completion_mask"][1, 3:] = 0             # a completion that ended early
+    return inputs
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature,accumulated", [(1.0, None), (2.0, 23)])
+def test_fused_distillation_loss_matches_trl(tmp_path, beta, temperature, accumulated):
+    from kdfast.train.trl_loss import use_fused_loss
+
+    trainer = distillation_trainer(tmp_path, beta, temperature)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    inputs = completions()
+    params = list(model.parameters())
+    expected, expected_entropy, expected_n = trainer._compute_loss(model, inputs, accumulated)
+    expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
+    restore = use_fused_loss()
+    try:
+        loss, entropy, n = trainer._compute_loss(model, inputs, accumulated)
+    finally:
+        restore()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(entropy, expected_entropy, rtol=1e-5, atol=1e-5)
+    assert int(n) == int(expected_n) == 13
+    for g, e in zip(grads, expected_grads):
+        if e is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_distillation_trainer_trains_with_the_fused_loss(tmp_path):
+    from trl.trainer import distillation_trainer as module
+
+    from kdfast.train.trl_loss import fused_divergence_loss, use_fused_loss
+
+    trainer = distillation_trainer(tmp_path, 0.5, max_steps=2)
+    before = trainer.model.lm_head.weight.detach().clone()
+    restore = use_fused_loss()
+    try:
+        assert module._chunked_divergence_loss is fused_divergence_loss
+        result = trainer.train()
+    finally:
+        restore()
+    assert module._chunked_divergence_loss is not fused_divergence_loss
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(before, trainer.model.lm_head.weight.detach())
