@@ -24,7 +24,7 @@ import kdfast
 from kdfast import _ops, reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
-import build  # noqa: E402  (tests/cuda_emulation/build.py)
+import emulation_build  # noqa: E402
 
 pytestmark = pytest.mark.cuda_emulation
 
@@ -38,7 +38,7 @@ DIVERGENCES = ["kl", "reverse_kl", "jsd"]
 @pytest.fixture(scope="session")
 def emu():
     """The test-only ops (library kdfast_emu), built once per checkout state."""
-    build.extension()
+    emulation_build.extension()
     return torch.ops.kdfast_emu
 
 

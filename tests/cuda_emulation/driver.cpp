@@ -1,8 +1,8 @@
 // The CUDA emulation's standalone driver (no torch): checks the layer itself (barriers, warp operations, shared
 // memory, vector loads, its error messages), then runs every kernel of csrc/cuda through its launcher at small
-// shapes that take every branch, on exactly sized heap buffers. Built plain, with AddressSanitizer + UBSan and with
-// ThreadSanitizer by tests/cuda_emulation/build.py; a sanitizer report or a failed check fails the run. The
-// numbers are checked against the CPU kernels and the reference by tests/test_cuda_emulation.py.
+// shapes that take every branch, on exactly sized heap buffers. Built plain, with AddressSanitizer + UBSan and
+// with ThreadSanitizer by tests/cuda_emulation/emulation_build.py; a sanitizer report or a failed check fails the
+// run. The numbers are checked against the CPU kernels and the reference by tests/test_cuda_emulation.py.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -376,7 +376,8 @@ template <class S> void run_svd(int64_t batch, int64_t m, int64_t n, int special
   p.s = sv.p;
   p.vh = vh.p;
   const std::string what = "svd " + std::to_string(m) + "x" + std::to_string(n) + " dtype=" +
-                           std::to_string(int(p.dtype)) + " shared=" + std::to_string(kdfast::cuda::svd_shared_bytes(p));
+                           std::to_string(int(p.dtype)) +
+                           " shared=" + std::to_string(kdfast::cuda::svd_shared_bytes(p));
   expect_ok(kdfast::cuda::svd_forward(p, nullptr), what);
 }
 
