@@ -81,7 +81,7 @@ cuda-build:
 # The CUDA kernels run on the CPU (docs/cuda-emulation.md): the emulation's standalone driver built plain, with
 # ASan + UBSan and with TSan, then the op tests of the emulated kernels against the CPU kernels and the reference.
 cuda-emulation: build
-	JOBS=$(JOBS) $(PY) tests/cuda_emulation/build.py drivers
+	JOBS=$(JOBS) $(PY) tests/cuda_emulation/emulation_build.py drivers
 	$(PY) -m pytest tests/test_cuda_emulation.py -q -m cuda_emulation
 
 # On a GPU machine: build for sm_90, every op against the CPU kernels and the float64 reference, the CUDA tests,

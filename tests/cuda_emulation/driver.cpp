@@ -1,8 +1,8 @@
 // The CUDA emulation's standalone driver (no torch): checks the layer itself (barriers, warp operations, shared
 // memory, vector loads, its error messages), then runs every kernel of csrc/cuda through its launcher at small
-// shapes that take every branch, on exactly sized heap buffers. Built plain, with AddressSanitizer + UBSan and with
-// ThreadSanitizer by tests/cuda_emulation/build.py; a sanitizer report or a failed check fails the run. The
-// numbers are checked against the CPU kernels and the reference by tests/test_cuda_emulation.py.
+// shapes that take every branch, on exactly sized heap buffers. Built plain, with AddressSanitizer + UBSan and
+// with ThreadSanitizer by tests/cuda_emulation/emulation_build.py; a sanitizer report or a failed check fails the
+// run. The numbers are checked against the CPU kernels and the reference by tests/test_cuda_emulation.py.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -43,6 +43,12 @@ void expect_fail(const std::string& what, const std::string& kernel, const std::
   const std::string msg = kdemu::last_message();
   check(err != cudaSuccess && msg.find(kernel) != std::string::npos && msg.find(needle) != std::string::npos,
         what + ": expected a failure naming " + kernel + " and '" + needle + "', got '" + msg + "'");
+}
+
+// Launches a self-test kernel on one block, which must fail with a message naming it and containing `needle`.
+template <auto Kernel> void must_fail(int threads, int* out, const std::string& name, const std::string& needle) {
+  kdfast::cuda::launch<Kernel>(dim3(1), dim3(threads), 0, nullptr, out);
+  expect_fail(name, name, needle);
 }
 
 // An exactly sized heap buffer, so that AddressSanitizer sees any access past its end.
@@ -151,10 +157,8 @@ void self_tests() {
   for (int t = 0; t < 256; ++t) ok = ok && out.p[t] == 255 - t;
   check(ok, "barrier_ok: shared memory across a barrier and shared atomics");
 
-  kdfast::cuda::launch<divergent_barrier>(dim3(1), dim3(256), 0, nullptr, out.p);
-  expect_fail("divergent barrier", "divergent_barrier", "divergent __syncthreads");
-  kdfast::cuda::launch<barrier_after_exit>(dim3(1), dim3(64), 0, nullptr, out.p);
-  expect_fail("barrier after an exit", "barrier_after_exit", "exited");
+  must_fail<divergent_barrier>(256, out.p, "divergent_barrier", "divergent __syncthreads");
+  must_fail<barrier_after_exit>(64, out.p, "barrier_after_exit", "exited");
 
   kdfast::cuda::launch<shuffle_values>(dim3(1), dim3(64), 0, nullptr, out.p);
   expect_ok(cudaGetLastError(), "shuffle_values");
@@ -169,15 +173,11 @@ void self_tests() {
   }
   check(ok, "shuffle_values: widths, segments and masks");
 
-  kdfast::cuda::launch<shuffle_missing_lane>(dim3(1), dim3(64), 0, nullptr, out.p);
-  expect_fail("a lane missing from a shuffle", "shuffle_missing_lane", "__shfl_xor_sync");
-  kdfast::cuda::launch<shuffle_lane_exits>(dim3(1), dim3(64), 0, nullptr, out.p);
-  expect_fail("a lane of a shuffle exits", "shuffle_lane_exits", "exited");
-  kdfast::cuda::launch<shuffle_divergent_mask>(dim3(1), dim3(32), 0, nullptr, out.p);
+  must_fail<shuffle_missing_lane>(64, out.p, "shuffle_missing_lane", "__shfl_xor_sync");  // the deadlock check
+  must_fail<shuffle_lane_exits>(64, out.p, "shuffle_lane_exits", "exited");
   // lanes 0-3 leave the full-mask shuffle that lanes 4-31 wait in: a divergence, or an exit while they wait
-  expect_fail("shuffles with different masks", "shuffle_divergent_mask", "__shfl_xor_sync");
-  kdfast::cuda::launch<shuffle_reads_outside_mask>(dim3(1), dim3(32), 0, nullptr, out.p);
-  expect_fail("a shuffle reading a lane outside its mask", "shuffle_reads_outside_mask", "not in mask");
+  must_fail<shuffle_divergent_mask>(32, out.p, "shuffle_divergent_mask", "__shfl_xor_sync");
+  must_fail<shuffle_reads_outside_mask>(32, out.p, "shuffle_reads_outside_mask", "not in mask");
 
   Buf<float> v(12), vout(4 * 32);
   for (int i = 0; i < 12; ++i) v.p[i] = float(i);
@@ -376,7 +376,8 @@ template <class S> void run_svd(int64_t batch, int64_t m, int64_t n, int special
   p.s = sv.p;
   p.vh = vh.p;
   const std::string what = "svd " + std::to_string(m) + "x" + std::to_string(n) + " dtype=" +
-                           std::to_string(int(p.dtype)) + " shared=" + std::to_string(kdfast::cuda::svd_shared_bytes(p));
+                           std::to_string(int(p.dtype)) +
+                           " shared=" + std::to_string(kdfast::cuda::svd_shared_bytes(p));
   expect_ok(kdfast::cuda::svd_forward(p, nullptr), what);
 }
 

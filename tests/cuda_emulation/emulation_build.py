@@ -1,8 +1,10 @@
 """Builds the CUDA emulation (docs/cuda-emulation.md): the kernels of csrc/cuda compiled as host C++ against the
 execution layer in this folder.
 
-  python tests/cuda_emulation/build.py drivers   the standalone driver, plain, ASan + UBSan and TSan; runs each
-  extension() (from Python)                        the test-only torch ops (library kdfast_emu), built once
+  python tests/cuda_emulation/emulation_build.py drivers
+      the standalone driver, plain, ASan + UBSan and TSan; runs each
+  extension() (from Python)
+      the test-only torch ops (library kdfast_emu), built once
 """
 import os
 import pathlib
