@@ -27,7 +27,7 @@ def _check_common(student, temperature, mask, reduction, scale_t2, group):
         raise ValueError(f"student_shard must be (..., V_rank) with V_rank >= 1, got {tuple(student.shape)}")
     if student.shape[-1] > _MAX_SHARD:
         raise ValueError(f"a vocabulary shard may hold at most 2^24 classes, got {student.shape[-1]}")
-    temperature = check.positive_finite(temperature, "temperature")
+    temperature = check.check_temperature(temperature)
     check.choice(reduction, "reduction", REDUCTIONS)
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")

@@ -282,7 +282,7 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
         check.floating(student_bias, "student_bias")
         if tuple(student_bias.shape) != (vocab,):
             raise ValueError(f"student_bias must be ({vocab},), got {tuple(student_bias.shape)}")
-    temperature = check.positive_finite(temperature, "temperature")
+    temperature = check.check_temperature(temperature)
     alpha = check.in_closed_unit(alpha, "alpha")
     check.choice(divergence, "divergence", DIVERGENCES)
     beta = check.real(beta, "beta")

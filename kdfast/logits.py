@@ -85,16 +85,13 @@ if _C is not None:
 
 # Temperatures above PRECISE_T are computed in float64 for every input dtype: the divergence falls as 1/T^2 while
 # float32 rounds the row statistics at about 1e-7 absolute, which the T^2 scale then magnifies (T = 1e4 gave 11.92
-# for an exact 0.947). In float64 the scaled loss stays within about 1e-16 T^2 absolute up to MAX_T.
+# for an exact 0.947). In float64 the scaled loss stays within about 1e-16 T^2 absolute up to
+# check.MAX_TEMPERATURE.
 PRECISE_T = 16.0
-MIN_T, MAX_T = 1e-6, 1e6
 
 
 def _check_options(temperature, divergence, beta) -> float:
-    temperature = check.positive_finite(temperature, "temperature")
-    if not MIN_T <= temperature <= MAX_T:
-        raise ValueError(f"temperature must be in [{MIN_T:g}, {MAX_T:g}] (beyond it float64 cannot resolve the "
-                         f"divergence), got {temperature}")
+    temperature = check.check_temperature(temperature)
     check.choice(divergence, "divergence", DIVERGENCES)
     beta = check.real(beta, "beta")
     if divergence == "jsd":
