@@ -62,6 +62,7 @@ setup(
     install_requires=["torch>=2.4"],  # the losses need nothing else
     extras_require={"train": requirements("requirements-train.txt"),
                     "llm": requirements("requirements-llm.txt"),  # python -m kdfast llm-demo
+                    "parquet": requirements("requirements-parquet.txt"),  # topk-import of .parquet datasets
                     "test": requirements("requirements-dev.txt")},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

@@ -9,6 +9,7 @@ COMMANDS = {
     "demo": ("kdfast.train.demo", "kdfast's main job: distillation on digits, table and chart"),
     "compare": ("kdfast.train.compare", "every distillation method against cross-entropy alone (digits, shapes)"),
     "llm-demo": ("kdfast.train.llm_demo", "the LLM main job: small language models distilled on Python source"),
+    "topk-import": ("kdfast.topk_import", "other tools' teacher top-k outputs (axolotl, OpenAI/vLLM) into a store"),
 }
 
 
