@@ -1,5 +1,6 @@
 """`python -m kdfast COMMAND ...`: train (the trainer's CLI), demo (kdfast's main job), compare (every method
-against cross-entropy), llm-demo (the LLM main job). The benchmarks run with `make bench` (benchmarks/)."""
+against cross-entropy), llm-demo (the LLM main job), topk-import (other tools' teacher top-k outputs into a store).
+The benchmarks run with `make bench` (benchmarks/)."""
 import importlib
 import importlib.util
 import sys

@@ -10,6 +10,7 @@ from torch import nn
 from . import _validate as check
 from . import reference
 from ._autograd import once_differentiable
+from ._dtensor import any_dtensor
 from ._ops import _C, has_kernel
 from ._reduce import reduce_rows
 
@@ -142,6 +143,8 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
     mask: bool tensor of the row shape; rows where it is False contribute nothing and are not counted.
     reduction: "batchmean" (sum / included rows; 0 when none), "sum", "mean" (sum / (included rows x classes)),
     "none" (the row-shaped values, 0 on excluded rows). Half-precision inputs give a float32 loss.
+    DTensor logits sharded on dim run the vocabulary-parallel path (kdfast.distributed), without gathering the
+    vocabulary; the loss is then a replicated DTensor.
     """
     dim = _check_logits(student_logits, teacher_logits, dim)
     temperature = _check_options(temperature, divergence, beta)
@@ -150,6 +153,10 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
     check.row_mask(mask, _row_shape(student_logits, dim), student_logits, "student_logits",
                    f"the logits' shape without dim={dim}")
+    if any_dtensor(student_logits, teacher_logits, mask):
+        from . import distributed
+        return distributed.dtensor_kd_div(student_logits, teacher_logits, temperature, divergence, beta, dim, mask,
+                                          reduction, scale_t2)
     if _transformed() or not has_kernel(student_logits.device):
         return reference.kd_div(student_logits, teacher_logits, temperature, divergence=divergence, beta=beta,
                                 dim=dim, mask=mask, reduction=reduction, scale_t2=scale_t2)
