@@ -21,8 +21,6 @@ comes back as a replicated DTensor.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
@@ -58,18 +56,6 @@ def _require_group() -> None:
 def _finish(rows, mask, reduction, classes, temperature, scale_t2):
     out = reduce_rows(rows, mask, reduction, classes)
     return out * (temperature * temperature) if scale_t2 else out
-
-
-def _row_max(x, group, extra=None):
-    """All-reduce MAX of the rows' maxima (and of `extra`, a float vector riding along); -inf rows are kept."""
-    buf = x.amax(-1) if x.shape[-1] else x.new_full(x.shape[:-1], float("-inf"))
-    if extra is not None:
-        buf = torch.cat([buf.reshape(-1), extra.to(buf.dtype)])
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-    if extra is None:
-        return buf, None
-    rows = x.shape[0]
-    return buf[:rows], buf[rows:]
 
 
 def _reference_point(m):
@@ -135,6 +121,7 @@ class _VocabParallelKD(torch.autograd.Function):
 
 def _topk_rows(student, indices, logprobs, temperature, tail, group):
     """The per-row top-k divergence (...,) of the whole vocabulary from this rank's shard (..., V_rank)."""
+    _require_kernels(student)
     classes, k = student.shape[-1], indices.shape[-1]
     return _VocabParallelTopK.apply(student.reshape(-1, classes), indices.reshape(-1, k), logprobs.reshape(-1, k),
                                     temperature, tail, group).reshape(student.shape[:-1])
@@ -168,14 +155,16 @@ def vocab_parallel_kd_div(student_shard, teacher_shard, temperature=1.0, *, dive
 
 
 class _VocabParallelTopK(torch.autograd.Function):
+    """Per-row top-k divergence of the whole vocabulary from this rank's (rows, V_rank) shard, on the top-k
+    kernels."""
+
     @staticmethod
     def forward(ctx, student, indices, logprobs, temperature, tail, group):
         acc = acc_dtype(student, logprobs)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        a = student.to(acc) / temperature
-        sizes = a.new_zeros(world)
-        sizes[rank] = a.shape[-1]
-        m, sizes = _row_max(a, group, extra=sizes)
+        sizes = torch.zeros(world, device=student.device)
+        sizes[rank] = student.shape[-1]
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
         sizes = [int(s) for s in sizes.tolist()]
         offset, total = sum(sizes[:rank]), sum(sizes)
         lp = logprobs.to(acc)
@@ -187,22 +176,28 @@ class _VocabParallelTopK(torch.autograd.Function):
                                      f"vocabulary of all ranks) on an entry that is not padding")
             if bool((lp > 0).any()):
                 raise ValueError("teacher_logprobs must be log-probabilities (<= 0; -inf for padding)")
-        local = valid & (indices >= offset) & (indices < offset + a.shape[-1])
-        li = torch.where(local, indices - offset, torch.zeros_like(indices)).long()
-        r = _reference_point(m).unsqueeze(-1)
-        a_top = torch.where(local, a.gather(-1, li), torch.zeros_like(lp))
-        # The row sums off the top-k classes and on them, apart (the top-k classes held here set to -inf in a, this
-        # function's own buffer): the student's mass off the top-k is then formed in log space from the classes off
-        # the top-k, never as 1 - sum p[idx] (which cancels in float32 where the top-k hold nearly all the mass).
-        inf = torch.full_like(lp, float("inf"))
-        a.scatter_reduce_(-1, li, torch.where(local, -inf, inf), "amin")
-        off = (a - r).exp().sum(-1, keepdim=True)
-        top = torch.where(local, (a_top - r).exp(), torch.zeros_like(a_top)).sum(-1, keepdim=True)
-        sums = torch.cat([off, top, a_top], dim=-1)
+        shifted = indices.long() - offset  # this shard's classes; the other ranks' fall outside [0, V_rank)
+        local = valid & (shifted >= 0) & (shifted < student.shape[-1])
+        li = torch.where(local, shifted, torch.zeros_like(shifted))
+        ninf = torch.full_like(lp, float("-inf"))
+        a_top = torch.where(local, student.gather(-1, li).to(acc) / temperature, ninf)
+        # The student's log-sum off the top-k, from the classes off the top-k (never 1 - sum p[idx], which cancels
+        # in float32 where the top-k hold nearly all the mass): the shard with its top-k classes at -inf (a copy,
+        # freed before the backward) through the top-k kernel's logsumexp.
+        masked = student.scatter_reduce(-1, li, torch.where(local, ninf, -ninf).to(student.dtype), "amin")
+        _, st = torch.ops.kdfast.topk_kd_fwd(masked, indices.new_zeros((len(lp), 1)), ninf[:, :1], temperature,
+                                             "bucket")
+        del masked
+        local_lse = torch.stack([st[0], a_top.logsumexp(-1)])  # off and on the top-k, this shard's classes
+        top = local_lse.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        ref = _reference_point(top)
+        sums = torch.cat([(local_lse - ref).exp().T, torch.where(local, a_top, torch.zeros_like(a_top))], dim=-1)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        lse = r + (sums[:, :1] + sums[:, 1:2]).log()
-        log_rest = (r + sums[:, :1].log() - lse).clamp_min(math.log(torch.finfo(acc).eps))
-        logp_top = torch.where(valid, sums[:, 2:] - lse, torch.full_like(lp, float("-inf")))
+        lse_off, lse_top = ref[0] + sums[:, 0].log(), ref[1] + sums[:, 1].log()
+        lse = torch.logaddexp(lse_off, lse_top)
+        log_rest = (lse_off - lse).unsqueeze(-1)
+        logp_top = torch.where(valid, sums[:, 2:] - lse.unsqueeze(-1), ninf)
         logq, logp, _ = _categories(logp_top, lp, valid, temperature, tail, log_rest)
         q = logq.exp()
         rows = _plogq(q, logq - logp).sum(-1)
@@ -213,26 +208,23 @@ class _VocabParallelTopK(torch.autograd.Function):
         else:  # p (1 - q_tail / rest) off the top-k classes, rest the student's mass there
             q_tail = q[:, -1]
             coef = torch.where(q_tail == 0, torch.ones_like(q_tail), 1 - (logq[:, -1] - log_rest[:, 0]).exp())
-        ctx.save_for_backward(student, li, local, lse, coef, q[:, :lp.shape[-1]], logp_top, lp, valid, log_rest)
+        ctx.save_for_backward(student, shifted, lp, torch.stack([lse, coef]), logp_top, valid, log_rest)
         ctx.options = (temperature, tail)
         return rows
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_rows):
-        student, li, local, lse, coef, q, logp_top, lp, valid, log_rest = ctx.saved_tensors
+        student, shifted, lp, stats, logp_top, valid, log_rest = ctx.saved_tensors
         temperature, tail = ctx.options
-        acc = lse.dtype
-        g = grad_rows.to(acc) / temperature
         gs = gl = None
         if ctx.needs_input_grad[0]:
-            p = (student.to(acc) / temperature - lse).exp()
-            grad = p * coef.unsqueeze(-1)
-            # On the top-k classes held here: p - q (the repeats of a class sum their q).
-            fix = torch.where(local, (1 - coef.unsqueeze(-1)) * p.gather(-1, li) - q, torch.zeros_like(q))
-            grad = grad.scatter_add(-1, li, fix)
-            gs = (grad * g.unsqueeze(-1)).to(student.dtype)
+            # The kernel with the whole vocabulary's statistics writes p c off the top-k and p - q on the top-k
+            # classes of this shard (q over all the entries; those of other shards' classes are out of its range).
+            gs = torch.ops.kdfast.topk_kd_bwd(grad_rows.to(stats.dtype), student, shifted, lp, stats, temperature,
+                                              tail)
         if ctx.needs_input_grad[2]:
-            gl = _teacher_grad(grad_rows.to(acc), logp_top, lp, valid, temperature, tail, log_rest).to(lp.dtype)
+            gl = _teacher_grad(grad_rows.to(lp.dtype), logp_top, lp, valid, temperature, tail, log_rest)
         return gs, None, gl, None, None, None
 
 

@@ -288,3 +288,28 @@ def test_kd_partial_fwd_with_the_rows_own_logsumexps_is_kd_fwd(shape, dtype):
     torch.library.opcheck(torch.ops.kdfast.kd_partial_fwd, (s, t, stats[:2].clone(), 2.0, "jsd", 0.3))
     with pytest.raises(ValueError, match="kd_partial_fwd computes jsd's partial sums, got 'kl'"):
         torch.ops.kdfast.kd_partial_fwd(s, t, stats[:2].clone(), 2.0, "kl", 0.3)
+
+
+def test_bucket_tail_is_formed_in_log_space(tmp_path):
+    """A float32 student whose top-k hold all but ~3e-10 of its mass: the bucket's student tail comes from the
+    classes off the top-k (1 - sum p[idx] would round to 0 and be floored at eps, off by 0.3 here): the loss and
+    gradient match the float64 reference."""
+    os.environ.pop("WORLD_SIZE", None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=30))
+    try:
+        student = torch.full((3, 100), -25.0)
+        student[:, :5] = 0.0
+        idx = torch.arange(5).repeat(3, 1)
+        lp = torch.log(torch.full((3, 5), 0.19))  # the teacher's tail: 0.05
+        s32 = student.clone().requires_grad_(True)
+        s64 = student.double().requires_grad_(True)
+        got = kdfast.distributed.vocab_parallel_topk_kd_div(s32, idx, lp, tail="bucket")
+        want = kdfast.reference.topk_kd_div(s64, idx, lp.double(), tail="bucket")
+        got.backward()
+        want.backward()
+        assert want.item() > 0.3
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
