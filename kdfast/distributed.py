@@ -35,6 +35,7 @@ from .logits import _check_options, _precise
 from .topk import REDUCTIONS, TAILS, TopKIndexError, _categories, _check_pair, _eager, _plogq, _teacher_grad
 
 _MAX_SHARD = 1 << 24  # slice sizes travel in the float32 MAX all-reduce, exact up to 2^24
+_OFF_TOP_BYTES = 4 << 20  # the top-k path's row buffer (cache-sized: no page faults, no shard-sized copy)
 
 
 def _check_common(student, temperature, mask, reduction, scale_t2, group):
@@ -183,13 +184,20 @@ class _VocabParallelTopK(torch.autograd.Function):
         ninf = torch.full_like(lp, float("-inf"))
         a_top = torch.where(local, student.gather(-1, li).to(acc) / temperature, ninf)
         # The student's log-sum off the top-k, from the classes off the top-k (never 1 - sum p[idx], which cancels
-        # in float32 where the top-k hold nearly all the mass): the shard with its top-k classes at -inf (a copy,
-        # freed before the backward) through the top-k kernel's logsumexp.
-        masked = student.scatter_reduce(-1, li, torch.where(local, ninf, -ninf).to(student.dtype), "amin")
-        _, st = torch.ops.kdfast.topk_kd_fwd(masked, indices.new_zeros((len(lp), 1)), ninf[:, :1], temperature,
-                                             "bucket")
-        del masked
-        local_lse = torch.stack([st[0], a_top.logsumexp(-1)])  # off and on the top-k, this shard's classes
+        # in float32 where the top-k hold nearly all the mass): the top-k kernel's logsumexp of the shard's rows with
+        # their top-k classes at -inf, copied a few rows at a time into one small buffer (a copy of the whole shard
+        # cost half the time of the single-process loss; the shard itself is never written).
+        off_mask = torch.where(local, ninf, -ninf).to(student.dtype)
+        chunk = max(1, _OFF_TOP_BYTES // (student.shape[-1] * student.element_size()))
+        buf = student.new_empty((min(chunk, len(lp)), student.shape[-1]))
+        lse_off = lp.new_empty(len(lp))
+        for lo in range(0, len(lp), chunk):
+            part = buf[:len(lp[lo:lo + chunk])]
+            part.copy_(student[lo:lo + chunk]).scatter_reduce_(-1, li[lo:lo + chunk], off_mask[lo:lo + chunk], "amin")
+            lse_off[lo:lo + chunk] = torch.ops.kdfast.topk_kd_fwd(part, indices.new_zeros((len(part), 1)),
+                                                                  ninf[:len(part), :1], temperature, "bucket")[1][0]
+        del buf
+        local_lse = torch.stack([lse_off, a_top.logsumexp(-1)])  # off and on the top-k, this shard's classes
         top = local_lse.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
         ref = _reference_point(top)

@@ -290,16 +290,18 @@ def test_kd_partial_fwd_with_the_rows_own_logsumexps_is_kd_fwd(shape, dtype):
         torch.ops.kdfast.kd_partial_fwd(s, t, stats[:2].clone(), 2.0, "kl", 0.3)
 
 
-def test_bucket_tail_is_formed_in_log_space(tmp_path):
+def test_bucket_tail_is_formed_in_log_space(tmp_path, monkeypatch):
     """A float32 student whose top-k hold all but ~3e-10 of its mass: the bucket's student tail comes from the
     classes off the top-k (1 - sum p[idx] would round to 0 and be floored at eps, off by 0.3 here): the loss and
-    gradient match the float64 reference."""
+    gradient match the float64 reference. The rows off the top-k go through a buffer of 2 rows here (3 rows)."""
+    monkeypatch.setattr(kdfast.distributed, "_OFF_TOP_BYTES", 2 * 100 * 4)
     os.environ.pop("WORLD_SIZE", None)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1,
                             timeout=timedelta(seconds=30))
     try:
         student = torch.full((3, 100), -25.0)
         student[:, :5] = 0.0
+        student[1, 50] = -24.0  # rows that differ: a row read from the wrong place of the buffer shows
         idx = torch.arange(5).repeat(3, 1)
         lp = torch.log(torch.full((3, 5), 0.19))  # the teacher's tail: 0.05
         s32 = student.clone().requires_grad_(True)
