@@ -10,7 +10,7 @@ OUT ?= gpu-results
 # place, so that `python -m kdfast` and pytest use this checkout.
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	@$(PY) -c "import pytest, pytest_benchmark, ruff, numpy, matplotlib, sklearn, tqdm, tokenizers, transformers, trl" 2>/dev/null || \
+	@$(PY) -c "import pytest, pytest_benchmark, ruff, numpy, matplotlib, sklearn, tqdm, tokenizers, transformers, trl, pyarrow" 2>/dev/null || \
 		$(PY) -m pip install -q -r requirements-dev.txt
 	@$(MAKE) --no-print-directory build
 

@@ -100,6 +100,7 @@ setup(
     extras_require={"train": requirements("requirements-train.txt"),
                     "llm": requirements("requirements-llm.txt"),  # python -m kdfast llm-demo
                     "hf": requirements("requirements-hf.txt"),  # python -m kdfast topk-build, llm-train
+                    "parquet": requirements("requirements-parquet.txt"),  # topk-import of .parquet datasets
                     "test": requirements("requirements-dev.txt")},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

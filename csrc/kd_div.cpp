@@ -168,6 +168,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd(const at::Tensor& student,
   return {div, ce, stats};
 }
 
+std::tuple<at::Tensor, at::Tensor> kd_partial_fwd(const at::Tensor& student, const at::Tensor& teacher,
+                                                  const at::Tensor& lse, double temperature,
+                                                  const std::string& divergence, double beta,
+                                                  const KdLauncher& launch) {
+  const Rows r = rows_of_3d(student, teacher);
+  KdProblem p = base_problem(r, std::nullopt, temperature, divergence, beta, -100);
+  // kl's and reverse_kl's partial sums follow from kd_fwd's statistics of the shard alone (kdfast/distributed.py).
+  TORCH_CHECK_VALUE(p.divergence == Divergence::JSD, "kdfast: kd_partial_fwd computes jsd's partial sums, got '",
+                    divergence, "'");
+  const auto acc = r.s.options().dtype(p.acc_double ? at::kDouble : at::kFloat);
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({2, p.outer, p.inner}) && lse.scalar_type() == acc.dtype(),
+                    "kdfast: lse of shape ", lse.sizes(), " and dtype ", lse.scalar_type(), " for logits of ",
+                    p.outer, " x ", p.inner, " rows (expected (2, outer, inner) of the accumulator dtype)");
+  TORCH_CHECK(lse.device() == r.s.device(), "kdfast: lse on ", lse.device(), ", logits on ", r.s.device());
+  at::Tensor div = at::empty({p.outer, p.inner}, acc);
+  at::Tensor stats = at::empty({kd_stat_planes(p.divergence, false), p.outer, p.inner}, acc);
+  stats.narrow(0, 0, 2).copy_(lse);
+  if (p.rows() > 0) {
+    p.div = div.data_ptr();
+    p.stats = stats.data_ptr();
+    p.stats_given = true;
+    launch_forward(p, div, launch);
+  }
+  return {div, stats};
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_bwd(const at::Tensor& grad_div, const std::optional<at::Tensor>& grad_ce,
                                           const at::Tensor& student, const at::Tensor& teacher,
                                           const std::optional<at::Tensor>& target, const at::Tensor& stats,
@@ -361,6 +387,11 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   // stats = the (kd_stat_planes, outer, inner) row statistics the backward needs.
   m.def("kd_fwd(Tensor student, Tensor teacher, Tensor? target, float temperature, str divergence, float beta, "
         "int ignore_index) -> (Tensor div, Tensor ce, Tensor stats)");
+  // jsd's partial sums over these classes (one rank's shard of the vocabulary) with the rows' logsumexps of the
+  // whole vocabulary given, lse = (2, outer, inner) (student, teacher): div = beta * KL(p_t || m) + (1 - beta) *
+  // KL(p_s || m) summed over these classes (not clamped at 0), stats = the kd_fwd planes with lse and those sums.
+  m.def("kd_partial_fwd(Tensor student, Tensor teacher, Tensor lse, float temperature, str divergence, float beta) "
+        "-> (Tensor div, Tensor stats)");
   m.def("kd_bwd(Tensor grad_div, Tensor? grad_ce, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
         "float temperature, str divergence, float beta, int ignore_index, bool student_grad, bool teacher_grad) "
         "-> (Tensor grad_student, Tensor grad_teacher)");
@@ -382,6 +413,10 @@ TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("kd_fwd", [](const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& y, double T,
                       c10::string_view d, double beta, int64_t ignore) {
     return kd_fwd(s, t, y, T, std::string(d), beta, ignore, cpu::kd_forward);
+  });
+  m.impl("kd_partial_fwd", [](const at::Tensor& s, const at::Tensor& t, const at::Tensor& lse, double T,
+                              c10::string_view d, double beta) {
+    return kd_partial_fwd(s, t, lse, T, std::string(d), beta, cpu::kd_forward);
   });
   m.impl("kd_bwd", [](const at::Tensor& gd, const std::optional<at::Tensor>& gc, const at::Tensor& s,
                       const at::Tensor& t, const std::optional<at::Tensor>& y, const at::Tensor& stats, double T,

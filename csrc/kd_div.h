@@ -21,6 +21,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd(const at::Tensor& student,
                                                       const std::string& divergence, double beta,
                                                       int64_t ignore_index, const KdLauncher& launch);
 
+// jsd's partial sums over these classes with the rows' logsumexps given (lse: (2, outer, inner)): div, stats.
+std::tuple<at::Tensor, at::Tensor> kd_partial_fwd(const at::Tensor& student, const at::Tensor& teacher,
+                                                  const at::Tensor& lse, double temperature,
+                                                  const std::string& divergence, double beta,
+                                                  const KdLauncher& launch);
+
 std::tuple<at::Tensor, at::Tensor> kd_bwd(const at::Tensor& grad_div, const std::optional<at::Tensor>& grad_ce,
                                           const at::Tensor& student, const at::Tensor& teacher,
                                           const std::optional<at::Tensor>& target, const at::Tensor& stats,

@@ -68,6 +68,20 @@ def positive_finite(value, name: str) -> float:
     return v
 
 
+# The temperatures every temperature-softmax loss accepts (kd_div, kd_loss, topk_kd_div, fused_linear_kd,
+# kdfast.distributed), the range docs/guarantees.md states its accuracy over.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+
+
+def check_temperature(temperature) -> float:
+    """The temperature as a float; ValueError outside [MIN_TEMPERATURE, MAX_TEMPERATURE] (NaN and inf included),
+    TypeError for a non-number. The one temperature check of every op."""
+    t = real(temperature, "temperature")
+    if not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature}")
+    return t
+
+
 def in_closed_unit(value, name: str) -> float:
     v = real(value, name)
     if not 0.0 <= v <= 1.0:

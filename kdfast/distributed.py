@@ -1,33 +1,48 @@
-"""Vocabulary-parallel distillation losses over torch.distributed (gloo on CPU, nccl on GPU).
+"""Vocabulary-parallel distillation losses over torch.distributed (gloo on CPU, nccl on GPU), and the DTensor inputs
+of kd_div, topk_kd_div and fused_linear_kd.
 
 With tensor parallelism each rank of `group` holds a contiguous slice of the vocabulary, in rank order; slices
 may be uneven (a rank's size is its shard's last dimension). The softmax over the whole vocabulary is assembled
-from per-row statistics, as vocabulary-parallel cross-entropy does: one all-reduce MAX of the row maxima (which
-also carries every rank's slice size), one all-reduce SUM of the row sums (and, for a sparse teacher, of the
-top-k entries' logits, each held by one rank). No logits cross ranks. The loss is the same on every rank and
-equals the single-process loss on the concatenated logits; each rank's gradient is its slice of the
+from per-row statistics, as vocabulary-parallel cross-entropy does; no logits cross ranks. The loss is the same on
+every rank and equals the single-process loss on the concatenated logits; each rank's gradient is its slice of the
 single-process gradient.
+
+Dense teacher (vocab_parallel_kd_div), on the kd kernels: kd_fwd on the shard gives its row logsumexps of student
+and teacher (and, for kl / reverse_kl, the divergence of the shard's own distributions, from which the shard's
+share of the whole vocabulary's follows); one all-reduce MAX and one SUM make the global ones. jsd's partial sums
+need the global logsumexps: kd_partial_fwd makes a second pass with them, and one more SUM adds them up. kd_bwd,
+given the global statistics, writes the gradient slice. Sparse teacher (vocab_parallel_topk_kd_div), on the top-k
+kernels: one MAX of the slice sizes, then one MAX and one SUM of the shards' log-sums off the top-k classes (the
+top-k kernel's logsumexp of the shard with those classes at -inf) and on them, and of the top-k entries' logits
+(each held by one rank); topk_kd_bwd with the global statistics writes the gradient slice.
+
+DTensor inputs sharded on the vocabulary (Shard on the class dim of logits, Shard(0) of an lm_head weight) on one
+mesh dimension, replicated on the others, run these functions on that mesh dimension's process group; the loss
+comes back as a replicated DTensor.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
+from torch.autograd.function import once_differentiable
 
 from . import _validate as check
+from ._ops import _C, has_kernel
 from ._reduce import reduce_rows
 from ._validate import acc_dtype
+from .logits import _check_options, _precise
 from .topk import REDUCTIONS, TAILS, TopKIndexError, _categories, _check_pair, _eager, _plogq, _teacher_grad
 
 _MAX_SHARD = 1 << 24  # slice sizes travel in the float32 MAX all-reduce, exact up to 2^24
+_OFF_TOP_BYTES = 4 << 20  # the top-k path's row buffer (cache-sized: no page faults, no shard-sized copy)
 
 
 def _check_common(student, temperature, mask, reduction, scale_t2, group):
     check.floating(student, "student_shard")
     if student.dim() == 0 or student.shape[-1] == 0:
         raise ValueError(f"student_shard must be (..., V_rank) with V_rank >= 1, got {tuple(student.shape)}")
-    if student.shape[-1] > _MAX_SHARD:
-        raise ValueError(f"a vocabulary shard may hold at most 2^24 classes, got {student.shape[-1]}")
-    temperature = check.positive_finite(temperature, "temperature")
+    temperature = check.check_temperature(temperature)
     check.choice(reduction, "reduction", REDUCTIONS)
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
@@ -45,80 +60,113 @@ def _finish(rows, mask, reduction, classes, temperature, scale_t2):
     return out * (temperature * temperature) if scale_t2 else out
 
 
-def _row_max(x, group, extra=None):
-    """All-reduce MAX of the rows' maxima (and of `extra`, a float vector riding along); -inf rows are kept."""
-    buf = x.amax(-1) if x.shape[-1] else x.new_full(x.shape[:-1], float("-inf"))
-    if extra is not None:
-        buf = torch.cat([buf.reshape(-1), extra.to(buf.dtype)])
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-    if extra is None:
-        return buf, None
-    rows = x.shape[0]
-    return buf[:rows], buf[rows:]
-
-
 def _reference_point(m):
     """The row maxima as exp's reference, 0 where a row is all -inf (so that exp gives 0, not NaN)."""
     return torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
 
-class _VocabParallelKL(torch.autograd.Function):
+def _require_kernels(x) -> None:
+    if not has_kernel(x.device):
+        raise RuntimeError(f"kdfast.distributed runs each shard on kdfast's kernels, and this installation has none "
+                           f"for {x.device.type} tensors (kdfast.backends() says what is built; KDFAST_BACKEND="
+                           f"reference turns them off)")
+
+
+class _VocabParallelKD(torch.autograd.Function):
+    """Per-row divergence of the whole vocabulary from this rank's (rows, V_rank) shards, on the kd kernels."""
+
     @staticmethod
-    def forward(ctx, student, teacher, temperature, group):
-        acc = acc_dtype(student, teacher)
-        a = student.to(acc) / temperature
-        b = teacher.to(acc) / temperature
-        m, _ = _row_max(torch.stack([a, b]), group)
-        ra, rb = _reference_point(m[0]).unsqueeze(-1), _reference_point(m[1]).unsqueeze(-1)
-        ea, eb = (a - ra).exp(), (b - rb).exp()
-        sums = torch.stack([ea.sum(-1), eb.sum(-1), _plogq(eb, b - a).sum(-1)])
+    def forward(ctx, student, teacher, temperature, divergence, beta, group):
+        s3, t3 = student.unsqueeze(-1), teacher.unsqueeze(-1)
+        jsd = divergence == "jsd"
+        # The shard's statistics: logsumexp(s / T), logsumexp(t / T) over its classes and (kl, reverse_kl) the
+        # divergence of its own renormalised distributions.
+        _, _, local = torch.ops.kdfast.kd_fwd(s3, t3, None, temperature, "kl" if jsd else divergence, beta, -100)
+        local = local.squeeze(-1)
+        top = local[:2].clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        ref = _reference_point(top)
+        mass = (local[:2] - ref).exp()  # the shard's exp(logsumexp), relative to the largest over the ranks
+        x = 1 if divergence == "kl" else 0  # the plane of the expectation's distribution (teacher for kl)
+        if jsd:
+            sums = mass
+        else:
+            # The shard's divergence is E[x - y] - lse_x + lse_y over its classes: its mean E[x - y] under the
+            # shard's p_x rides in the SUM, weighted by the shard's mass, and gives the whole vocabulary's.
+            mean = local[2] + (local[x] - local[1 - x])
+            share = torch.where(mass[x] == 0, torch.zeros_like(mean), mass[x] * mean)
+            sums = torch.cat([mass, share.unsqueeze(0)])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        lse_a, lse_b = ra.squeeze(-1) + sums[0].log(), rb.squeeze(-1) + sums[1].log()
-        rows = sums[2] / sums[1] - lse_b + lse_a
-        ctx.save_for_backward(student, teacher, lse_a, lse_b, rows)
-        ctx.temperature = temperature
-        return rows
+        lse = ref + sums[:2].log()
+        if jsd:  # the partial sums need the global logsumexps: a second pass over the shard, and a second SUM
+            _, partial = torch.ops.kdfast.kd_partial_fwd(s3, t3, lse.unsqueeze(-1), temperature, divergence, beta)
+            aux = partial.squeeze(-1)[2:].contiguous()
+            dist.all_reduce(aux, op=dist.ReduceOp.SUM, group=group)
+            rows = beta * aux[0] + (1 - beta) * aux[1]
+        else:
+            aux = (sums[2] / sums[x] - (lse[x] - lse[1 - x])).unsqueeze(0)
+            rows = aux[0]
+        ctx.save_for_backward(student, teacher, torch.cat([lse, aux]).unsqueeze(-1))
+        ctx.options = (temperature, divergence, beta)
+        return rows.clamp_min(0)  # a negative divergence is rounding, shown as 0 (as the kernels do)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_rows):
-        student, teacher, lse_a, lse_b, rows = ctx.saved_tensors
-        T = ctx.temperature
-        acc = rows.dtype
-        lpa = student.to(acc) / T - lse_a.unsqueeze(-1)
-        lpb = teacher.to(acc) / T - lse_b.unsqueeze(-1)
-        pa, pb = lpa.exp(), lpb.exp()
-        g = (grad_rows.to(acc) / T).unsqueeze(-1)
-        gs = (g * (pa - pb)).to(student.dtype) if ctx.needs_input_grad[0] else None
-        gt = (g * _plogq(pb, lpb - lpa - rows.unsqueeze(-1))).to(teacher.dtype) if ctx.needs_input_grad[1] else None
-        return gs, gt, None, None
+        student, teacher, stats = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # kd_bwd with the whole vocabulary's statistics: this rank's slice of the gradients, exactly.
+        gs, gt = torch.ops.kdfast.kd_bwd(grad_rows.unsqueeze(-1), None, student.unsqueeze(-1), teacher.unsqueeze(-1),
+                                         None, stats, *ctx.options, -100, need_s, need_t)
+        return gs.squeeze(-1) if need_s else None, gt.squeeze(-1) if need_t else None, None, None, None, None
 
 
-def vocab_parallel_kd_div(student_shard, teacher_shard, temperature=1.0, *, group=None, mask=None,
-                          reduction="batchmean", scale_t2=True) -> torch.Tensor:
-    """kd_div (KL(p_t || p_s), Hinton) over a vocabulary split across the ranks of `group`: student_shard and
-    teacher_shard (..., V_rank) are this rank's contiguous slice of the logits (slices in rank order, possibly
-    uneven). Returns the loss of the whole vocabulary, the same on every rank; mask, reduction ("batchmean", "sum",
-    "none") and scale_t2 as kd_div. Gradients flow to both shards (this rank's slice)."""
+def _topk_rows(student, indices, logprobs, temperature, tail, group):
+    """The per-row top-k divergence (...,) of the whole vocabulary from this rank's shard (..., V_rank)."""
+    _require_kernels(student)
+    classes, k = student.shape[-1], indices.shape[-1]
+    return _VocabParallelTopK.apply(student.reshape(-1, classes), indices.reshape(-1, k), logprobs.reshape(-1, k),
+                                    temperature, tail, group).reshape(student.shape[:-1])
+
+
+def _kd_rows(student, teacher, temperature, divergence, beta, group):
+    """The per-row divergence (...,) of the whole vocabulary from this rank's shards (..., V_rank)."""
+    _require_kernels(student)
+    s, t, precise = _precise(student, teacher, temperature)
+    classes = s.shape[-1]
+    rows = _VocabParallelKD.apply(s.reshape(-1, classes), t.reshape(-1, classes), temperature, divergence, beta,
+                                  group).reshape(student.shape[:-1])
+    return rows.float() if precise else rows
+
+
+def vocab_parallel_kd_div(student_shard, teacher_shard, temperature=1.0, *, divergence="kl", beta=0.5, group=None,
+                          mask=None, reduction="batchmean", scale_t2=True) -> torch.Tensor:
+    """kd_div over a vocabulary split across the ranks of `group`: student_shard and teacher_shard (..., V_rank)
+    are this rank's contiguous slice of the logits (slices in rank order, possibly uneven). divergence ("kl" =
+    KL(p_t || p_s), Hinton; "reverse_kl"; "jsd" with beta), mask, reduction ("batchmean", "sum", "none") and
+    scale_t2 as kd_div. Returns the loss of the whole vocabulary, the same on every rank. Gradients flow to both
+    shards (this rank's slice of the single-process gradients)."""
     temperature = _check_common(student_shard, temperature, mask, reduction, scale_t2, group)
+    _check_options(temperature, divergence, beta)
     check.floating(teacher_shard, "teacher_shard")
     check.same_shape(student_shard, teacher_shard, "student_shard", "teacher_shard")
     check.same_device({"student_shard": student_shard, "teacher_shard": teacher_shard})
     _require_group()
-    classes = student_shard.shape[-1]
-    rows = _VocabParallelKL.apply(student_shard.reshape(-1, classes), teacher_shard.reshape(-1, classes),
-                                  temperature, group)
-    return _finish(rows.reshape(student_shard.shape[:-1]), mask, reduction, classes, temperature, scale_t2)
+    rows = _kd_rows(student_shard, teacher_shard, temperature, divergence, beta, group)
+    return _finish(rows, mask, reduction, student_shard.shape[-1], temperature, scale_t2)
 
 
 class _VocabParallelTopK(torch.autograd.Function):
+    """Per-row top-k divergence of the whole vocabulary from this rank's (rows, V_rank) shard, on the top-k
+    kernels."""
+
     @staticmethod
     def forward(ctx, student, indices, logprobs, temperature, tail, group):
         acc = acc_dtype(student, logprobs)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        a = student.to(acc) / temperature
-        sizes = a.new_zeros(world)
-        sizes[rank] = a.shape[-1]
-        m, sizes = _row_max(a, group, extra=sizes)
+        sizes = torch.zeros(world, device=student.device)
+        sizes[rank] = student.shape[-1]
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
         sizes = [int(s) for s in sizes.tolist()]
         offset, total = sum(sizes[:rank]), sum(sizes)
         lp = logprobs.to(acc)
@@ -130,44 +178,62 @@ class _VocabParallelTopK(torch.autograd.Function):
                                      f"vocabulary of all ranks) on an entry that is not padding")
             if bool((lp > 0).any()):
                 raise ValueError("teacher_logprobs must be log-probabilities (<= 0; -inf for padding)")
-        local = valid & (indices >= offset) & (indices < offset + a.shape[-1])
-        li = torch.where(local, indices - offset, torch.zeros_like(indices)).long()
-        r = _reference_point(m).unsqueeze(-1)
-        a_top = torch.where(local, a.gather(-1, li), torch.zeros_like(lp))
-        sums = torch.cat([(a - r).exp().sum(-1, keepdim=True), a_top], dim=-1)
+        shifted = indices.long() - offset  # this shard's classes; the other ranks' fall outside [0, V_rank)
+        local = valid & (shifted >= 0) & (shifted < student.shape[-1])
+        li = torch.where(local, shifted, torch.zeros_like(shifted))
+        ninf = torch.full_like(lp, float("-inf"))
+        a_top = torch.where(local, student.gather(-1, li).to(acc) / temperature, ninf)
+        # The student's log-sum off the top-k, from the classes off the top-k (never 1 - sum p[idx], which cancels
+        # in float32 where the top-k hold nearly all the mass): the top-k kernel's logsumexp of the shard's rows with
+        # their top-k classes at -inf, copied a few rows at a time into one small buffer (a copy of the whole shard
+        # cost half the time of the single-process loss; the shard itself is never written).
+        off_mask = torch.where(local, ninf, -ninf).to(student.dtype)
+        chunk = max(1, _OFF_TOP_BYTES // (student.shape[-1] * student.element_size()))
+        buf = student.new_empty((min(chunk, len(lp)), student.shape[-1]))
+        lse_off = lp.new_empty(len(lp))
+        for lo in range(0, len(lp), chunk):
+            part = buf[:len(lp[lo:lo + chunk])]
+            part.copy_(student[lo:lo + chunk]).scatter_reduce_(-1, li[lo:lo + chunk], off_mask[lo:lo + chunk], "amin")
+            lse_off[lo:lo + chunk] = torch.ops.kdfast.topk_kd_fwd(part, indices.new_zeros((len(part), 1)),
+                                                                  ninf[:len(part), :1], temperature, "bucket")[1][0]
+        del buf
+        local_lse = torch.stack([lse_off, a_top.logsumexp(-1)])  # off and on the top-k, this shard's classes
+        top = local_lse.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        ref = _reference_point(top)
+        sums = torch.cat([(local_lse - ref).exp().T, torch.where(local, a_top, torch.zeros_like(a_top))], dim=-1)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        lse = r + sums[:, :1].log()
-        logp_top = torch.where(valid, sums[:, 1:] - lse, torch.full_like(lp, float("-inf")))
-        logq, logp, _ = _categories(logp_top, lp, valid, temperature, tail)
+        lse_off, lse_top = ref[0] + sums[:, 0].log(), ref[1] + sums[:, 1].log()
+        lse = torch.logaddexp(lse_off, lse_top)
+        log_rest = (lse_off - lse).unsqueeze(-1)
+        logp_top = torch.where(valid, sums[:, 2:] - lse.unsqueeze(-1), ninf)
+        logq, logp, _ = _categories(logp_top, lp, valid, temperature, tail, log_rest)
         q = logq.exp()
         rows = _plogq(q, logq - logp).sum(-1)
         any_valid = valid.any(-1)
         if tail == "renormalize":
             rows = torch.where(any_valid, rows, torch.zeros_like(rows))
             coef = any_valid.to(acc)  # a row without a valid entry has no gradient
-        else:  # p (1 - q_tail / (1 - S)) off the top-k classes
-            q_tail, rest = q[:, -1], logp[:, -1].exp()
-            coef = torch.where(q_tail == 0, torch.ones_like(q_tail), 1 - q_tail / rest)
-        ctx.save_for_backward(student, li, local, lse, coef, q[:, :lp.shape[-1]], logp_top, lp, valid)
+        else:  # p (1 - q_tail / rest) off the top-k classes, rest the student's mass there
+            q_tail = q[:, -1]
+            coef = torch.where(q_tail == 0, torch.ones_like(q_tail), 1 - (logq[:, -1] - log_rest[:, 0]).exp())
+        ctx.save_for_backward(student, shifted, lp, torch.stack([lse, coef]), logp_top, valid, log_rest)
         ctx.options = (temperature, tail)
         return rows
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_rows):
-        student, li, local, lse, coef, q, logp_top, lp, valid = ctx.saved_tensors
+        student, shifted, lp, stats, logp_top, valid, log_rest = ctx.saved_tensors
         temperature, tail = ctx.options
-        acc = lse.dtype
-        g = grad_rows.to(acc) / temperature
         gs = gl = None
         if ctx.needs_input_grad[0]:
-            p = (student.to(acc) / temperature - lse).exp()
-            grad = p * coef.unsqueeze(-1)
-            # On the top-k classes held here: p - q (the repeats of a class sum their q).
-            fix = torch.where(local, (1 - coef.unsqueeze(-1)) * p.gather(-1, li) - q, torch.zeros_like(q))
-            grad = grad.scatter_add(-1, li, fix)
-            gs = (grad * g.unsqueeze(-1)).to(student.dtype)
+            # The kernel with the whole vocabulary's statistics writes p c off the top-k and p - q on the top-k
+            # classes of this shard (q over all the entries; those of other shards' classes are out of its range).
+            gs = torch.ops.kdfast.topk_kd_bwd(grad_rows.to(stats.dtype), student, shifted, lp, stats, temperature,
+                                              tail)
         if ctx.needs_input_grad[2]:
-            gl = _teacher_grad(grad_rows.to(acc), logp_top, lp, valid, temperature, tail).to(lp.dtype)
+            gl = _teacher_grad(grad_rows.to(lp.dtype), logp_top, lp, valid, temperature, tail, log_rest)
         return gs, None, gl, None, None, None
 
 
@@ -180,6 +246,8 @@ def vocab_parallel_topk_kd_div(student_shard, teacher_indices, teacher_logprobs,
     every rank. tail, mask, reduction and scale_t2 as topk_kd_div. Returns the loss of the whole vocabulary, the
     same on every rank; the student gradient is this rank's slice."""
     temperature = _check_common(student_shard, temperature, mask, reduction, scale_t2, group)
+    if student_shard.shape[-1] > _MAX_SHARD:
+        raise ValueError(f"a vocabulary shard may hold at most 2^24 classes, got {student_shard.shape[-1]}")
     _check_pair(teacher_indices, teacher_logprobs)
     check.choice(tail, "tail", TAILS)
     if teacher_indices.shape[:-1] != student_shard.shape[:-1]:
@@ -188,7 +256,203 @@ def vocab_parallel_topk_kd_div(student_shard, teacher_indices, teacher_logprobs,
     check.same_device({"student_shard": student_shard, "teacher_indices": teacher_indices,
                        "teacher_logprobs": teacher_logprobs})
     _require_group()
-    classes, k = student_shard.shape[-1], teacher_indices.shape[-1]
-    rows = _VocabParallelTopK.apply(student_shard.reshape(-1, classes), teacher_indices.reshape(-1, k),
-                                    teacher_logprobs.reshape(-1, k), temperature, tail, group)
-    return _finish(rows.reshape(student_shard.shape[:-1]), mask, reduction, classes, temperature, scale_t2)
+    rows = _topk_rows(student_shard, teacher_indices, teacher_logprobs, temperature, tail, group)
+    return _finish(rows, mask, reduction, student_shard.shape[-1], temperature, scale_t2)
+
+
+if _C is not None:
+
+    @torch.library.register_fake("kdfast::kd_partial_fwd")
+    def _kd_partial_fwd_fake(student, teacher, lse, temperature, divergence, beta):
+        rows = (student.shape[0], student.shape[2])
+        return student.new_empty(rows, dtype=lse.dtype), student.new_empty((4, *rows), dtype=lse.dtype)
+
+
+# ---- DTensor inputs (kd_div, topk_kd_div and fused_linear_kd route them here) ----
+
+def _dt():
+    import torch.distributed.tensor as dt
+    return dt
+
+
+def _vocab_mesh_dim(x, name, vocab_dim):
+    """The mesh dimension that shards DTensor x's vocabulary (its dim vocab_dim), or None when x is replicated.
+    Every other mesh dimension must replicate x: any other placement is a ValueError naming it."""
+    vocab_dim %= x.dim()
+    found = None
+    for i, placement in enumerate(x.placements):
+        if placement.is_replicate():
+            continue
+        if placement.is_shard() and placement.dim % x.dim() == vocab_dim and found is None:
+            found = i
+            continue
+        raise ValueError(f"{name} is a DTensor placed {tuple(x.placements)} on a mesh of shape "
+                         f"{tuple(x.device_mesh.shape)}: kdfast takes Shard({vocab_dim}) (the vocabulary) on one mesh "
+                         f"dimension and Replicate() on the others, got {placement} on mesh dimension {i}; "
+                         f"redistribute it first (x.redistribute(mesh, placements))")
+    return found
+
+
+def _local(x, name, mesh, placements=None):
+    """x's local tensor. With `placements` x must be a DTensor on `mesh` placed so (the partner of sharded logits);
+    without, a plain tensor (the same on every rank, returned as is) or a DTensor replicated over `mesh`."""
+    dt = _dt()
+    if not isinstance(x, dt.DTensor):
+        if placements is not None:
+            raise TypeError(f"{name} must be a DTensor placed {tuple(placements)} like the logits it pairs with, got a "
+                            f"plain {type(x).__name__}")
+        return x
+    want = tuple(placements) if placements is not None else (dt.Replicate(),) * mesh.ndim
+    if x.device_mesh != mesh or tuple(x.placements) != want:
+        raise ValueError(f"{name} is a DTensor placed {tuple(x.placements)} on a mesh of shape "
+                         f"{tuple(x.device_mesh.shape)}; on this call it must be a plain tensor or placed {want} on "
+                         f"the logits' mesh")
+    return x.to_local()
+
+
+def _layout(x, name, vocab_dim):
+    """(mesh, the process group of the vocabulary's mesh dimension or None when replicated) of DTensor x."""
+    dt = _dt()
+    if not isinstance(x, dt.DTensor):
+        raise TypeError(f"{name} must be a DTensor like the other logits of this call, got a plain "
+                        f"{type(x).__name__}")
+    shard = _vocab_mesh_dim(x, name, vocab_dim)
+    return x.device_mesh, None if shard is None else x.device_mesh.get_group(shard)
+
+
+def _replicated(loss, mesh):
+    """The loss, the same on every rank, as a DTensor replicated over the mesh."""
+    dt = _dt()
+    return dt.DTensor.from_local(loss, mesh, [dt.Replicate()] * mesh.ndim, run_check=False)
+
+
+def dtensor_kd_div(student, teacher, temperature, divergence, beta, dim, mask, reduction, scale_t2):
+    """kd_div of DTensor logits (arguments checked by kd_div): sharded on the classes (dim), the vocabulary-parallel
+    path; replicated, kd_div on every rank. Returns a replicated DTensor."""
+    from .logits import kd_div
+    mesh, group = _layout(student, "student_logits", dim)
+    s = student.to_local()
+    t = _local(teacher, "teacher_logits", mesh, student.placements)
+    mask = _local(mask, "mask", mesh)
+    if group is None:
+        return _replicated(kd_div(s, t, temperature, divergence=divergence, beta=beta, dim=dim, mask=mask,
+                                  reduction=reduction, scale_t2=scale_t2), mesh)
+    dim %= student.dim()
+    rows = _kd_rows(s.movedim(dim, -1), t.movedim(dim, -1), temperature, divergence, beta, group)
+    return _replicated(_finish(rows, mask, reduction, student.shape[dim], temperature, scale_t2), mesh)
+
+
+def dtensor_topk_kd_div(student, indices, logprobs, temperature, tail, mask, reduction, scale_t2):
+    """topk_kd_div of DTensor student logits (..., V) (the teacher's top-k and the mask plain or replicated)."""
+    from .topk import topk_kd_div
+    mesh, group = _layout(student, "student_logits", -1)
+    s = student.to_local()
+    indices = _local(indices, "teacher_indices", mesh)
+    logprobs = _local(logprobs, "teacher_logprobs", mesh)
+    mask = _local(mask, "mask", mesh)
+    if group is None:
+        loss = topk_kd_div(s, indices, logprobs, temperature, tail=tail, mask=mask, reduction=reduction,
+                           scale_t2=scale_t2)
+    else:
+        loss = vocab_parallel_topk_kd_div(s, indices, logprobs, temperature, tail=tail, group=group, mask=mask,
+                                          reduction=reduction, scale_t2=scale_t2)
+    return _replicated(loss, mesh)
+
+
+class _SumGradients(torch.autograd.Function):
+    """Identity forward; backward all-reduces (SUM) the gradient over the ranks: the hidden states every rank
+    multiplies by its slice of the weight get the gradient of all the slices (Megatron's column-parallel input)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def _linear_chunk(hidden, weight, bias, teacher, target, kd_weight, ce_weight, form, options, group):
+    """kd_weight * (sum of the chunk's KD rows) + ce_weight * (sum of its cross-entropy rows) from this rank's
+    slice of the chunk's logits. teacher: the chunk's (logits,), (hidden, weight, bias) or (indices, logprobs)."""
+    temperature, divergence, beta, tail, ignore_index, acc = options
+    logits = torch.nn.functional.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    if form == "topk":
+        kd = _topk_rows(logits, teacher[0], teacher[1], temperature, tail, group)
+    else:
+        if form == "head":
+            with torch.no_grad():
+                th, tw, tb = teacher
+                teacher = (torch.nn.functional.linear(th.to(acc), tw.to(acc), None if tb is None else tb.to(acc)),)
+        kd = _kd_rows(logits, teacher[0], temperature, divergence, beta, group)
+    keep = None if target is None else target != ignore_index
+    total = (kd if keep is None else torch.where(keep, kd, torch.zeros_like(kd))).sum() * kd_weight
+    if ce_weight is not None:
+        # Cross-entropy at T = 1 is the renormalised top-1 divergence from the target (0 where it is ignored).
+        lp = torch.where(keep, 0.0, float("-inf")).to(acc).unsqueeze(-1)
+        total = total + _topk_rows(logits, target.unsqueeze(-1), lp, 1.0, "renormalize", group).sum() * ce_weight
+    return total
+
+
+def dtensor_fused_linear_kd(hidden, weight, teacher, bias, target, temperature, alpha, divergence, beta, tail,
+                            ignore_index, scale_t2, chunk_size):
+    """fused_linear_kd with a DTensor lm_head weight (V, H): Shard(0) (the vocabulary) runs the vocabulary-parallel
+    path, replicated runs fused_linear_kd on every rank. student_hidden, target and a TopK teacher are plain
+    (the same on every rank) or replicated; dense teacher logits are Shard(-1) and a TeacherHead's weight (and
+    biases) Shard(0) like the student's weight. Each chunk's slice of the logits is recomputed in the backward
+    (torch.utils.checkpoint). Returns a replicated DTensor."""
+    from .fused_linear import TeacherHead, default_chunk_size, fused_linear_kd
+    from .topk import TopK
+    mesh, group = _layout(weight, "student_weight", 0)
+    w = weight.to_local()
+    h = _local(hidden, "student_hidden", mesh)
+    b = None if bias is None else _local(bias, "student_bias", mesh, weight.placements)
+    y = _local(target, "target", mesh)
+    if isinstance(teacher, TeacherHead):
+        tb = None if teacher.bias is None else _local(teacher.bias, "teacher.bias", mesh, weight.placements)
+        teacher = TeacherHead(_local(teacher.hidden, "teacher.hidden", mesh),
+                              _local(teacher.weight, "teacher.weight", mesh, weight.placements), tb)
+    elif isinstance(teacher, tuple):
+        teacher = TopK(_local(teacher[0], "teacher.indices", mesh), _local(teacher[1], "teacher.logprobs", mesh))
+    else:
+        dt = _dt()
+        placements = [dt.Shard(teacher.dim() - 1) if p.is_shard() else p for p in weight.placements]
+        teacher = _local(teacher, "teacher", mesh, placements)
+    kw = dict(student_bias=b, target=y, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+              tail=tail, ignore_index=ignore_index, scale_t2=scale_t2, chunk_size=chunk_size)
+    if group is None:
+        return _replicated(fused_linear_kd(h, w, teacher, **kw), mesh)
+    temperature = check.check_temperature(temperature)
+    _check_options(temperature, divergence, beta)
+    alpha = check.in_closed_unit(alpha, "alpha")
+    if alpha != 1 and y is None:
+        raise ValueError(f"alpha={alpha} mixes in cross-entropy, which needs a target: pass target= or alpha=1")
+    if h.dim() not in (2, 3) or w.dim() != 2 or w.shape[1] != h.shape[-1]:
+        raise ValueError(f"student_hidden (N, H) or (B, T, H) and student_weight (V, H) do not match: "
+                         f"{tuple(h.shape)} and {tuple(weight.shape)}")
+    hf = _SumGradients.apply(h.reshape(-1, h.shape[-1]), group)
+    n = hf.shape[0]
+    if isinstance(teacher, TeacherHead):
+        form, tensors = "head", [teacher.hidden.reshape(n, -1), teacher.weight, teacher.bias]
+    elif isinstance(teacher, TopK):
+        form, tensors = "topk", [teacher[0].reshape(n, -1), teacher[1].reshape(n, -1)]
+    else:
+        form, tensors = "dense", [teacher.reshape(n, -1)]
+    yf = None if y is None else y.reshape(n)
+    acc = acc_dtype(hf, w)
+    count = max(n, 1) if yf is None else (yf != ignore_index).sum().clamp_min(1)
+    kd_weight = alpha * (temperature * temperature if scale_t2 else 1.0) / count
+    ce_weight = None if alpha == 1 else (1 - alpha) / count
+    options = (temperature, divergence, beta, tail, ignore_index, acc)
+    chunk = chunk_size or default_chunk_size(n, w.shape[0], acc, hf.device.type)
+    loss = hf.new_zeros((), dtype=acc)
+    for lo in range(0, n, chunk):
+        rows = slice(lo, lo + chunk)
+        part = [tensors[0][rows], *tensors[1:]] if form == "head" else [x[rows] for x in tensors]
+        loss = loss + torch.utils.checkpoint.checkpoint(
+            _linear_chunk, hf[rows], w, b, part, None if yf is None else yf[rows], kd_weight, ce_weight, form,
+            options, group, use_reentrant=False)
+    return _replicated(loss, mesh)

@@ -17,6 +17,7 @@ import torch
 from . import _validate as check
 from . import reference
 from ._autograd import once_differentiable
+from ._dtensor import any_dtensor
 from ._ops import has_kernel
 from ._validate import acc_dtype
 from .logits import DIVERGENCES, _check_classes
@@ -301,7 +302,14 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
     student_weight and student_bias (the teacher is constant); they are accumulated in float32 (float64 for double
     inputs) and returned in each input's dtype. chunk_size: rows per chunk; None takes
     floor(B / (V x 4 bytes)) rows (8 bytes for float64), at least 1, with B = 32 MiB on CPU and 256 MiB on CUDA.
-    Returns a float32 scalar (float64 for double inputs)."""
+    Returns a float32 scalar (float64 for double inputs). A DTensor student_weight sharded on its rows (the
+    vocabulary) runs the vocabulary-parallel path (kdfast.distributed); the loss is then a replicated DTensor."""
+    teacher_tensors = teacher if isinstance(teacher, tuple) else (teacher,)
+    if any_dtensor(student_hidden, student_weight, student_bias, target, *teacher_tensors):
+        from . import distributed
+        return distributed.dtensor_fused_linear_kd(student_hidden, student_weight, teacher, student_bias, target,
+                                                   temperature, alpha, divergence, beta, tail, ignore_index, scale_t2,
+                                                   chunk_size)
     check.floating(student_hidden, "student_hidden")
     check.floating(student_weight, "student_weight")
     if student_hidden.dim() not in (2, 3):
@@ -317,7 +325,7 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
         check.floating(student_bias, "student_bias")
         if tuple(student_bias.shape) != (vocab,):
             raise ValueError(f"student_bias must be ({vocab},), got {tuple(student_bias.shape)}")
-    temperature = check.positive_finite(temperature, "temperature")
+    temperature = check.check_temperature(temperature)
     alpha = check.in_closed_unit(alpha, "alpha")
     check.choice(divergence, "divergence", DIVERGENCES)
     beta = check.real(beta, "beta")

@@ -10,6 +10,7 @@ from torch import nn
 from . import _validate as check
 from . import reference
 from ._autograd import once_differentiable
+from ._dtensor import any_dtensor
 from ._ops import _C, has_kernel
 from ._reduce import reduce_rows
 
@@ -85,16 +86,13 @@ if _C is not None:
 
 # Temperatures above PRECISE_T are computed in float64 for every input dtype: the divergence falls as 1/T^2 while
 # float32 rounds the row statistics at about 1e-7 absolute, which the T^2 scale then magnifies (T = 1e4 gave 11.92
-# for an exact 0.947). In float64 the scaled loss stays within about 1e-16 T^2 absolute up to MAX_T.
+# for an exact 0.947). In float64 the scaled loss stays within about 1e-16 T^2 absolute up to
+# check.MAX_TEMPERATURE.
 PRECISE_T = 16.0
-MIN_T, MAX_T = 1e-6, 1e6
 
 
 def _check_options(temperature, divergence, beta) -> float:
-    temperature = check.positive_finite(temperature, "temperature")
-    if not MIN_T <= temperature <= MAX_T:
-        raise ValueError(f"temperature must be in [{MIN_T:g}, {MAX_T:g}] (beyond it float64 cannot resolve the "
-                         f"divergence), got {temperature}")
+    temperature = check.check_temperature(temperature)
     check.choice(divergence, "divergence", DIVERGENCES)
     beta = check.real(beta, "beta")
     if divergence == "jsd":
@@ -145,6 +143,8 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
     mask: bool tensor of the row shape; rows where it is False contribute nothing and are not counted.
     reduction: "batchmean" (sum / included rows; 0 when none), "sum", "mean" (sum / (included rows x classes)),
     "none" (the row-shaped values, 0 on excluded rows). Half-precision inputs give a float32 loss.
+    DTensor logits sharded on dim run the vocabulary-parallel path (kdfast.distributed), without gathering the
+    vocabulary; the loss is then a replicated DTensor.
     """
     dim = _check_logits(student_logits, teacher_logits, dim)
     temperature = _check_options(temperature, divergence, beta)
@@ -153,6 +153,10 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
     check.row_mask(mask, _row_shape(student_logits, dim), student_logits, "student_logits",
                    f"the logits' shape without dim={dim}")
+    if any_dtensor(student_logits, teacher_logits, mask):
+        from . import distributed
+        return distributed.dtensor_kd_div(student_logits, teacher_logits, temperature, divergence, beta, dim, mask,
+                                          reduction, scale_t2)
     if _transformed() or not has_kernel(student_logits.device):
         return reference.kd_div(student_logits, teacher_logits, temperature, divergence=divergence, beta=beta,
                                 dim=dim, mask=mask, reduction=reduction, scale_t2=scale_t2)

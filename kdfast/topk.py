@@ -12,6 +12,7 @@ import torch
 from . import _validate as check
 from . import reference
 from ._autograd import once_differentiable
+from ._dtensor import any_dtensor
 from ._ops import _C, has_kernel
 from ._reduce import reduce_rows
 from ._validate import acc_dtype
@@ -150,8 +151,13 @@ def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1
     is kd_div, with T = 1 the forward KL against the teacher's true top-k probabilities plus its tail (DistillKit's
     "symmetric uniform" assumption, collapsed to one category). Valid indices of a row are assumed distinct.
     mask (...) bool: rows to count. reduction: "batchmean" (sum / counted rows, 0 when none), "sum", "none" (0 on
-    masked rows). scale_t2 multiplies by T^2. Half-precision logits give a float32 loss.
+    masked rows). scale_t2 multiplies by T^2. Half-precision logits give a float32 loss. A DTensor student sharded
+    on the vocabulary runs the vocabulary-parallel path (kdfast.distributed); the loss is a replicated DTensor.
     """
+    if any_dtensor(student_logits, teacher_indices, teacher_logprobs, mask):
+        from . import distributed
+        return distributed.dtensor_topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature, tail,
+                                               mask, reduction, scale_t2)
     temperature = _check_call(student_logits, teacher_indices, teacher_logprobs, temperature, tail, mask, reduction,
                               scale_t2)
     if not has_kernel(student_logits.device):
@@ -165,9 +171,10 @@ def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1
     return out * (temperature * temperature) if scale_t2 else out
 
 
-def _categories(logp_top, lp, valid, temperature, tail):
+def _categories(logp_top, lp, valid, temperature, tail, log_rest=None):
     """(log q, log P, u) over the k categories (+ the tail for "bucket") of a sparse teacher: logp_top = log p[idx]
-    of the student at T (-inf on padding), lp the teacher's log-probabilities, u the tail log-mass (or None)."""
+    of the student at T (-inf on padding), lp the teacher's log-probabilities, u the tail log-mass (or None).
+    log_rest (rows, 1): the student's log-mass off the top-k where the caller formed it in log space (bucket)."""
     t = lp / temperature
     u = None
     if tail == "bucket":
@@ -176,8 +183,10 @@ def _categories(logp_top, lp, valid, temperature, tail):
         tail_mass = 1 - torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
         u = torch.where(tail_mass > (valid.sum(-1, keepdim=True) + 1) * eps, tail_mass, 0).log()
         t = torch.cat([t, u / temperature], dim=-1)
-        rest = (1 - torch.where(valid, logp_top.exp(), torch.zeros_like(logp_top)).sum(-1, keepdim=True))
-        logp_top = torch.cat([logp_top, rest.clamp_min(eps).log()], dim=-1)
+        if log_rest is None:
+            rest = (1 - torch.where(valid, logp_top.exp(), torch.zeros_like(logp_top)).sum(-1, keepdim=True))
+            log_rest = rest.clamp_min(eps).log()
+        logp_top = torch.cat([logp_top, log_rest], dim=-1)
     return torch.log_softmax(t, dim=-1), logp_top, u
 
 
@@ -185,10 +194,10 @@ def _plogq(q, log_ratio):
     return torch.where(q == 0, torch.zeros_like(q), q * log_ratio)
 
 
-def _teacher_grad(grad_rows, logp_top, lp, valid, temperature, tail):
+def _teacher_grad(grad_rows, logp_top, lp, valid, temperature, tail, log_rest=None):
     """d loss / d lp (rows, k) from (rows, k) tensors only: d KL(softmax(b) || P) / d b_c = q_c (log q_c - log P_c
     - KL), through b = lp / T and, for the bucket, the tail u = log(1 - sum exp(lp))."""
-    logq, logp, u = _categories(logp_top, lp, valid, temperature, tail)
+    logq, logp, u = _categories(logp_top, lp, valid, temperature, tail, log_rest)
     q = logq.exp()
     terms = _plogq(q, logq - logp)
     db = terms - q * terms.sum(-1, keepdim=True)

@@ -52,6 +52,10 @@ struct KdProblem {
   bool skip_ignored;
   bool acc_double;         // accumulate (and store rows/stats) in double instead of float
   void* stats;             // kd_stat_planes() * rows accumulators, written by forward, read by backward
+  // Forward with the rows' logsumexps given in stats (kLseStudent, kLseTeacher: those of the whole vocabulary when
+  // these logits are one rank's shard of it, kdfast.distributed): their pass is skipped and jsd's partial sums over
+  // these classes are written with them (kAux0, kAux1 and div, not clamped at 0). jsd only.
+  bool stats_given;
 
   // forward outputs (rows each, accumulator type)
   void* div;               // the unscaled divergence per row
@@ -226,7 +230,8 @@ KDFAST_HD inline void jsd_finish_row(const KdProblem& p, int64_t row, S kl_t, S 
   S* stats = static_cast<S*>(p.stats);
   stats[kAux0 * rows + row] = kl_t;
   stats[kAux1 * rows + row] = kl_s;
-  static_cast<S*>(p.div)[row] = kd_nonnegative(S(p.beta) * kl_t + (S(1) - S(p.beta)) * kl_s);
+  const S div = S(p.beta) * kl_t + (S(1) - S(p.beta)) * kl_s;
+  static_cast<S*>(p.div)[row] = p.stats_given ? div : kd_nonnegative(div);
 }
 
 KDFAST_ISA_END

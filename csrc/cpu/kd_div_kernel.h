@@ -184,6 +184,7 @@ struct KdKernel {
 
   void forward_row(int64_t row) const {
     alignas(64) A bs[kRowBlock], bt[kRowBlock];
+    if (p.stats_given) return jsd_row(row, bs, bt);
     KdLanes<A> L;
     const V y(target_of(row));
     row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V* cls, const A* sp, const A* tp) {
@@ -192,16 +193,19 @@ struct KdKernel {
     KdRowState<A> st = L.lane(0);
     for (int l = 1; l < W; ++l) st = merge(st, L.lane(l), k.T);
     kd_finish_row(p, row, st);
-    if (k.div == Divergence::JSD) {
-      const A* stats = static_cast<const A*>(p.stats);
-      const V lse_s(stats[kLseStudent * p.rows() + row]), lse_t(stats[kLseTeacher * p.rows() + row]);
-      V kl_t(A(0)), kl_s(A(0));
-      row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V*, const A* sp, const A* tp) {
-        jsd_block(k, sp, tp, nvec, lse_s, lse_t, kl_t, kl_s);
-      });
-      jsd_finish_row<A>(p, row, at::vec::vec_reduce_all<A>(std::plus<V>(), kl_t),
-                        at::vec::vec_reduce_all<A>(std::plus<V>(), kl_s));
-    }
+    if (k.div == Divergence::JSD) jsd_row(row, bs, bt);
+  }
+
+  // jsd's pass over a row, with the logsumexps in stats.
+  void jsd_row(int64_t row, A* bs, A* bt) const {
+    const A* stats = static_cast<const A*>(p.stats);
+    const V lse_s(stats[kLseStudent * p.rows() + row]), lse_t(stats[kLseTeacher * p.rows() + row]);
+    V kl_t(A(0)), kl_s(A(0));
+    row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V*, const A* sp, const A* tp) {
+      jsd_block(k, sp, tp, nvec, lse_s, lse_t, kl_t, kl_s);
+    });
+    jsd_finish_row<A>(p, row, at::vec::vec_reduce_all<A>(std::plus<V>(), kl_t),
+                      at::vec::vec_reduce_all<A>(std::plus<V>(), kl_s));
   }
 
   void backward_row(int64_t row, TS* gs, TT* gt) const {
@@ -293,6 +297,7 @@ struct KdKernel {
     const ShortRow R(C);
     const A* sp = row_as_acc(s, row, bs);
     const A* tp = row_as_acc(t, row, bt);
+    if (p.stats_given) return jsd_short(row, R, sp, tp);
     const A ninf = -std::numeric_limits<A>::infinity();
     V vs(ninf), vt(ninf);
     for (int64_t c = 0; c < C; c += W) {
@@ -322,16 +327,21 @@ struct KdKernel {
       if (y >= 0 && y < C) st.sy = sp[y];
     }
     kd_finish_row(p, row, st);
-    if (k.div != Divergence::JSD) return;
+    if (k.div == Divergence::JSD) jsd_short(row, R, sp, tp);
+  }
+
+  // jsd's pass over a short row, with the logsumexps in stats.
+  void jsd_short(int64_t row, const ShortRow& R, const A* sp, const A* tp) const {
     const A* stats = static_cast<const A*>(p.stats);
-    const V lse_s(stats[kLseStudent * p.rows() + row]), lse_t(stats[kLseTeacher * p.rows() + row]);
+    const V lse_s(stats[kLseStudent * p.rows() + row]), lse_t(stats[kLseTeacher * p.rows() + row]), inv(k.inv_T);
     V kl_t(A(0)), kl_s(A(0));
-    for (int64_t c = 0; c < C; c += W) {
+    for (int64_t c = 0; c < p.classes; c += W) {
       V dt, ds;
       jsd_terms<V, V>(V(k.beta), R.at(sp, c) * inv, R.at(tp, c) * inv, lse_s, lse_t, dt, ds);
       kl_t = kl_t + dt;
       kl_s = kl_s + ds;
     }
+    auto vsum = [](V x, V y) { return x + y; };
     jsd_finish_row<A>(p, row, at::vec::vec_reduce_all<A>(vsum, kl_t), at::vec::vec_reduce_all<A>(vsum, kl_s));
   }
 
@@ -393,8 +403,10 @@ struct KdKernel {
     for (int l = 0; l < nl; ++l) yl[l] = target_of(row0 + l);
     const V y = V::loadu(yl);
     KdLanes<A> L;
-    pixel_blocks(o, i0, nl, bs, bt, [&](int64_t, int nk, const V* cls) { fwd_block(k, bs, bt, cls, y, nk, L); });
-    for (int l = 0; l < nl; ++l) kd_finish_row(p, row0 + l, L.lane(l));
+    if (!p.stats_given) {
+      pixel_blocks(o, i0, nl, bs, bt, [&](int64_t, int nk, const V* cls) { fwd_block(k, bs, bt, cls, y, nk, L); });
+      for (int l = 0; l < nl; ++l) kd_finish_row(p, row0 + l, L.lane(l));
+    }
     if (k.div == Divergence::JSD) {
       const A* stats = static_cast<const A*>(p.stats);
       const V lse_s = V::loadu(stats + kLseStudent * p.rows() + row0, nl);

@@ -152,6 +152,11 @@ __device__ __forceinline__ V group_reduce(V v, Combine combine, V* smem) {
 
 // ---- row mode ----
 
+// A row's logsumexp given in stats (KdProblem::stats_given).
+template <class A> __device__ __forceinline__ A given_lse(const KdProblem& p, KdStat plane, int64_t row) {
+  return static_cast<const A*>(p.stats)[plane * p.rows() + row];
+}
+
 template <class TS, class TT, class A, int GROUP, int VEC>
 __global__ void __launch_bounds__(kThreads) kd_fwd_rows(KdProblem p, Consts<A> k, bool vector) {
   __shared__ KdRowState<A> smem_state[kThreads / 32];
@@ -178,12 +183,15 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_rows(KdProblem p, Consts<A> k
         f(c0, n, sv, tv);
       }
     };
-    for_chunks([&](int64_t c0, int n, const A(&sv)[VEC], const A(&tv)[VEC]) { fwd_chunk<VEC>(k, sv, tv, c0, n, y, st); });
-    st = group_reduce<GROUP>(st, [&](const KdRowState<A>& x, const KdRowState<A>& z) { return merge(x, z, k.T); },
-                             smem_state);
-    if (live && lane == 0) kd_finish_row(p, row, st);
+    if (!p.stats_given) {  // uniform over the grid: every thread of a group reaches the same __syncthreads
+      for_chunks([&](int64_t c0, int n, const A(&sv)[VEC], const A(&tv)[VEC]) { fwd_chunk<VEC>(k, sv, tv, c0, n, y, st); });
+      st = group_reduce<GROUP>(st, [&](const KdRowState<A>& x, const KdRowState<A>& z) { return merge(x, z, k.T); },
+                               smem_state);
+      if (live && lane == 0) kd_finish_row(p, row, st);
+    }
     if (k.div != Divergence::JSD) continue;
-    const A lse_s = lse_of(st.s), lse_t = lse_of(st.t);
+    const A lse_s = p.stats_given ? (live ? given_lse<A>(p, kLseStudent, row) : A(0)) : lse_of(st.s);
+    const A lse_t = p.stats_given ? (live ? given_lse<A>(p, kLseTeacher, row) : A(0)) : lse_of(st.t);
     A kl_t = 0, kl_s = 0;
     for_chunks([&](int64_t, int n, const A(&sv)[VEC], const A(&tv)[VEC]) {
 #pragma unroll
@@ -276,16 +284,17 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_pixels(KdProblem p, Consts<A>
     const int64_t o = row / I, i = row % I, base = o * C * I + i;
     const int64_t y = k.target ? p.target[row] : -1;
     KdRowState<A> st{{A(-INFINITY), A(0), A(0)}, {A(-INFINITY), A(0), A(0)}, A(0), A(0)};
-    for (int64_t c0 = 0; c0 < C; c0 += kPixelChunk) {
+    for (int64_t c0 = 0; c0 < C && !p.stats_given; c0 += kPixelChunk) {
       const int n = int(C - c0 < kPixelChunk ? C - c0 : kPixelChunk);
       A sv[kPixelChunk], tv[kPixelChunk];
       load_chunk<kPixelChunk>(s + base + c0 * I, I, n, false, sv, A(0));
       load_chunk<kPixelChunk>(t + base + c0 * I, I, n, false, tv, A(0));
       fwd_chunk<kPixelChunk>(k, sv, tv, c0, n, y, st);
     }
-    kd_finish_row(p, row, st);
+    if (!p.stats_given) kd_finish_row(p, row, st);
     if (k.div != Divergence::JSD) continue;
-    const A lse_s = lse_of(st.s), lse_t = lse_of(st.t);
+    const A lse_s = p.stats_given ? given_lse<A>(p, kLseStudent, row) : lse_of(st.s);
+    const A lse_t = p.stats_given ? given_lse<A>(p, kLseTeacher, row) : lse_of(st.t);
     A kl_t = 0, kl_s = 0;
     for (int64_t c = 0; c < C; ++c) {
       A dt, ds;

@@ -1,4 +1,4 @@
-// CUDA registration of the kd ops (kd_fwd / kd_bwd, kd_reduce_fwd / kd_reduce_bwd): the device-independent op
+// CUDA registration of the kd ops (kd_fwd / kd_partial_fwd / kd_bwd, kd_reduce_fwd / kd_reduce_bwd): the device-independent op
 // code (csrc/kd_div.cpp) with the CUDA launchers on the current stream. Compiled only in CUDA builds.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +16,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& s, const at
                                                    double beta, int64_t ignore) {
   const c10::cuda::CUDAGuard guard(s.device());
   return kd_fwd(s, t, y, T, std::string(d), beta, ignore, on_stream(cuda::kd_forward, "kd"));
+}
+
+std::tuple<at::Tensor, at::Tensor> partial_fwd(const at::Tensor& s, const at::Tensor& t, const at::Tensor& lse,
+                                               double T, c10::string_view d, double beta) {
+  const c10::cuda::CUDAGuard guard(s.device());
+  return kd_partial_fwd(s, t, lse, T, std::string(d), beta, on_stream(cuda::kd_forward, "kd"));
 }
 
 std::tuple<at::Tensor, at::Tensor> bwd(const at::Tensor& gd, const std::optional<at::Tensor>& gc, const at::Tensor& s,
@@ -52,6 +58,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_bwd(const at::Tensor& g, const at::Ten
 
 TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
   m.impl("kd_fwd", &fwd);
+  m.impl("kd_partial_fwd", &partial_fwd);
   m.impl("kd_bwd", &bwd);
   m.impl("kd_reduce_fwd", &reduce_fwd);
   m.impl("kd_reduce_bwd", &reduce_bwd);
