@@ -3,7 +3,7 @@ PY ?= python3
 JOBS ?= 2
 OUT ?= gpu-results
 
-.PHONY: setup build test qemu-test demo llm-demo bench bench-run cuda-compile cuda-build cuda-emulation gpu-check clean
+.PHONY: setup build test qemu-test demo llm-demo bench bench-run cuda-compile cuda-build cuda-emulation cuda-emulation-drivers gpu-check clean
 
 # Installs what is missing (torch only if absent: on a GPU machine the installed CUDA torch is kept; then the test
 # extra, requirements-dev.txt: the trainer's and the LLM demo's packages, pytest, pytest-benchmark, ruff) and builds the extension in
@@ -79,10 +79,13 @@ cuda-build:
 	cd build/cuda/lib && $(CUDA_VENV)/bin/python -m kdfast._registry CUDA && \
 		$(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider -o pythonpath= $(CURDIR)/tests/test_cuda_build.py
 # The CUDA kernels run on the CPU (docs/cuda-emulation.md): the emulation's standalone driver built plain, with
-# ASan + UBSan and with TSan, then the op tests of the emulated kernels against the CPU kernels and the reference.
-cuda-emulation: build
-	JOBS=$(JOBS) $(PY) tests/cuda_emulation/emulation_build.py drivers
+# ASan + UBSan and with TSan, then the op tests of the emulated kernels against the CPU kernels and the reference
+# (`make test` runs those op tests too, so CI runs only the drivers after it: cuda-emulation-drivers).
+cuda-emulation: build cuda-emulation-drivers
 	$(PY) -m pytest tests/test_cuda_emulation.py -q -m cuda_emulation
+
+cuda-emulation-drivers:
+	JOBS=$(JOBS) $(PY) tests/cuda_emulation/emulation_build.py drivers
 
 # On a GPU machine: build for sm_90, every op against the CPU kernels and the float64 reference, the CUDA tests,
 # compute-sanitizer, the headline GPU benchmarks; results under $(OUT) (docs/gpu-check.md). CALL=call1 or call2 runs

@@ -28,7 +28,7 @@ import emulation_build  # noqa: E402
 
 pytestmark = pytest.mark.cuda_emulation
 
-OPS = ["kd_fwd", "kd_bwd", "kd_reduce_fwd", "kd_reduce_bwd", "topk_kd_fwd", "topk_kd_bwd", "attention_fwd",
+OPS = ["kd_fwd", "kd_partial_fwd", "kd_bwd", "kd_reduce_fwd", "kd_reduce_bwd", "topk_kd_fwd", "topk_kd_bwd", "attention_fwd",
        "attention_bwd", "attention_transfer_fwd", "attention_transfer_bwd", "pairwise_affinity_fwd",
        "pairwise_affinity_bwd", "batched_svd"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -103,6 +103,21 @@ def test_kd_rows(emu, dtype, classes):
     run_kd(emu, s, t, target, 2.0, DIVERGENCES[(i + 1) % 3], -1)
     mask = torch.tensor([True, False, True])
     run_kd(emu, s, t, None, 1.0, DIVERGENCES[(i + 2) % 3], -1, mask=mask, reduction="batchmean")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_kd_partial_jsd(emu, dtype):
+    """jsd's partial sums with the rows' logsumexps given (the vocabulary-parallel forward): emulated = CPU kernel."""
+    s, t = make_logits((3, 2051), dtype, "cpu")
+    s3, t3 = s.unsqueeze(-1), t.unsqueeze(-1)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # Logsumexps of a wider row (as the other shards would add), so the given statistics are not the shard's own.
+    lse = torch.stack([torch.logsumexp(x.to(acc) / 2.0, -1) + 0.25 for x in (s, t)]).unsqueeze(-1)
+    cpu = torch.ops.kdfast.kd_partial_fwd(s3, t3, lse, 2.0, "jsd", 0.3)
+    with emulated(emu):
+        out = torch.ops.kdfast.kd_partial_fwd(s3, t3, lse, 2.0, "jsd", 0.3)
+    for actual, expected in zip(out, cpu):
+        assert_close(actual, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])

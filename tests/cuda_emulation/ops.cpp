@@ -56,6 +56,10 @@ TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
                       c10::string_view d, double beta, int64_t ignore) {
     return kd_fwd(s, t, y, T, std::string(d), beta, ignore, emulated(cuda::kd_forward, "kd"));
   });
+  m.impl("kd_partial_fwd", [](const at::Tensor& s, const at::Tensor& t, const at::Tensor& lse, double T,
+                              c10::string_view d, double beta) {
+    return kd_partial_fwd(s, t, lse, T, std::string(d), beta, emulated(cuda::kd_forward, "kd"));
+  });
   m.impl("kd_bwd", [](const at::Tensor& gd, const std::optional<at::Tensor>& gc, const at::Tensor& s,
                       const at::Tensor& t, const std::optional<at::Tensor>& y, const at::Tensor& stats, double T,
                       c10::string_view d, double beta, int64_t ignore, bool sg, bool tg) {
