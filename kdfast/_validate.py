@@ -100,3 +100,16 @@ def row_mask(mask, row_shape, like: torch.Tensor, like_name: str, rows_are: str 
                          f"({rows_are or 'the leading dims of ' + like_name}), got {tuple(mask.shape)}")
     same_device({like_name: like, "mask": mask})
     return mask
+
+
+TEMPERATURE_RANGE = (1e-6, 1e6)
+
+
+def check_temperature(temperature) -> float:
+    """The temperature as a float, in the range every loss accepts (beyond it float64 cannot resolve the
+    divergence)."""
+    t = positive_finite(temperature, "temperature")
+    lo, hi = TEMPERATURE_RANGE
+    if not lo <= t <= hi:
+        raise ValueError(f"temperature must be in [{lo:g}, {hi:g}], got {temperature}")
+    return t
