@@ -63,7 +63,37 @@ def _check_values(indices, logprobs, classes) -> None:
                          f"{top}")
 
 
-class TopK(tuple):
+class _Teacher(tuple):
+    """A validated tuple of (rows..., k) teacher tensors: indices first, logprobs last."""
+
+    __slots__ = ()
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def logprobs(self) -> torch.Tensor:
+        return self[-1]
+
+    @property
+    def k(self) -> int:
+        return self[0].shape[-1]
+
+    def rows(self, start: int, stop: int):
+        """The teacher rows [start, stop) of a (rows, k) teacher (a chunk of the tokens), as views."""
+        return type(self)(*(t[start:stop] for t in self))
+
+    def to(self, device, non_blocking: bool = False):
+        """Every tensor on another device (dtypes kept)."""
+        return type(self)(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    def __repr__(self) -> str:
+        dtypes = ", ".join(str(t.dtype) for t in self)
+        return f"{type(self).__name__}(shape={tuple(self[0].shape)}, dtypes=({dtypes}))"
+
+
+class TopK(_Teacher):
     """A sparse teacher: indices (..., k) int64/int32 into the vocabulary and logprobs (..., k), the teacher's
     log-probabilities at T = 1 (-inf marks padding: fewer than k entries; the padded index is never read).
     A tuple (indices, logprobs), so `indices, logprobs = topk` works."""
@@ -73,29 +103,6 @@ class TopK(tuple):
     def __new__(cls, indices, logprobs):
         _check_pair(indices, logprobs)
         return tuple.__new__(cls, (indices, logprobs))
-
-    @property
-    def indices(self) -> torch.Tensor:
-        return self[0]
-
-    @property
-    def logprobs(self) -> torch.Tensor:
-        return self[1]
-
-    @property
-    def k(self) -> int:
-        return self[0].shape[-1]
-
-    def rows(self, start: int, stop: int) -> "TopK":
-        """The teacher rows [start, stop) of a (rows, k) TopK (a chunk of the tokens), as views."""
-        return TopK(self[0][start:stop], self[1][start:stop])
-
-    def to(self, device, non_blocking: bool = False) -> "TopK":
-        """Both tensors on another device (dtypes kept)."""
-        return TopK(self[0].to(device, non_blocking=non_blocking), self[1].to(device, non_blocking=non_blocking))
-
-    def __repr__(self) -> str:
-        return f"TopK(shape={tuple(self[0].shape)}, indices={self[0].dtype}, logprobs={self[1].dtype})"
 
 
 def topk_from_logits(logits, k) -> TopK:
@@ -115,7 +122,7 @@ DIVERGENCES = ("kl", "reverse_kl", "jsd")
 COUNT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
-class Sampled(tuple):
+class Sampled(_Teacher):
     """A sampled teacher: indices (..., n) int64/int32 of the ids drawn, counts (..., n) integer, how many of the
     row's draws fell on each id (0 marks padding; its index and log-probability are never read), and logprobs
     (..., n), the teacher's log-probabilities of those ids at the sampling temperature. A tuple (indices, counts,
@@ -138,32 +145,8 @@ class Sampled(tuple):
         return tuple.__new__(cls, (indices, counts, logprobs))
 
     @property
-    def indices(self) -> torch.Tensor:
-        return self[0]
-
-    @property
     def counts(self) -> torch.Tensor:
         return self[1]
-
-    @property
-    def logprobs(self) -> torch.Tensor:
-        return self[2]
-
-    @property
-    def k(self) -> int:
-        return self[0].shape[-1]
-
-    def rows(self, start: int, stop: int) -> "Sampled":
-        """The teacher rows [start, stop) of a (rows, n) Sampled, as views."""
-        return Sampled(self[0][start:stop], self[1][start:stop], self[2][start:stop])
-
-    def to(self, device, non_blocking: bool = False) -> "Sampled":
-        """The three tensors on another device (dtypes kept)."""
-        return Sampled(*(t.to(device, non_blocking=non_blocking) for t in self))
-
-    def __repr__(self) -> str:
-        return (f"Sampled(shape={tuple(self[0].shape)}, indices={self[0].dtype}, counts={self[1].dtype}, "
-                f"logprobs={self[2].dtype})")
 
 
 def sample_from_logits(logits, n, temperature=1.0, *, generator=None) -> Sampled:
