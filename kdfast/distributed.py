@@ -207,7 +207,7 @@ class _VocabParallelTopK(torch.autograd.Function):
         lse = torch.logaddexp(lse_off, lse_top)
         log_rest = (lse_off - lse).unsqueeze(-1)
         logp_top = torch.where(valid, sums[:, 2:] - lse.unsqueeze(-1), ninf)
-        logq, logp, _ = _categories(logp_top, lp, valid, temperature, tail, log_rest)
+        logq, logp, _ = _categories(logp_top, lp, valid, temperature, tail, rest=log_rest)
         q = logq.exp()
         rows = _plogq(q, logq - logp).sum(-1)
         any_valid = valid.any(-1)
@@ -233,7 +233,7 @@ class _VocabParallelTopK(torch.autograd.Function):
             gs = torch.ops.kdfast.topk_kd_bwd(grad_rows.to(stats.dtype), student, shifted, lp, stats, temperature,
                                               tail)
         if ctx.needs_input_grad[2]:
-            gl = _teacher_grad(grad_rows.to(lp.dtype), logp_top, lp, valid, temperature, tail, log_rest)
+            gl = _teacher_grad(grad_rows.to(lp.dtype), logp_top, lp, valid, temperature, tail, rest=log_rest)
         return gs, None, gl, None, None, None
 
 
@@ -342,7 +342,8 @@ def dtensor_kd_div(student, teacher, temperature, divergence, beta, dim, mask, r
     return _replicated(_finish(rows, mask, reduction, student.shape[dim], temperature, scale_t2), mesh)
 
 
-def dtensor_topk_kd_div(student, indices, logprobs, temperature, tail, mask, reduction, scale_t2):
+def dtensor_topk_kd_div(student, indices, logprobs, temperature, tail, mask, reduction, scale_t2, *, divergence="kl",
+                        beta=0.5):
     """topk_kd_div of DTensor student logits (..., V) (the teacher's top-k and the mask plain or replicated)."""
     from .topk import topk_kd_div
     mesh, group = _layout(student, "student_logits", -1)
@@ -351,11 +352,11 @@ def dtensor_topk_kd_div(student, indices, logprobs, temperature, tail, mask, red
     logprobs = _local(logprobs, "teacher_logprobs", mesh)
     mask = _local(mask, "mask", mesh)
     if group is None:
-        loss = topk_kd_div(s, indices, logprobs, temperature, tail=tail, mask=mask, reduction=reduction,
-                           scale_t2=scale_t2)
+        loss = topk_kd_div(s, indices, logprobs, temperature, tail=tail, divergence=divergence, beta=beta, mask=mask,
+                           reduction=reduction, scale_t2=scale_t2)
     else:
-        loss = vocab_parallel_topk_kd_div(s, indices, logprobs, temperature, tail=tail, group=group, mask=mask,
-                                          reduction=reduction, scale_t2=scale_t2)
+        loss = vocab_parallel_topk_kd_div(s, indices, logprobs, temperature, tail=tail, divergence=divergence,
+                                          beta=beta, group=group, mask=mask, reduction=reduction, scale_t2=scale_t2)
     return _replicated(loss, mesh)
 
 

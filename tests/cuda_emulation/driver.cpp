@@ -251,18 +251,19 @@ void run_kd(int64_t outer, int64_t C, int64_t inner, Divergence div, bool target
   expect_ok(kdfast::cuda::kd_backward(p, nullptr), what + " backward");
 }
 
-template <class TS> void run_topk(TopKTail tail) {
+template <class TS> void run_topk(TopKTail tail, Divergence div = Divergence::KL, bool sampled = false) {
   using A = std::conditional_t<std::is_same<TS, double>::value, double, float>;
   const int64_t rows = 3, C = 300, k = 5;
   Buf<TS> s(rows * C), gs(rows * C);
   fill(s, 4.0);
   Buf<int64_t> idx(rows * k);
-  Buf<A> lp(rows * k), stats(kTopKPlanes * rows), loss(rows), g(rows);
+  Buf<A> lp(rows * k), w(rows * k), stats(kTopKPlanes * rows), loss(rows), g(rows);
   const int64_t ids[3][5] = {{3, 299, 17, 0, 150}, {8, 8, 42, -1, 42}, {-1, -1, -1, -1, -1}};  // duplicates, padding
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < k; ++j) {
       idx.p[r * k + j] = ids[r][j];
       lp.p[r * k + j] = ids[r][j] < 0 ? A(-INFINITY) : A(-1.0 - 0.5 * double(j));
+      w.p[r * k + j] = ids[r][j] < 0 ? A(0) : A(0.2);
     }
   fill(g, 1.0);
   TopKProblem p{};
@@ -275,13 +276,17 @@ template <class TS> void run_topk(TopKTail tail) {
   p.k = k;
   p.temperature = 1.5;
   p.tail = tail;
+  p.divergence = div;
+  p.beta = 0.3;
+  p.weights = sampled ? w.p : nullptr;
   p.acc_double = std::is_same<A, double>::value;
   p.stats = stats.p;
   p.loss = loss.p;
   p.grad_loss = g.p;
   p.grad_stride = 1;
   p.grad_student = gs.p;
-  const std::string what = "topk dtype=" + std::to_string(int(p.student_dtype)) + " tail=" + std::to_string(int(tail));
+  const std::string what = "topk dtype=" + std::to_string(int(p.student_dtype)) + " tail=" + std::to_string(int(tail)) +
+                           " divergence=" + std::to_string(int(div)) + (sampled ? " sampled" : "");
   expect_ok(kdfast::cuda::topk_kd_forward(p, nullptr), what + " forward");
   expect_ok(kdfast::cuda::topk_kd_backward(p, nullptr), what + " backward");
 }
@@ -414,6 +419,10 @@ int main(int argc, char** argv) {
   run_topk<double>(TopKTail::Bucket);
   run_topk<__half>(TopKTail::Renormalize);
   run_topk<__nv_bfloat16>(TopKTail::Bucket);
+  run_topk<float>(TopKTail::Bucket, Divergence::JSD);
+  run_topk<float>(TopKTail::Renormalize, Divergence::ReverseKL);
+  run_topk<float>(TopKTail::Renormalize, Divergence::JSD);
+  run_topk<float>(TopKTail::Renormalize, Divergence::KL, true);
 
   run_attention<float>(Pool::Mean, 2.0, true, 0);
   run_attention<__half>(Pool::Max, 1.0, true, 2);

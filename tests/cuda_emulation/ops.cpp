@@ -80,12 +80,16 @@ TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
                          cw, sg, tg, emulated(cuda::kd_backward, "kd"));
   });
   m.impl("topk_kd_fwd", [](const at::Tensor& s, const at::Tensor& i, const at::Tensor& lp, double T,
-                           c10::string_view tail) {
-    return topk_kd_fwd(s, i, lp, T, std::string(tail), emulated(cuda::topk_kd_forward, "topk"));
+                           c10::string_view tail, c10::string_view div, double beta,
+                           const std::optional<at::Tensor>& w) {
+    return topk_kd_fwd(s, i, lp, T, std::string(tail), std::string(div), beta, w,
+                       emulated(cuda::topk_kd_forward, "topk"));
   });
   m.impl("topk_kd_bwd", [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& i, const at::Tensor& lp,
-                           const at::Tensor& stats, double T, c10::string_view tail) {
-    return topk_kd_bwd(g, s, i, lp, stats, T, std::string(tail), emulated(cuda::topk_kd_backward, "topk"));
+                           const at::Tensor& stats, double T, c10::string_view tail, c10::string_view div,
+                           double beta, const std::optional<at::Tensor>& w) {
+    return topk_kd_bwd(g, s, i, lp, stats, T, std::string(tail), std::string(div), beta, w,
+                       emulated(cuda::topk_kd_backward, "topk"));
   });
   m.impl("attention_fwd", [](at::TensorList features, double p, c10::string_view pool, bool normalize) {
     auto [rows, maps, norms, argmax] = attention_forward_op(features.vec(), p, std::string(pool), normalize, 0,
