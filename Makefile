@@ -3,7 +3,7 @@ PY ?= python3
 JOBS ?= 2
 OUT ?= gpu-results
 
-.PHONY: setup build test demo llm-demo bench bench-run cuda-compile gpu-check clean
+.PHONY: setup build test fuzz demo llm-demo bench bench-run cuda-compile gpu-check clean
 
 # Installs what is missing (torch only if absent: on a GPU machine the installed CUDA torch is kept; then the test
 # extra, requirements-dev.txt: the trainer's and the LLM demo's packages, pytest, pytest-benchmark, ruff) and builds the extension in
@@ -19,6 +19,13 @@ build:
 
 test: setup
 	$(PY) -m pytest tests -q
+
+# The differential fuzz of every op against the reference (tests/test_fuzz.py) for FUZZ_SECONDS in all, with a new
+# seed each run (FUZZ_SEED=n repeats one); `make test` runs a fixed number of cases with seed 0.
+FUZZ_SECONDS ?= 1800
+FUZZ_SEED ?= $(shell date +%s)
+fuzz: setup
+	KDFAST_FUZZ_SECONDS=$(FUZZ_SECONDS) KDFAST_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest tests/test_fuzz.py -q -s
 
 demo: setup
 	$(PY) -m kdfast demo

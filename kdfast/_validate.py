@@ -101,6 +101,17 @@ def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+# Above this temperature kd_div and kd_loss accumulate in float64 whatever the input dtypes (kKdPreciseT in
+# csrc/common/kd_div.h): the divergence falls as 1/T^2 while float32 rounds the row statistics at about 1e-7
+# absolute, which the T^2 scale then magnifies. The inputs are read as they are; the loss keeps acc_dtype.
+PRECISE_TEMPERATURE = 16.0
+
+
+def kd_acc_dtype(temperature: float, *tensors: torch.Tensor) -> torch.dtype:
+    """The dtype kd_div and kd_loss accumulate in and keep their row statistics in."""
+    return torch.float64 if temperature > PRECISE_TEMPERATURE else acc_dtype(*tensors)
+
+
 def row_mask(mask, row_shape, like: torch.Tensor, like_name: str, rows_are: str = ""):
     """A bool mask of the loss's row shape on `like`'s device (None passes). rows_are says in the error what the row
     shape is (default: the leading dims of like_name)."""
