@@ -173,10 +173,10 @@ def test_jsd_of_subnormal_probabilities():
     t = torch.tensor([[0.0, -744.0]], dtype=torch.float64, requires_grad=True)
     out, gs, gt = grads_of(lambda a, b: kdfast.kd_div(a, b, 1.0, divergence="jsd", beta=0.1), s, t)
     ref, rs, rt = grads_of(lambda a, b: reference.kd_div(a, b, 1.0, divergence="jsd", beta=0.1), s, t)
-    assert abs(out.item()) < 1e-300 and abs(ref.item()) < 1e-300
+    assert 0 <= out.item() < 1e-300 and abs(ref.item()) < 1e-15  # the true value is about 1e-322
     for g, r in ((gs, rs), (gt, rt)):
         assert g.isfinite().all() and r.isfinite().all()
-        torch.testing.assert_close(g, r, rtol=0, atol=1e-300)
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-15)
     s32, t32 = torch.tensor([[0.0, -40000.0]]), torch.tensor([[0.0, -14880.0]])
     assert kdfast.kd_div(s32, t32, 20.0, divergence="jsd", beta=0.1).item() == pytest.approx(0.0, abs=1e-30)
     y = torch.tensor([0])
@@ -196,10 +196,13 @@ def test_gradient_of_logits_far_from_zero(case, divergence):
     [-5e-7, 5e-7]; logits near 1e4 at T = 1 a relative error of 3.5e-4)."""
     s, t, T = torch.tensor(case[0], requires_grad=True), torch.tensor(case[1], requires_grad=True), case[2]
     got = grads_of(lambda a, b: kdfast.kd_div(a, b, T, divergence=divergence, reduction="sum"), s, t)
-    want = grads_of(lambda a, b: reference.kd_div(a, b, T, divergence=divergence, reduction="sum"),
-                    s.detach().double().requires_grad_(), t.detach().double().requires_grad_())
+    s64, t64 = s.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    want = grads_of(lambda a, b: reference.kd_div(a, b, T, divergence=divergence, reduction="sum"), s64, t64)
+    # reverse_kl and jsd gradients are p (log-ratio - divergence): float32 resolves them to the log-ratio's size
+    ratio = float((torch.log_softmax(s64 / T, -1) - torch.log_softmax(t64 / T, -1)).abs().max())
+    size = 1.0 if divergence == "kl" else 1 + ratio
     for g, w in zip(got, want):
-        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6 * float(w.abs().max()))
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6 * size * float(w.abs().max()))
 
 
 @pytest.mark.parametrize("T", [0.7, 1.0, 3.0, 20.0])
@@ -242,9 +245,13 @@ def test_values_match_the_float64_reference_at_extreme_temperatures(T, dtype):
                                s.detach().double().requires_grad_(), t.detach().double().requires_grad_())
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+        # within 1e-5 (bfloat16: its rounding, 1e-2) of the gradient's natural size T / rows, times the largest
+        # log-ratio where that is large (the teacher's gradient at T = 1e-3 is 0 by cancellation of terms that size)
+        ratio = (torch.log_softmax(s.detach().double() / T, -1) - torch.log_softmax(t.detach().double() / T, -1))
+        size = T / s.shape[0] * (1 + float(ratio.abs().max()))
         for g, r in ((gs, rs), (gt, rt)):
             tol = 1e-5 if dtype == torch.float32 else 1e-2
-            assert (g.double() - r).abs().max() <= tol * r.abs().max()
+            assert (g.double() - r).abs().max() <= tol * max(float(r.abs().max()), 1e-2 * size)
 
 
 def test_large_temperature_makes_no_input_sized_copy():

@@ -54,9 +54,9 @@ def run_cases(op, case):
         gen = torch.Generator().manual_seed(rng.getrandbits(62))
         try:
             case(rng, gen)
-        except AssertionError as e:
+        except Exception as e:  # an assertion, or an error where the reference has a value
             raise AssertionError(f"{op} case {i} failed (rerun: KDFAST_FUZZ_SEED={SEED} KDFAST_FUZZ_CASE={i} "
-                                 f"python3 -m pytest tests/test_fuzz.py -k {op}): {e}") from None
+                                 f"python3 -m pytest tests/test_fuzz.py -k {op}): {type(e).__name__}: {e}") from e
         done += 1
     print(f"\nfuzz {op}: {done} cases, seed {SEED}")
     if os.environ.get("KDFAST_FUZZ_REPORT"):
@@ -181,15 +181,20 @@ def fit(x, dtype):
     return torch.where(x.isfinite(), x.clamp(-big, big), x)
 
 
+def subnormal(dtype):
+    """The smallest positive value of dtype: the rounding of a result below it."""
+    return torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+
+
 def kd_scales(s64, t64, T, dim):
     """Per element E = (p_s + p_t)(1 + |log p_s - log p_t|) (log-probabilities clamped at -1e3, 0 where both
-    probabilities are 0), per row A = sum of E, from the float64 inputs."""
-    ls = torch.log_softmax(s64 / T, dim).clamp_min(-1e3)
-    lt = torch.log_softmax(t64 / T, dim).clamp_min(-1e3)
+    probabilities are 0), per row A = sum of E, p_s + p_t and 1 + |log p_s - log p_t| (1 where infinite), from the
+    float64 inputs."""
+    ls, lt = torch.log_softmax(s64 / T, dim), torch.log_softmax(t64 / T, dim)
     p = ls.exp() + lt.exp()
-    e = torch.where(p > 0, p * (1 + (ls - lt).abs()), torch.zeros_like(p))
-    e = torch.nan_to_num(e, nan=0.0)
-    return e, e.sum(dim, keepdim=True), p
+    e = torch.where(p > 0, p * (1 + (ls.clamp_min(-1e3) - lt.clamp_min(-1e3)).abs()), torch.zeros_like(p))
+    r = 1 + (ls - lt).abs()
+    return e, e.sum(dim, keepdim=True), p, torch.where(r.isfinite(), r, torch.ones_like(r))
 
 
 def check_kd(name, got, want, bound):
@@ -202,9 +207,12 @@ def check_kd(name, got, want, bound):
     assert torch.equal(got[inf], want[inf]), f"{name}: the reference is infinite where this is not"
     ok = ~want.isnan() & ~inf
     err = (got[ok] - want[ok]).abs()
-    bad = err > bound.expand(want.shape)[ok]
-    assert not bad.any(), (f"{name}: {int(bad.sum())} entries off, worst error {float(err.max()):.3g} against bound "
-                           f"{float(bound.expand(want.shape)[ok][bad].min()):.3g}")
+    excess = err / bound.expand(want.shape)[ok]
+    bad = excess > 1
+    if bad.any():
+        k = int(excess.argmax())
+        raise AssertionError(f"{name}: {int(bad.sum())} entries off, worst {float(got[ok][k]):.9g} for "
+                             f"{float(want[ok][k]):.9g} (bound {float(bound.expand(want.shape)[ok][k]):.3g})")
 
 
 def kd_case(rng, gen, with_target):
@@ -271,12 +279,12 @@ def kd_case(rng, gen, with_target):
         assert torch.equal(out.isnan(), want.isnan()), "NaN in gives NaN out (and only in its row)"
         return
     if infinite and not want.isfinite().all():
-        ok = want.isfinite() | out.isinf() | out.isfinite()
-        assert not out.isnan().any() and ok.all(), f"an infinite divergence gave {out} (reference {want})"
+        # (alpha * inf is NaN in the reference when alpha = 0)
+        assert not (out.isnan() & ~want.isnan()).any(), f"an infinite divergence gave {out} (reference {want})"
         return
     # the bounds: the accumulator's error times the size of the terms, the output's rounding times the result
     acc = torch.float64 if (out_dtype == torch.float64 or T > 16) else torch.float32
-    e, a, p = kd_scales(s.detach().double(), t.detach().double(), T, d)
+    e, a, p, r = kd_scales(s.detach().double(), t.detach().double(), T, d)
     n_kept = int(kept.sum())
     classes_w = classes if reduction == "mean" else 1
     per_row = 1.0 / (max(n_kept, 1) * classes_w) if reduction in ("batchmean", "mean") else 1.0
@@ -305,9 +313,12 @@ def kd_case(rng, gen, with_target):
         if gx is None:
             continue
         assert gx.dtype == x.dtype and gx.shape == x.shape, f"{name}: dtype {gx.dtype} / shape {tuple(gx.shape)}"
-        bound = ACC_ERROR[acc] * row_w * inv * (e + p * a) + OUT_ERROR[x.dtype] * gw.abs()
+        # probabilities below the accumulator's smallest normal number are not resolved (a fast exp flushes them)
+        tiny = 4 * torch.finfo(acc).smallest_normal * (r + a)
+        bound = ACC_ERROR[acc] * row_w * inv * (e + p * a) + row_w * inv * tiny + OUT_ERROR[x.dtype] * gw.abs() + \
+            subnormal(x.dtype)
         if with_target and name == "student gradient":
-            bound = bound + 4 * ACC_ERROR[acc] * ce_terms
+            bound = bound + 4 * ACC_ERROR[acc] * ce_terms + ce_w * 4 * torch.finfo(acc).smallest_normal
         check_kd(f"{name} ({reduction}, {divergence}, T={T:.3g}, {ds}/{dt}, {tuple(shape)} dim={dim})", gx, gw, bound)
 
 
@@ -414,9 +425,9 @@ def test_fuzz_fused_linear_kd():
         t2 = T * T
         check_normwise(f"fused value ({form}, T={T:.3g})", out.detach(), want.detach(), dtype,
                        1e-2 * t2 * (1 + math.log(v)))
+        size = max([float(x.detach().abs().max()) for x in (hid, w) if x.numel()] + [1.0])
         for name, gx, gw in zip(("hidden", "weight", "bias"), g, wg):
-            check_normwise(f"fused {name} gradient ({form}, T={T:.3g})", gx, gw, dtype,
-                           1e-2 * max(T, 1 / T) * float(max(hid.detach().abs().max(), w.detach().abs().max(), 1)))
+            check_normwise(f"fused {name} gradient ({form}, T={T:.3g})", gx, gw, dtype, 1e-2 * max(T, 1 / T) * size)
 
     run_cases("fused_linear_kd", case)
 
@@ -503,14 +514,19 @@ def feature_case(rng, gen, op):
     out, g = grads(fn, args, seed)
     want, wg = grads(rf, as64(args), seed)
     worst = max((a.dtype for a in args), key=lambda d: FEATURE_ERROR[d])
+    # Floors where the reference is 0 by cancellation (one position, identical maps): these ops are homogeneous of
+    # degree 0 in their features (normalised maps and graphs: gradients of order 1 / |x|) or 1 (SVD, projection).
+    rms = max([float(a.detach().double().square().mean().sqrt()) for a in args if a.numel()] + [1e-30])
+    degree0 = op in ("attention", "affinity", "similarity_preserving") or (op == "manifold" and len(args) == 2)
+    value_floor, grad_floor = (1e-4, 1e-3 / rms) if degree0 else (1e-4 * rms, 1e-3)
     outs = out if isinstance(out, (list, tuple)) else [out]
     wants = want if isinstance(want, (list, tuple)) else [want]
     for o, w in zip(outs, wants):
-        check_normwise(f"{op} value", o.detach(), w.detach(), worst, 1e-6)
+        check_normwise(f"{op} value", o.detach(), w.detach(), worst, value_floor)
     for a, gx, gw in zip([a for a in args if a.requires_grad], g, wg):
         assert gx is None or gx.dtype == a.dtype, f"{op}: gradient dtype {gx.dtype} for a {a.dtype} input"
         if gx is not None:
-            check_normwise(f"{op} gradient", gx, gw, worst, 1e-6)
+            check_normwise(f"{op} gradient", gx, gw, worst, grad_floor)
 
 
 def _svd_invariants(usv):
