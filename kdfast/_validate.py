@@ -68,20 +68,6 @@ def positive_finite(value, name: str) -> float:
     return v
 
 
-# The temperatures every temperature-softmax loss accepts (kd_div, kd_loss, topk_kd_div, fused_linear_kd,
-# kdfast.distributed), the range docs/guarantees.md states its accuracy over.
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
-
-
-def check_temperature(temperature) -> float:
-    """The temperature as a float; ValueError outside [MIN_TEMPERATURE, MAX_TEMPERATURE] (NaN and inf included),
-    TypeError for a non-number. The one temperature check of every op."""
-    t = real(temperature, "temperature")
-    if not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
-        raise ValueError(f"temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature}")
-    return t
-
-
 def in_closed_unit(value, name: str) -> float:
     v = real(value, name)
     if not 0.0 <= v <= 1.0:
@@ -125,3 +111,16 @@ def row_mask(mask, row_shape, like: torch.Tensor, like_name: str, rows_are: str 
                          f"({rows_are or 'the leading dims of ' + like_name}), got {tuple(mask.shape)}")
     same_device({like_name: like, "mask": mask})
     return mask
+
+
+TEMPERATURE_RANGE = (1e-6, 1e6)
+
+
+def check_temperature(temperature) -> float:
+    """The temperature as a float, in the range every loss accepts (beyond it float64 cannot resolve the
+    divergence)."""
+    t = positive_finite(temperature, "temperature")
+    lo, hi = TEMPERATURE_RANGE
+    if not lo <= t <= hi:
+        raise ValueError(f"temperature must be in [{lo:g}, {hi:g}], got {temperature}")
+    return t
