@@ -3,7 +3,8 @@ PY ?= python3
 JOBS ?= 2
 OUT ?= gpu-results
 
-.PHONY: setup build test qemu-test demo llm-demo bench bench-run cuda-compile cuda-build cuda-emulation cuda-emulation-drivers gpu-check clean
+.PHONY: setup build test qemu-test fuzz demo llm-demo bench bench-run cuda-compile cuda-build cuda-emulation \
+	cuda-emulation-drivers gpu-check clean
 
 # Installs what is missing (torch only if absent: on a GPU machine the installed CUDA torch is kept; then the test
 # extra, requirements-dev.txt: the trainer's and the LLM demo's packages, pytest, pytest-benchmark, ruff) and builds the extension in
@@ -29,6 +30,12 @@ qemu-test: setup
 	@python=$$($(PY) -c "import sys; print(sys.executable)"); for m in $(QEMU_MODELS); do echo "== $${m%%:*}"; \
 		KDFAST_EXPECT_CPU_CAPABILITY=$${m#*:} qemu-x86_64 -cpu $${m%%:*} $$python -m pytest tests/test_cpu_isa.py \
 		-q -p no:cacheprovider || exit 1; done
+# The differential fuzz of every op against the reference (tests/test_fuzz.py) for FUZZ_SECONDS in all, with a new
+# seed each run (FUZZ_SEED=n repeats one); `make test` runs a fixed number of cases with seed 0.
+FUZZ_SECONDS ?= 1800
+FUZZ_SEED ?= $(shell date +%s)
+fuzz: setup
+	KDFAST_FUZZ_SECONDS=$(FUZZ_SECONDS) KDFAST_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest tests/test_fuzz.py -q -s
 
 demo: setup
 	$(PY) -m kdfast demo

@@ -19,8 +19,8 @@ Divergence parse_divergence(const std::string& d) {
   TORCH_CHECK_VALUE(false, "kdfast: divergence must be 'kl', 'reverse_kl' or 'jsd', got '", d, "'");
 }
 
-// Logits read as (outer, classes, inner) (see KdProblem): s and t are contiguous, of kernel-readable dtypes (a
-// float64 tensor paired with a lower-precision one is promoted so that the pair accumulates in float64). With
+// Logits read as (outer, classes, inner) (see KdProblem): s and t are contiguous, each of any kernel-readable dtype
+// (read as it is: a float64 tensor paired with a lower-precision one makes the kernel accumulate in double). With
 // `moved`, s and t are the logits with the class dim moved last (a channels-last dim=1, read without a transposing
 // copy) and gradients are moved back to `dim`.
 struct Rows {
@@ -29,11 +29,7 @@ struct Rows {
   bool moved;
 };
 
-Rows promote(Rows r) {
-  if ((r.s.scalar_type() == at::kDouble) != (r.t.scalar_type() == at::kDouble)) {
-    r.s = r.s.to(at::kDouble);
-    r.t = r.t.to(at::kDouble);
-  }
+Rows contiguous(Rows r) {
   r.s = r.s.contiguous();
   r.t = r.t.contiguous();
   return r;
@@ -51,7 +47,7 @@ Rows rows_of_3d(const at::Tensor& student, const at::Tensor& teacher) {
   TORCH_CHECK_VALUE(student.dim() == 3, "kdfast: kd ops take (outer, classes, inner) logits, got ", student.sizes());
   check_pair(student, teacher);
   TORCH_CHECK_VALUE(student.size(1) >= 1, "kdfast: the class dimension is empty");
-  return promote({student, teacher, student.size(0), student.size(1), student.size(2), 1, false});
+  return contiguous({student, teacher, student.size(0), student.size(1), student.size(2), 1, false});
 }
 
 // Logits of any shape with the classes along dim.
@@ -65,15 +61,18 @@ Rows rows_along(const at::Tensor& student, const at::Tensor& teacher, int64_t di
   for (int64_t d = 0; d < student.dim(); ++d) (d < dim ? outer : inner) *= d == dim ? 1 : student.size(d);
   if (inner > 1 && !student.is_contiguous()) {
     at::Tensor s = student.movedim(dim, -1);
-    if (s.is_contiguous()) return promote({s, teacher.movedim(dim, -1), outer * inner, classes, 1, dim, true});
+    if (s.is_contiguous()) return contiguous({s, teacher.movedim(dim, -1), outer * inner, classes, 1, dim, true});
   }
-  return promote({student, teacher, outer, classes, inner, dim, false});
+  return contiguous({student, teacher, outer, classes, inner, dim, false});
 }
 
-// A gradient of the rows' logits in the caller's layout and dtype (also where a mixed float64 pair was promoted).
-at::Tensor to_caller(const at::Tensor& g, const Rows& r, const at::Tensor& like) {
-  at::Tensor out = r.moved ? g.movedim(-1, r.dim) : g;
-  return out.scalar_type() == like.scalar_type() ? out : out.to(like.scalar_type());
+// A gradient of the rows' logits in the caller's layout.
+at::Tensor to_caller(const at::Tensor& g, const Rows& r) { return r.moved ? g.movedim(-1, r.dim) : g; }
+
+// The dtype of the returned losses and rows: float64 when an input is float64, else float32, whatever the
+// temperature (the kernels may accumulate in double, KdProblem::acc_double).
+at::ScalarType out_dtype(const Rows& r) {
+  return r.s.scalar_type() == at::kDouble || r.t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 KdProblem base_problem(const Rows& r, const std::optional<at::Tensor>& target, double temperature,
@@ -94,7 +93,7 @@ KdProblem base_problem(const Rows& r, const std::optional<at::Tensor>& target, d
                     "kdfast: jsd needs beta strictly inside (0, 1), got ", beta);
   p.beta = beta;
   p.ignore_index = ignore_index;
-  p.acc_double = r.s.scalar_type() == at::kDouble;
+  p.acc_double = out_dtype(r) == at::kDouble || temperature > kKdPreciseT;
   if (target) {
     TORCH_CHECK_VALUE(target->scalar_type() == at::kLong, "kdfast: target must be int64, got ", target->scalar_type());
     TORCH_CHECK_VALUE(target->numel() == p.rows(), "kdfast: target of shape ", target->sizes(), " for ", p.rows(),
@@ -165,11 +164,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd(const at::Tensor& student,
     p.stats = stats.data_ptr();
     launch_forward(p, div, launch);
   }
-  return {div, ce, stats};
+  // The rows come back in the inputs' dtype (row-sized conversions); the statistics stay in the accumulator's.
+  return {div.to(out_dtype(r)), ce.to(out_dtype(r)), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_partial_fwd(const at::Tensor& student, const at::Tensor& teacher,
-                                                  const at::Tensor& lse, double temperature,
+                                                  const at::Tensor& given, double temperature,
                                                   const std::string& divergence, double beta,
                                                   const KdLauncher& launch) {
   const Rows r = rows_of_3d(student, teacher);
@@ -178,13 +178,15 @@ std::tuple<at::Tensor, at::Tensor> kd_partial_fwd(const at::Tensor& student, con
   TORCH_CHECK_VALUE(p.divergence == Divergence::JSD, "kdfast: kd_partial_fwd computes jsd's partial sums, got '",
                     divergence, "'");
   const auto acc = r.s.options().dtype(p.acc_double ? at::kDouble : at::kFloat);
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({2, p.outer, p.inner}) && lse.scalar_type() == acc.dtype(),
-                    "kdfast: lse of shape ", lse.sizes(), " and dtype ", lse.scalar_type(), " for logits of ",
-                    p.outer, " x ", p.inner, " rows (expected (2, outer, inner) of the accumulator dtype)");
-  TORCH_CHECK(lse.device() == r.s.device(), "kdfast: lse on ", lse.device(), ", logits on ", r.s.device());
+  // The rows' maxima and log-sums (KdStat planes kMaxStudent .. kLogSumTeacher) of the whole vocabulary.
+  TORCH_CHECK_VALUE(given.sizes() == at::IntArrayRef({4, p.outer, p.inner}) && given.scalar_type() == acc.dtype(),
+                    "kdfast: statistics of shape ", given.sizes(), " and dtype ", given.scalar_type(),
+                    " for logits of ", p.outer, " x ", p.inner, " rows (expected (4, outer, inner) of the accumulator",
+                    " dtype)");
+  TORCH_CHECK(given.device() == r.s.device(), "kdfast: statistics on ", given.device(), ", logits on ", r.s.device());
   at::Tensor div = at::empty({p.outer, p.inner}, acc);
   at::Tensor stats = at::empty({kd_stat_planes(p.divergence, false), p.outer, p.inner}, acc);
-  stats.narrow(0, 0, 2).copy_(lse);
+  stats.narrow(0, 0, 4).copy_(given);
   if (p.rows() > 0) {
     p.div = div.data_ptr();
     p.stats = stats.data_ptr();
@@ -224,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd(const at::Tensor& grad_div, const std:
     p.grad_teacher = teacher_grad ? gt.data_ptr() : nullptr;
     launch_backward(p, gs, gt, launch);
   }
-  return {student_grad ? to_caller(gs, r, student) : gs, teacher_grad ? to_caller(gt, r, teacher) : gt};
+  return {student_grad ? to_caller(gs, r) : gs, teacher_grad ? to_caller(gt, r) : gt};
 }
 
 namespace {
@@ -321,10 +323,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_reduce_fwd(
   p.ce = d.y ? ce.data_ptr() : nullptr;
   p.stats = stats.data_ptr();
   if (R > 0) launch_forward(p, div, launch);
+  const auto out = acc.dtype(out_dtype(d.r));
   if (div.is_cpu()) {
     const auto [sd, sc, n] = p.acc_double ? host_sums<double>(p) : host_sums<float>(p);
     const double loss = (kd_weight * sd + (d.y ? ce_weight * sc : 0.0)) / denominator(red, n, p.classes);
-    return {host_scalar(loss, acc), stats, host_scalar(n, acc)};
+    return {host_scalar(loss, out), stats, host_scalar(n, out)};
   }
   // Elsewhere the rows are reduced by ATen ops on the device (no synchronisation).
   const at::Tensor keep = d.mask ? *d.mask : (d.y ? d.y->ne(ignore_index) : at::Tensor());
@@ -333,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_reduce_fwd(
   at::Tensor loss = total(div) * kd_weight;
   if (d.y) loss = loss + total(ce) * ce_weight;
   if (red != Reduction::Sum) loss = loss / (red == Reduction::Mean ? count * double(p.classes) : count).clamp_min(1);
-  return {loss, stats, count};
+  return {loss.to(out.dtype()), stats, count.to(out.dtype())};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_reduce_bwd(
@@ -361,8 +364,9 @@ std::tuple<at::Tensor, at::Tensor> kd_reduce_bwd(
     gf = {float(gd[0]), float(gd[1])};
     g_ptr = p.acc_double ? static_cast<const void*>(gd.data()) : static_cast<const void*>(gf.data());
   } else {
+    const at::Tensor n = count.to(acc.dtype());
     at::Tensor den = red == Reduction::Sum ? at::ones({}, acc)
-                                           : (red == Reduction::Mean ? count * double(p.classes) : count).clamp_min(1);
+                                           : (red == Reduction::Mean ? n * double(p.classes) : n).clamp_min(1);
     g = at::stack({grad_loss.to(acc.dtype()) * kd_weight, grad_loss.to(acc.dtype()) * ce_weight}) / den;
     g_ptr = g.data_ptr();
   }
@@ -378,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> kd_reduce_bwd(
     p.grad_teacher = teacher_grad ? gt.data_ptr() : nullptr;
     launch_backward(p, gs, gt, launch);
   }
-  return {student_grad ? to_caller(gs, d.r, student) : gs, teacher_grad ? to_caller(gt, d.r, teacher) : gt};
+  return {student_grad ? to_caller(gs, d.r) : gs, teacher_grad ? to_caller(gt, d.r) : gt};
 }
 
 TORCH_LIBRARY_FRAGMENT(kdfast, m) {
@@ -390,7 +394,7 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   // jsd's partial sums over these classes (one rank's shard of the vocabulary) with the rows' logsumexps of the
   // whole vocabulary given, lse = (2, outer, inner) (student, teacher): div = beta * KL(p_t || m) + (1 - beta) *
   // KL(p_s || m) summed over these classes (not clamped at 0), stats = the kd_fwd planes with lse and those sums.
-  m.def("kd_partial_fwd(Tensor student, Tensor teacher, Tensor lse, float temperature, str divergence, float beta) "
+  m.def("kd_partial_fwd(Tensor student, Tensor teacher, Tensor stats, float temperature, str divergence, float beta) "
         "-> (Tensor div, Tensor stats)");
   m.def("kd_bwd(Tensor grad_div, Tensor? grad_ce, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
         "float temperature, str divergence, float beta, int ignore_index, bool student_grad, bool teacher_grad) "

@@ -21,9 +21,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd(const at::Tensor& student,
                                                       const std::string& divergence, double beta,
                                                       int64_t ignore_index, const KdLauncher& launch);
 
-// jsd's partial sums over these classes with the rows' logsumexps given (lse: (2, outer, inner)): div, stats.
+// jsd's partial sums over these classes with the rows' maxima and log-sums given (given: (4, outer, inner), the
+// KdStat planes kMaxStudent .. kLogSumTeacher): div, stats.
 std::tuple<at::Tensor, at::Tensor> kd_partial_fwd(const at::Tensor& student, const at::Tensor& teacher,
-                                                  const at::Tensor& lse, double temperature,
+                                                  const at::Tensor& given, double temperature,
                                                   const std::string& divergence, double beta,
                                                   const KdLauncher& launch);
 

@@ -8,14 +8,20 @@ import torch.nn.functional as F
 
 
 def match_spatial(student, teacher):
-    """Adaptive-average-pools the feature map with more positions to the other's spatial size (RepDistiller)."""
+    """Adaptive-average-pools the feature map with more positions to the other's spatial size (RepDistiller), in
+    float32 (float64 for float64 maps): a half-precision map is pooled from its float32 values, so that the loss is
+    computed in float32 and its gradient rounded once."""
     s_size, t_size = student.shape[2:], teacher.shape[2:]
     if s_size == t_size:
         return student, teacher
     pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(s_size)]
+
+    def pooled(x, size):
+        return pool(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32), tuple(size))
+
     if s_size.numel() > t_size.numel():
-        return pool(student, tuple(t_size)), teacher
-    return student, pool(teacher, tuple(s_size))
+        return pooled(student, t_size), teacher
+    return student, pooled(teacher, s_size)
 
 
 def affinity_nodes(features, pool_size=None, pool="max"):

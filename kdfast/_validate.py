@@ -68,20 +68,6 @@ def positive_finite(value, name: str) -> float:
     return v
 
 
-# The temperatures every temperature-softmax loss accepts (kd_div, kd_loss, topk_kd_div, fused_linear_kd,
-# kdfast.distributed), the range docs/guarantees.md states its accuracy over.
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
-
-
-def check_temperature(temperature) -> float:
-    """The temperature as a float; ValueError outside [MIN_TEMPERATURE, MAX_TEMPERATURE] (NaN and inf included),
-    TypeError for a non-number. The one temperature check of every op."""
-    t = real(temperature, "temperature")
-    if not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
-        raise ValueError(f"temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature}")
-    return t
-
-
 def in_closed_unit(value, name: str) -> float:
     v = real(value, name)
     if not 0.0 <= v <= 1.0:
@@ -101,6 +87,17 @@ def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+# Above this temperature kd_div and kd_loss accumulate in float64 whatever the input dtypes (kKdPreciseT in
+# csrc/common/kd_div.h): the divergence falls as 1/T^2 while float32 rounds the row statistics at about 1e-7
+# absolute, which the T^2 scale then magnifies. The inputs are read as they are; the loss keeps acc_dtype.
+PRECISE_TEMPERATURE = 16.0
+
+
+def kd_acc_dtype(temperature: float, *tensors: torch.Tensor) -> torch.dtype:
+    """The dtype kd_div and kd_loss accumulate in and keep their row statistics in."""
+    return torch.float64 if temperature > PRECISE_TEMPERATURE else acc_dtype(*tensors)
+
+
 def row_mask(mask, row_shape, like: torch.Tensor, like_name: str, rows_are: str = ""):
     """A bool mask of the loss's row shape on `like`'s device (None passes). rows_are says in the error what the row
     shape is (default: the leading dims of like_name)."""
@@ -114,3 +111,16 @@ def row_mask(mask, row_shape, like: torch.Tensor, like_name: str, rows_are: str 
                          f"({rows_are or 'the leading dims of ' + like_name}), got {tuple(mask.shape)}")
     same_device({like_name: like, "mask": mask})
     return mask
+
+
+TEMPERATURE_RANGE = (1e-6, 1e6)
+
+
+def check_temperature(temperature) -> float:
+    """The temperature as a float, in the range every loss accepts (beyond it float64 cannot resolve the
+    divergence)."""
+    t = positive_finite(temperature, "temperature")
+    lo, hi = TEMPERATURE_RANGE
+    if not lo <= t <= hi:
+        raise ValueError(f"temperature must be in [{lo:g}, {hi:g}], got {temperature}")
+    return t

@@ -31,7 +31,7 @@ from . import _validate as check
 from ._ops import _C, has_kernel
 from ._reduce import reduce_rows
 from ._validate import acc_dtype
-from .logits import _check_options, _precise
+from .logits import _check_options
 from .topk import REDUCTIONS, TAILS, TopKIndexError, _categories, _check_pair, _eager, _plogq, _teacher_grad
 
 _MAX_SHARD = 1 << 24  # slice sizes travel in the float32 MAX all-reduce, exact up to 2^24
@@ -79,34 +79,37 @@ class _VocabParallelKD(torch.autograd.Function):
     def forward(ctx, student, teacher, temperature, divergence, beta, group):
         s3, t3 = student.unsqueeze(-1), teacher.unsqueeze(-1)
         jsd = divergence == "jsd"
-        # The shard's statistics: logsumexp(s / T), logsumexp(t / T) over its classes and (kl, reverse_kl) the
-        # divergence of its own renormalised distributions.
+        # The shard's statistics (KdStat): each side's maximum and log-sum exp((x - max) / T) over its classes, and
+        # (kl, reverse_kl) the divergence of its own renormalised distributions.
         _, _, local = torch.ops.kdfast.kd_fwd(s3, t3, None, temperature, "kl" if jsd else divergence, beta, -100)
         local = local.squeeze(-1)
-        top = local[:2].clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        ref = _reference_point(top)
-        mass = (local[:2] - ref).exp()  # the shard's exp(logsumexp), relative to the largest over the ranks
+        peak = local[:2].clone()
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        ref = _reference_point(peak)
+        # The shard's sum of exp((x - peak) / T), relative to the largest maximum over the ranks.
+        mass = (local[2:4] + (local[:2] - ref) / temperature).exp()
         x = 1 if divergence == "kl" else 0  # the plane of the expectation's distribution (teacher for kl)
         if jsd:
             sums = mass
         else:
-            # The shard's divergence is E[x - y] - lse_x + lse_y over its classes: its mean E[x - y] under the
-            # shard's p_x rides in the SUM, weighted by the shard's mass, and gives the whole vocabulary's.
-            mean = local[2] + (local[x] - local[1 - x])
+            # The shard's divergence is E[x - y] / T - lse_x + lse_y over its classes: its mean E[x - y] / T under
+            # the shard's p_x rides in the SUM, weighted by the shard's mass, and gives the whole vocabulary's.
+            lse = local[2:4] + local[:2] / temperature
+            mean = local[4] + (lse[x] - lse[1 - x])
             share = torch.where(mass[x] == 0, torch.zeros_like(mean), mass[x] * mean)
             sums = torch.cat([mass, share.unsqueeze(0)])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        lse = ref + sums[:2].log()
-        if jsd:  # the partial sums need the global logsumexps: a second pass over the shard, and a second SUM
-            _, partial = torch.ops.kdfast.kd_partial_fwd(s3, t3, lse.unsqueeze(-1), temperature, divergence, beta)
-            aux = partial.squeeze(-1)[2:].contiguous()
+        given = torch.cat([peak, sums[:2].log()])  # the whole vocabulary's maxima and log-sums
+        if jsd:  # the partial sums need the whole vocabulary's statistics: a second pass, and a second SUM
+            _, partial = torch.ops.kdfast.kd_partial_fwd(s3, t3, given.unsqueeze(-1), temperature, divergence, beta)
+            aux = partial.squeeze(-1)[4:].contiguous()
             dist.all_reduce(aux, op=dist.ReduceOp.SUM, group=group)
             rows = beta * aux[0] + (1 - beta) * aux[1]
         else:
-            aux = (sums[2] / sums[x] - (lse[x] - lse[1 - x])).unsqueeze(0)
+            dlse = (ref[x] - ref[1 - x]) / temperature + given[2 + x] - given[3 - x]
+            aux = (sums[2] / sums[x] - dlse).unsqueeze(0)
             rows = aux[0]
-        ctx.save_for_backward(student, teacher, torch.cat([lse, aux]).unsqueeze(-1))
+        ctx.save_for_backward(student, teacher, torch.cat([given, aux]).unsqueeze(-1))
         ctx.options = (temperature, divergence, beta)
         return rows.clamp_min(0)  # a negative divergence is rounding, shown as 0 (as the kernels do)
 
@@ -132,11 +135,10 @@ def _topk_rows(student, indices, logprobs, temperature, tail, group):
 def _kd_rows(student, teacher, temperature, divergence, beta, group):
     """The per-row divergence (...,) of the whole vocabulary from this rank's shards (..., V_rank)."""
     _require_kernels(student)
-    s, t, precise = _precise(student, teacher, temperature)
-    classes = s.shape[-1]
-    rows = _VocabParallelKD.apply(s.reshape(-1, classes), t.reshape(-1, classes), temperature, divergence, beta,
-                                  group).reshape(student.shape[:-1])
-    return rows.float() if precise else rows
+    classes = student.shape[-1]
+    rows = _VocabParallelKD.apply(student.reshape(-1, classes), teacher.reshape(-1, classes), temperature, divergence,
+                                  beta, group).reshape(student.shape[:-1])
+    return rows.to(acc_dtype(student, teacher))  # float64 statistics above T = 16 (the kernels'), not the loss
 
 
 def vocab_parallel_kd_div(student_shard, teacher_shard, temperature=1.0, *, divergence="kl", beta=0.5, group=None,
@@ -263,9 +265,9 @@ def vocab_parallel_topk_kd_div(student_shard, teacher_indices, teacher_logprobs,
 if _C is not None:
 
     @torch.library.register_fake("kdfast::kd_partial_fwd")
-    def _kd_partial_fwd_fake(student, teacher, lse, temperature, divergence, beta):
+    def _kd_partial_fwd_fake(student, teacher, stats, temperature, divergence, beta):
         rows = (student.shape[0], student.shape[2])
-        return student.new_empty(rows, dtype=lse.dtype), student.new_empty((4, *rows), dtype=lse.dtype)
+        return student.new_empty(rows, dtype=stats.dtype), student.new_empty((6, *rows), dtype=stats.dtype)
 
 
 # ---- DTensor inputs (kd_div, topk_kd_div and fused_linear_kd route them here) ----

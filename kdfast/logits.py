@@ -22,12 +22,12 @@ if _C is not None:
 
     @torch.library.register_fake("kdfast::kd_fwd")
     def _kd_fwd_fake(student, teacher, target, temperature, divergence, beta, ignore_index):
-        acc = check.acc_dtype(student, teacher)
+        out = check.acc_dtype(student, teacher)
         rows = (student.shape[0], student.shape[2])
         ce_shape = rows if target is not None else (0,)
-        planes = 3 + (divergence == "jsd") + (target is not None)  # kd_stat_planes in csrc/common/kd_div.h
-        return (student.new_empty(rows, dtype=acc), student.new_empty(ce_shape, dtype=acc),
-                student.new_empty((planes, *rows), dtype=acc))
+        planes = 5 + (divergence == "jsd") + (target is not None)  # kd_stat_planes in csrc/common/kd_div.h
+        return (student.new_empty(rows, dtype=out), student.new_empty(ce_shape, dtype=out),
+                student.new_empty((planes, *rows), dtype=check.kd_acc_dtype(temperature, student, teacher)))
 
     @torch.library.register_fake("kdfast::kd_bwd")
     def _kd_bwd_fake(grad_div, grad_ce, student, teacher, target, stats, temperature, divergence, beta,
@@ -61,11 +61,12 @@ if _C is not None:
     @torch.library.register_fake("kdfast::kd_reduce_fwd")
     def _kd_reduce_fwd_fake(student, teacher, target, mask, dim, temperature, divergence, beta, ignore_index,
                             reduction, kd_weight, ce_weight):
-        acc = check.acc_dtype(student, teacher)
-        planes = 3 + (divergence == "jsd") + (target is not None)  # kd_stat_planes in csrc/common/kd_div.h
+        out = check.acc_dtype(student, teacher)
+        planes = 5 + (divergence == "jsd") + (target is not None)  # kd_stat_planes in csrc/common/kd_div.h
         rows = student.numel() // student.shape[dim]
-        return student.new_empty((), dtype=acc), student.new_empty((planes, rows), dtype=acc), \
-            student.new_empty((), dtype=acc)
+        acc = check.kd_acc_dtype(temperature, student, teacher)
+        return student.new_empty((), dtype=out), student.new_empty((planes, rows), dtype=acc), \
+            student.new_empty((), dtype=out)
 
     @torch.library.register_fake("kdfast::kd_reduce_bwd")
     def _kd_reduce_bwd_fake(grad_loss, student, teacher, target, mask, stats, count, dim, temperature, divergence,
@@ -82,13 +83,6 @@ if _C is not None:
         gs = like(student) if student_grad else student.new_empty((0,))
         gt = like(teacher) if teacher_grad else teacher.new_empty((0,))
         return gs, gt
-
-
-# Temperatures above PRECISE_T are computed in float64 for every input dtype: the divergence falls as 1/T^2 while
-# float32 rounds the row statistics at about 1e-7 absolute, which the T^2 scale then magnifies (T = 1e4 gave 11.92
-# for an exact 0.947). In float64 the scaled loss stays within about 1e-16 T^2 absolute up to
-# check.MAX_TEMPERATURE.
-PRECISE_T = 16.0
 
 
 def _check_options(temperature, divergence, beta) -> float:
@@ -160,15 +154,13 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
     if _transformed() or not has_kernel(student_logits.device):
         return reference.kd_div(student_logits, teacher_logits, temperature, divergence=divergence, beta=beta,
                                 dim=dim, mask=mask, reduction=reduction, scale_t2=scale_t2)
-    s, t, precise = _precise(student_logits, teacher_logits, temperature)
     if reduction == "none":
-        rows, _ = _kernel_rows(s, t, None, temperature, divergence, beta, dim, -100)
-        out = reduce_rows(rows, mask, reduction, s.shape[dim])
-        out = out * (temperature * temperature) if scale_t2 else out
-    else:
-        out = torch.ops.kdfast.kd_reduce_fwd(s, t, None, mask, dim, temperature, divergence, beta, -100, reduction,
-                                             temperature * temperature if scale_t2 else 1.0, 0.0)[0]
-    return out.float() if precise else out
+        rows, _ = _kernel_rows(student_logits, teacher_logits, None, temperature, divergence, beta, dim, -100)
+        out = reduce_rows(rows, mask, reduction, student_logits.shape[dim])
+        return out * (temperature * temperature) if scale_t2 else out
+    return torch.ops.kdfast.kd_reduce_fwd(student_logits, teacher_logits, None, mask, dim, temperature, divergence,
+                                          beta, -100, reduction, temperature * temperature if scale_t2 else 1.0,
+                                          0.0)[0]
 
 
 def _transformed() -> bool:
@@ -176,13 +168,6 @@ def _transformed() -> bool:
     once-differentiable) does not compose with them, so the reference computes the loss there (the same values,
     and every order of derivative). torch.compile traces the kernels."""
     return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None
-
-
-def _precise(student, teacher, temperature):
-    """The logits to compute with: float64 copies above PRECISE_T (the loss then comes back float32)."""
-    if temperature <= PRECISE_T or (student.dtype == torch.float64 and teacher.dtype == torch.float64):
-        return student, teacher, False
-    return student.double(), teacher.double(), True
 
 
 def _check_target(target, student_logits, dim, ignore_index):
@@ -223,10 +208,9 @@ def kd_loss(student_logits, teacher_logits, target, temperature=4.0, alpha=0.9, 
         _check_classes(target, student_logits.shape[dim], ignore_index)
         return reference.kd_loss(student_logits, teacher_logits, target.long(), temperature, alpha,
                                  divergence=divergence, beta=beta, dim=dim, ignore_index=ignore_index)
-    s, t, precise = _precise(student_logits, teacher_logits, temperature)
-    out = torch.ops.kdfast.kd_reduce_fwd(s, t, target, None, dim, temperature, divergence, beta, ignore_index,
-                                         "batchmean", alpha * temperature * temperature, 1.0 - alpha)[0]
-    return out.float() if precise else out
+    return torch.ops.kdfast.kd_reduce_fwd(student_logits, teacher_logits, target, None, dim, temperature, divergence,
+                                          beta, ignore_index, "batchmean", alpha * temperature * temperature,
+                                          1.0 - alpha)[0]
 
 
 class KDDiv(nn.Module):

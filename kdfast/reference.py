@@ -3,12 +3,14 @@ where no kernel exists for a device, and the baseline of the benchmarks. Short a
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ._features import affinity_graph, affinity_nodes, manifold_combine, manifold_points, match_spatial  # noqa: F401
 from ._reduce import reduce_rows, reduce_samples
-from ._validate import acc_dtype
+from ._validate import acc_dtype, kd_acc_dtype
 
 
 def _plogq(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -20,22 +22,27 @@ def _plogq(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
 
 
 def kd_div_rows(student_logits, teacher_logits, temperature=1.0, divergence="kl", beta=0.5, dim=-1):
-    """The unscaled divergence of every row (slice along dim), in float32 (float64 for double inputs)."""
-    acc = acc_dtype(student_logits, teacher_logits)
-    ls = F.log_softmax(student_logits.to(acc) / temperature, dim=dim)
-    lt = F.log_softmax(teacher_logits.to(acc) / temperature, dim=dim)
+    """The unscaled divergence of every row (slice along dim), in float32 (float64 for double inputs), computed in
+    float64 above T = 16 (kd_acc_dtype)."""
+    work = kd_acc_dtype(temperature, student_logits, teacher_logits)
+    ls = F.log_softmax(student_logits.to(work) / temperature, dim=dim)
+    lt = F.log_softmax(teacher_logits.to(work) / temperature, dim=dim)
     ps, pt = ls.exp(), lt.exp()
     if divergence == "kl":
         terms = _plogq(pt, lt - ls)
     elif divergence == "reverse_kl":
         terms = _plogq(ps, ls - lt)
     elif divergence == "jsd":
-        m = beta * pt + (1 - beta) * ps
-        lm = torch.log(torch.where(m == 0, torch.ones_like(m), m))  # m = 0 only where both are 0: no term there
+        # log m = log(beta p_t + (1 - beta) p_s) in log space (a linear m of subnormal probabilities rounds to 0);
+        # where both are 0 there is no term (its inputs kept finite for the gradient).
+        none = (ps == 0) & (pt == 0)
+        x = torch.where(none, torch.zeros_like(lt), lt + math.log(beta))
+        y = torch.where(none, torch.zeros_like(ls), ls + math.log1p(-beta))
+        lm = torch.logaddexp(x, y)
         terms = beta * _plogq(pt, lt - lm) + (1 - beta) * _plogq(ps, ls - lm)
     else:
         raise ValueError(f"unknown divergence {divergence!r}")
-    return terms.sum(dim)
+    return terms.sum(dim).to(acc_dtype(student_logits, teacher_logits))
 
 
 def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", beta=0.5, dim=-1, mask=None,

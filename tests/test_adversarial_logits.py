@@ -1,6 +1,9 @@
 """kd_div / kd_loss / KDDiv / KDLoss at the edges of every argument: each case gives a correct value or a clear
 error, never a plausible wrong number (double backward, transforms, compiled target checks, extreme temperatures,
 masked logits, one class, identical rows, empty, non-contiguous, wrong dtypes and devices)."""
+import pathlib
+import sys
+
 import pytest
 import torch
 from conftest import assert_close
@@ -77,7 +80,7 @@ def test_temperature_limit_is_half_the_variance():
     """T^2 KL(p_t || p_s) tends to half the variance over the classes of t - s: checked at the largest T."""
     s, t = logits((3, 11), torch.float32, requires_grad=False)
     want = 0.5 * (t.double() - s.double()).var(dim=1, unbiased=False).mean()
-    got = kdfast.kd_div(s, t, kdfast._validate.MAX_TEMPERATURE)
+    got = kdfast.kd_div(s, t, kdfast._validate.TEMPERATURE_RANGE[1])
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
 
 
@@ -141,6 +144,134 @@ def test_identical_rows_are_exactly_zero_and_shifts_never_negative(shape, diverg
     assert kdfast.kd_div(s, s.clone(), 4.0, divergence=divergence).item() == 0.0
     shifted = kdfast.kd_div(s, s + 3.7, 4.0, divergence=divergence, reduction="none")
     assert (shifted >= 0).all() and shifted.max() < 1e-5
+
+
+# ---- numeric edges found by the differential fuzz (tests/test_fuzz.py) ----
+
+@pytest.mark.parametrize("classes", [1000, 1024, 1025, 4099])
+@pytest.mark.parametrize("reverse", [False, True], ids=["reverse_kl", "kl"])
+def test_masked_class_where_the_other_side_underflows(classes, reverse):
+    """A -inf class on one side where the other side's probability underflows (a vocabulary-masked teacher) adds
+    nothing: rows of more than 1024 classes gave NaN (0 x inf when the lanes' partial sums were merged)."""
+    s = torch.full((2, classes), -120.0)
+    s[:, 0] = 0
+    t = torch.zeros(2, classes)
+    t[:, 1] = -INF
+    a, b, div = (t, s, "kl") if reverse else (s, t, "reverse_kl")
+    a, b = a.requires_grad_(), b.requires_grad_()
+    got = grads_of(lambda x, y: kdfast.kd_div(x, y, divergence=div), a, b)
+    want = grads_of(lambda x, y: reference.kd_div(x, y, divergence=div), a, b)  # float32: e^-120 is 0 there
+    for g, w in zip(got, want):
+        assert g.isfinite().all()
+        assert_close(g, w, torch.float32)
+
+
+def test_jsd_of_subnormal_probabilities():
+    """The mixture of a subnormal and an underflowing probability is formed in log space: it was log 0, and the
+    divergence inf, the teacher's gradient [-inf, nan]."""
+    s = torch.tensor([[0.0, -2000.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[0.0, -744.0]], dtype=torch.float64, requires_grad=True)
+    out, gs, gt = grads_of(lambda a, b: kdfast.kd_div(a, b, 1.0, divergence="jsd", beta=0.1), s, t)
+    ref, rs, rt = grads_of(lambda a, b: reference.kd_div(a, b, 1.0, divergence="jsd", beta=0.1), s, t)
+    assert 0 <= out.item() < 1e-300 and abs(ref.item()) < 1e-15  # the true value is about 1e-322
+    for g, r in ((gs, rs), (gt, rt)):
+        assert g.isfinite().all() and r.isfinite().all()
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-15)
+    s32, t32 = torch.tensor([[0.0, -40000.0]]), torch.tensor([[0.0, -14880.0]])
+    assert kdfast.kd_div(s32, t32, 20.0, divergence="jsd", beta=0.1).item() == pytest.approx(0.0, abs=1e-30)
+    y = torch.tensor([0])
+    assert kdfast.kd_loss(s, t, y, 1.0, 0.0, divergence="jsd", beta=0.1).item() == 0.0  # pure cross-entropy
+
+
+@pytest.mark.parametrize("case", [
+    ([[10.0, 10.0]], [[10.0, 9.0]], 1e-6),
+    ([[1e4, 1e4 + 0.0078125]], [[1e4, 1e4 - 1]], 1e-3),
+    ([[1e4 + 0.3, 1e4 - 0.2, 1e4 + 1.1]], [[1e4, 1e4 + 0.5, 1e4 - 0.7]], 1.0),
+    ([[-3e4 + 0.3, -3e4 - 0.2, -3e4 + 1.1]], [[-3e4, -3e4 + 0.5, -3e4 - 0.7]], 0.5),
+], ids=["T=1e-6", "1e4-at-T=1e-3", "1e4-at-T=1", "-3e4-at-T=0.5"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_gradient_of_logits_far_from_zero(case, divergence):
+    """The log-probabilities are (x - max) / T - log-sum, the max and the log-sum kept apart: as one logsumexp
+    number the gradient error grew with |logit / T| (10 and 10 at T = 1e-6 gave [-6.32e-7, 3.68e-7] for
+    [-5e-7, 5e-7]; logits near 1e4 at T = 1 a relative error of 3.5e-4)."""
+    s, t, T = torch.tensor(case[0], requires_grad=True), torch.tensor(case[1], requires_grad=True), case[2]
+    got = grads_of(lambda a, b: kdfast.kd_div(a, b, T, divergence=divergence, reduction="sum"), s, t)
+    s64, t64 = s.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    want = grads_of(lambda a, b: reference.kd_div(a, b, T, divergence=divergence, reduction="sum"), s64, t64)
+    # reverse_kl and jsd gradients are p (log-ratio - divergence): float32 resolves them to the log-ratio's size
+    ratio = float((torch.log_softmax(s64 / T, -1) - torch.log_softmax(t64 / T, -1)).abs().max())
+    size = 1.0 if divergence == "kl" else 1 + ratio
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6 * size * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("T", [0.7, 1.0, 3.0, 20.0])
+@pytest.mark.parametrize("classes", [5, 1000, 1024, 3000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_jsd_of_identical_rows_is_exactly_zero_at_any_temperature(T, classes, dtype):
+    """It was 3.6e-8 at T = 3 on rows of up to 1024 classes."""
+    s, _ = logits((4, classes), dtype)
+    out = kdfast.kd_div(s, s.detach().clone(), T, divergence="jsd", beta=0.3, reduction="none")
+    assert torch.count_nonzero(out) == 0
+    gs, = torch.autograd.grad(out.sum(), (s,))
+    assert gs.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("T", [2.0, 20.0])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_mixed_float64_pair_dtype_does_not_depend_on_temperature(T, divergence):
+    """A float64 / float32 pair gives a float64 loss at every temperature (it was float32 above T = 16), as the
+    reference does; each gradient comes back in its input's dtype, and no input is converted."""
+    s, t = logits((3, 7), torch.float64)
+    t32 = t.detach().float().requires_grad_()
+    for a, b in ((s, t32), (t32, s)):
+        out, ga, gb = grads_of(lambda x, y: kdfast.kd_div(x, y, T, divergence=divergence), a, b)
+        ref, ra, rb = grads_of(lambda x, y: reference.kd_div(x, y, T, divergence=divergence), a, b)
+        assert out.dtype == ref.dtype == torch.float64 and ga.dtype == a.dtype and gb.dtype == b.dtype
+        assert_close(out, ref, torch.float32)
+        assert_close(ga, ra, torch.float32)
+        assert_close(gb, rb, torch.float32)
+    y = torch.tensor([0, 3, 6])
+    assert kdfast.kd_loss(s, t32, y, T).dtype == torch.float64
+
+
+@pytest.mark.parametrize("T", [1e-3, 20.0, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_match_the_float64_reference_at_extreme_temperatures(T, dtype):
+    s, t = logits((5, 1500), dtype, scale=4.0)
+    for div in DIVERGENCES:
+        out, gs, gt = grads_of(lambda a, b, d=div: kdfast.kd_div(a, b, T, divergence=d), s, t)
+        ref, rs, rt = grads_of(lambda a, b, d=div: reference.kd_div(a, b, T, divergence=d),
+                               s.detach().double().requires_grad_(), t.detach().double().requires_grad_())
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+        # within 1e-5 (bfloat16: its rounding, 1e-2) of the gradient's natural size T / rows, times the largest
+        # log-ratio where that is large (the teacher's gradient at T = 1e-3 is 0 by cancellation of terms that size)
+        ratio = (torch.log_softmax(s.detach().double() / T, -1) - torch.log_softmax(t.detach().double() / T, -1))
+        size = T / s.shape[0] * (1 + float(ratio.abs().max()))
+        for g, r in ((gs, rs), (gt, rt)):
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            assert (g.double() - r).abs().max() <= tol * max(float(r.abs().max()), 1e-2 * size)
+
+
+def test_large_temperature_makes_no_input_sized_copy():
+    """Above T = 16 the kernels accumulate in double from the inputs as they are: the extra peak memory of forward +
+    backward is the gradient (a float64 copy of both inputs was 4x it)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from harness import peak_memory
+    finally:
+        sys.path.pop(0)
+    s, t = logits((2048, 32000), requires_grad=False)
+    s.requires_grad_()
+    grad_bytes = s.numel() * s.element_size()
+
+    def step():
+        kdfast.kd_div(s, t, 20.0).backward()
+        s.grad = None
+
+    step()
+    assert peak_memory(step, "cpu") <= 1.25 * grad_bytes
 
 
 # ---- transforms ----

@@ -111,11 +111,13 @@ def test_kd_partial_jsd(emu, dtype):
     s, t = make_logits((3, 2051), dtype, "cpu")
     s3, t3 = s.unsqueeze(-1), t.unsqueeze(-1)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    # Logsumexps of a wider row (as the other shards would add), so the given statistics are not the shard's own.
-    lse = torch.stack([torch.logsumexp(x.to(acc) / 2.0, -1) + 0.25 for x in (s, t)]).unsqueeze(-1)
-    cpu = torch.ops.kdfast.kd_partial_fwd(s3, t3, lse, 2.0, "jsd", 0.3)
+    # Maxima and log-sums of a wider row (as the other shards would add): the given statistics are not the shard's.
+    peak = [x.to(acc).amax(-1) + 0.5 for x in (s, t)]
+    logsum = [torch.logsumexp((x.to(acc) - m.unsqueeze(-1)) / 2.0, -1) + 0.25 for x, m in zip((s, t), peak)]
+    given = torch.stack(peak + logsum).unsqueeze(-1)
+    cpu = torch.ops.kdfast.kd_partial_fwd(s3, t3, given, 2.0, "jsd", 0.3)
     with emulated(emu):
-        out = torch.ops.kdfast.kd_partial_fwd(s3, t3, lse, 2.0, "jsd", 0.3)
+        out = torch.ops.kdfast.kd_partial_fwd(s3, t3, given, 2.0, "jsd", 0.3)
     for actual, expected in zip(out, cpu):
         assert_close(actual, expected, dtype)
 

@@ -12,23 +12,28 @@ namespace kdfast {
 enum class Divergence : int { KL = 0, ReverseKL = 1, JSD = 2 };
 
 // Per-row statistics saved by the forward for the backward: planes of `rows` values, only those the
-// configuration needs (kd_stat_planes): the two logsumexps, the divergence's row statistics (one for kl and
-// reverse_kl, two for jsd), then logsumexp(s) when there is a target.
+// configuration needs (kd_stat_planes): each side's maximum and log-sum, the divergence's row statistics (one for
+// kl and reverse_kl, two for jsd), then the student's log-sum at T = 1 when there is a target.
+// A row's log-softmax is (x - max) / T - log_sum: the maximum (an input value, exact) and the log-sum are kept
+// apart, as ATen's log_softmax does, so that the log-probabilities of logits far from 0 (|x / T| of 1e4 and more)
+// lose nothing to the rounding of one logsumexp number.
 enum KdStat : int {
-  kLseStudent = 0,  // logsumexp(s / T)
-  kLseTeacher = 1,  // logsumexp(t / T)
-  kAux0 = 2,        // kl, reverse_kl: the divergence itself; jsd: KL(p_t || m)
-  kAux1 = 3,        // jsd only: KL(p_s || m)
+  kMaxStudent = 0,     // max(s)
+  kMaxTeacher = 1,     // max(t)
+  kLogSumStudent = 2,  // log sum exp((s - max(s)) / T)
+  kLogSumTeacher = 3,  // log sum exp((t - max(t)) / T)
+  kAux0 = 4,           // kl, reverse_kl: the divergence itself; jsd: KL(p_t || m)
+  kAux1 = 5,           // jsd only: KL(p_s || m)
 };
 
 KDFAST_ISA_BEGIN
 
 KDFAST_HD inline int kd_stat_planes(Divergence d, bool target) {
-  return 3 + (d == Divergence::JSD ? 1 : 0) + (target ? 1 : 0);
+  return 5 + (d == Divergence::JSD ? 1 : 0) + (target ? 1 : 0);
 }
 
-// The plane of logsumexp(s), for the cross-entropy term (only with a target).
-KDFAST_HD inline int kd_lse1_plane(Divergence d) { return d == Divergence::JSD ? 4 : 3; }
+// The plane of log sum exp(s - max(s)), the cross-entropy's log-sum at T = 1 (only with a target).
+KDFAST_HD inline int kd_lse1_plane(Divergence d) { return d == Divergence::JSD ? 6 : 5; }
 
 KDFAST_ISA_END
 
@@ -50,11 +55,12 @@ struct KdProblem {
   // false and, with skip_ignored, those whose target is ignore_index (kd_loss's KD term).
   const bool* row_mask;
   bool skip_ignored;
-  bool acc_double;         // accumulate (and store rows/stats) in double instead of float
+  bool acc_double;         // accumulate (and store rows/stats) in double instead of float: with a float64 input,
+                           // and above kKdPreciseT for every input dtype (the inputs are read as they are)
   void* stats;             // kd_stat_planes() * rows accumulators, written by forward, read by backward
-  // Forward with the rows' logsumexps given in stats (kLseStudent, kLseTeacher: those of the whole vocabulary when
-  // these logits are one rank's shard of it, kdfast.distributed): their pass is skipped and jsd's partial sums over
-  // these classes are written with them (kAux0, kAux1 and div, not clamped at 0). jsd only.
+  // Forward with the rows' softmax statistics given in stats (kMaxStudent .. kLogSumTeacher: those of the whole
+  // vocabulary when these logits are one rank's shard of it, kdfast.distributed): their pass is skipped and jsd's
+  // partial sums over these classes are written with them (kAux0, kAux1 and div, not clamped at 0). jsd only.
   bool stats_given;
 
   // forward outputs (rows each, accumulator type)
@@ -71,6 +77,11 @@ struct KdProblem {
 
   KDFAST_HD int64_t rows() const { return outer * inner; }
 };
+
+// Above this temperature the kernels accumulate in double for every input dtype: the divergence falls as 1/T^2
+// while float32 rounds the row statistics at about 1e-7 absolute, which the T^2 scale then magnifies (T = 1e4
+// gave 11.92 for an exact 0.947). Only row-sized statistics are double: no input is copied.
+constexpr double kKdPreciseT = 16.0;
 
 KDFAST_ISA_BEGIN
 
@@ -97,6 +108,8 @@ template <class V> struct VMath;
     /* p * x, but 0 where p == 0 so that 0 * inf terms vanish; NaN still propagates */        \
     KDFAST_HD static T mul_nonzero(T p, T x) { return p == T(0) ? T(0) : p * x; }             \
     KDFAST_HD static T pick_equal(T a, T b, T x, T y) { return a == b ? x : y; }               \
+    KDFAST_HD static T pick_positive(T c, T x, T y) { return c > T(0) ? x : y; }              \
+    KDFAST_HD static T abs(T x) { return x < T(0) ? -x : x; }                                 \
   };
 // float exp and log: the hardware approximations in device code (kd_div and topk_kd; the extension is built without
 // --use_fast_math, and docs/gpu-check.md "Floating-point flags" gives their error bounds), libm's on the host.
@@ -108,21 +121,28 @@ KDFAST_SCALAR_VMATH(float, expf, logf)
 KDFAST_SCALAR_VMATH(double, ::exp, ::log)
 #undef KDFAST_SCALAR_VMATH
 
-// log m, m = beta p_t + (1 - beta) p_s, from the log-probabilities: exactly log p where both are equal (rounding
-// the mixture would leave a positive residue of about 1e-7 per row of identical distributions).
+// log m, m = beta p_t + (1 - beta) p_s, formed in log space from the log-probabilities: the larger weighted side
+// plus log(w_hi + w_lo exp(-|lpt - lps|)), whose argument lies in [min(beta, 1 - beta), 1], so that a mixture of
+// subnormal or underflowing probabilities keeps its logarithm (the linear sum gave log 0 = -inf there, and inf or
+// NaN terms). Exactly log p where both are equal (rounding the mixture would leave a residue of about 1e-7 per row
+// of identical distributions). Both -inf (no term there): -inf.
 template <class V, class S>
-KDFAST_HD inline V jsd_log_mixture(S beta, V lps, V lpt, V ps, V pt) {
+KDFAST_HD inline V jsd_log_mixture(S beta, V lps, V lpt) {
   using M = VMath<V>;
-  return M::pick_equal(lps, lpt, lps, M::log(V(beta) * pt + V(S(1) - beta) * ps));
+  const V d = lpt - lps;
+  const V hi = M::pick_positive(d, lpt, lps);
+  const V w_hi = M::pick_positive(d, V(beta), V(S(1) - beta)), w_lo = M::pick_positive(d, V(S(1) - beta), V(beta));
+  return M::pick_equal(lps, lpt, lps, hi + M::log(w_hi + w_lo * M::exp(-M::abs(d))));
 }
 
-// Gradient of one row's divergence with respect to a = s/T (da) and b = t/T (db), for one element (or one
-// vector of elements). lse_*: row logsumexps; aux0/aux1: the row statistics of KdStat.
+// Gradient of one row's divergence with respect to s/T (da) and t/T (db), for one element (or one vector of
+// elements), from a = (s - max(s)) / T and b = (t - max(t)) / T. ls_*: the rows' log-sums (KdStat); aux0/aux1: the
+// row statistics of KdStat.
 template <class V, class S>
-KDFAST_HD inline void divergence_grad(Divergence d, S beta, V a, V b, S lse_s, S lse_t, S aux0, S aux1,
+KDFAST_HD inline void divergence_grad(Divergence d, S beta, V a, V b, S ls_s, S ls_t, S aux0, S aux1,
                                       V& da, V& db) {
   using M = VMath<V>;
-  const V lps = a - V(lse_s), lpt = b - V(lse_t);
+  const V lps = a - V(ls_s), lpt = b - V(ls_t);
   const V ps = M::exp(lps), pt = M::exp(lpt);
   if (d == Divergence::KL) {
     da = ps - pt;
@@ -131,59 +151,65 @@ KDFAST_HD inline void divergence_grad(Divergence d, S beta, V a, V b, S lse_s, S
     da = M::mul_nonzero(ps, lps - lpt - V(aux0));
     db = pt - ps;
   } else {
-    const V lm = jsd_log_mixture<V, S>(beta, lps, lpt, ps, pt);
+    const V lm = jsd_log_mixture<V, S>(beta, lps, lpt);
     da = V(S(1) - beta) * M::mul_nonzero(ps, lps - lm - V(aux1));
     db = V(beta) * M::mul_nonzero(pt, lpt - lm - V(aux0));
   }
 }
 
-// The two Jensen-Shannon partial sums of one element: KL(p_t || m) and KL(p_s || m) contributions.
+// The two Jensen-Shannon partial sums of one element: KL(p_t || m) and KL(p_s || m) contributions, from a and b
+// relative to the rows' maxima (as divergence_grad).
 template <class V, class S>
-KDFAST_HD inline void jsd_terms(S beta, V a, V b, S lse_s, S lse_t, V& kl_t, V& kl_s) {
+KDFAST_HD inline void jsd_terms(S beta, V a, V b, S ls_s, S ls_t, V& kl_t, V& kl_s) {
   using M = VMath<V>;
-  const V lps = a - V(lse_s), lpt = b - V(lse_t);
+  const V lps = a - V(ls_s), lpt = b - V(ls_t);
   const V ps = M::exp(lps), pt = M::exp(lpt);
-  const V lm = jsd_log_mixture<V, S>(beta, lps, lpt, ps, pt);
+  const V lm = jsd_log_mixture<V, S>(beta, lps, lpt);
   kl_t = M::mul_nonzero(pt, lpt - lm);
   kl_s = M::mul_nonzero(ps, lps - lm);
 }
 
-// Online softmax state of one stream: running max m and sum z of exp(x - m). A second weighted sum w
-// (sum of exp(x - m) * y) rides along for the KL terms.
+// Online softmax state of one stream of raw logits x: running max m (of x, not x / T) and sum z of
+// exp((x - m) / T). A second weighted sum w (sum of exp((x - m) / T) * y) rides along for the KL terms.
 template <class S> struct OnlineSum {
   S m, z, w;
 };
 
-// Merge two partial states (of disjoint element sets) into one. An empty state has m = -inf, z = w = 0.
+// Merge two partial states (of disjoint element sets) into one. An empty state has m = -inf, z = w = 0. A part
+// whose scale factor underflows to 0 adds nothing to w, also where its w is infinite (a class of the other side at
+// -inf whose own probability underflows: 0 * inf would make the row NaN). inv_T = 1 for sums of exp(x - m).
 template <class S>
-KDFAST_HD inline OnlineSum<S> merge(OnlineSum<S> x, OnlineSum<S> y) {
+KDFAST_HD inline OnlineSum<S> merge(OnlineSum<S> x, OnlineSum<S> y, S inv_T = S(1)) {
+  using M = VMath<S>;
   if (x.m != x.m || y.m != y.m) return {NAN, NAN, NAN};  // NaN seen: keep it
   const S m = x.m > y.m ? x.m : y.m;
   if (m == -INFINITY) return {m, x.z + y.z, x.w + y.w};  // both empty (or all -inf)
-  const S fx = VMath<S>::exp(x.m - m), fy = VMath<S>::exp(y.m - m);
-  return {m, x.z * fx + y.z * fy, x.w * fx + y.w * fy};
+  const S fx = M::exp((x.m - m) * inv_T), fy = M::exp((y.m - m) * inv_T);
+  return {m, x.z * fx + y.z * fy, M::mul_nonzero(fx, x.w) + M::mul_nonzero(fy, y.w)};
 }
 
+// logsumexp of the values of a state built with inv_T = 1.
 template <class S>
 KDFAST_HD inline S lse_of(const OnlineSum<S>& x) { return x.m + VMath<S>::log(x.z); }
 
-// A row's forward accumulators: online sums of a = s/T (student) and b = t/T (teacher). The weighted sum w
-// rides on the teacher for kl (sum exp(b - mb) (b - a)) and on the student for reverse_kl
-// (sum exp(a - ma) (a - b)). z1 = sum exp(s - T ma) gives logsumexp(s) for cross-entropy; sy = s[target].
+// A row's forward accumulators: online sums of the student s and the teacher t. The weighted sum w rides on the
+// teacher for kl (sum exp((t - m_t) / T) (t - s) / T) and on the student for reverse_kl
+// (sum exp((s - m_s) / T) (s - t) / T). z1 = sum exp(s - m_s) gives the log-sum of s at T = 1 for cross-entropy;
+// sy = s[target].
 template <class S> struct KdRowState {
   OnlineSum<S> s, t;
   S z1, sy;
 };
 
-// Merge the accumulators of two disjoint parts of one row (lanes on CPU, threads on CUDA). z1 is relative to
-// T * m_s, so it rescales like z_s with exponents multiplied by T.
+// Merge the accumulators of two disjoint parts of one row (lanes on CPU, threads on CUDA). z1 is relative to m_s
+// at T = 1.
 template <class S>
-KDFAST_HD inline KdRowState<S> merge(const KdRowState<S>& x, const KdRowState<S>& y, S T) {
+KDFAST_HD inline KdRowState<S> merge(const KdRowState<S>& x, const KdRowState<S>& y, S inv_T) {
   KdRowState<S> r;
-  r.s = merge(x.s, y.s);
-  r.t = merge(x.t, y.t);
+  r.s = merge(x.s, y.s, inv_T);
+  r.t = merge(x.t, y.t, inv_T);
   const S ref = r.s.m == -INFINITY ? S(0) : r.s.m;
-  r.z1 = x.z1 * VMath<S>::exp((x.s.m - ref) * T) + y.z1 * VMath<S>::exp((y.s.m - ref) * T);
+  r.z1 = x.z1 * VMath<S>::exp(x.s.m - ref) + y.z1 * VMath<S>::exp(y.s.m - ref);
   r.sy = x.sy + y.sy;
   return r;
 }
@@ -199,27 +225,29 @@ template <class S>
 KDFAST_HD inline void kd_finish_row(const KdProblem& p, int64_t row, const KdRowState<S>& st) {
   const int64_t rows = p.rows();
   S* stats = static_cast<S*>(p.stats);
-  const S lse_s = lse_of(st.s), lse_t = lse_of(st.t);
-  stats[kLseStudent * rows + row] = lse_s;
-  stats[kLseTeacher * rows + row] = lse_t;
+  const S ls_s = VMath<S>::log(st.s.z), ls_t = VMath<S>::log(st.t.z);
+  stats[kMaxStudent * rows + row] = st.s.m;
+  stats[kMaxTeacher * rows + row] = st.t.m;
+  stats[kLogSumStudent * rows + row] = ls_s;
+  stats[kLogSumTeacher * rows + row] = ls_t;
   if (p.divergence != Divergence::JSD) {
-    // KL(p || q) = E_p[x - y] - (m_x - m_y) - log z_x + log z_y for rows x, y with maxima m and sums z relative to
-    // them: each bracket is exactly 0 for one class and for identical rows, where the form with the logsumexps
+    // KL(p || q) = E_p[x - y] - (m_x - m_y) / T - log z_x + log z_y for rows x, y with maxima m and sums z relative
+    // to them: each bracket is exactly 0 for one class and for identical rows, where the form with the logsumexps
     // leaves a rounding residue (-4.8e-7 per row for one float32 class).
     const bool kl = p.divergence == Divergence::KL;
     const OnlineSum<S>& x = kl ? st.t : st.s;
     const OnlineSum<S>& y = kl ? st.s : st.t;
-    const S div = (x.w / x.z - (x.m - y.m)) + (VMath<S>::log(y.z) - VMath<S>::log(x.z));
+    const S div = (x.w / x.z - (x.m - y.m) * (S(1) / S(p.temperature))) + ((kl ? ls_s : ls_t) - (kl ? ls_t : ls_s));
     stats[kAux0 * rows + row] = div;
     static_cast<S*>(p.div)[row] = kd_nonnegative(div);
   }
   if (p.target) {
-    const S T = S(p.temperature);
-    const S lse1 = T == S(1) ? lse_s : T * st.s.m + VMath<S>::log(st.z1);
-    stats[kd_lse1_plane(p.divergence) * rows + row] = lse1;
+    const S ls1 = p.temperature == 1.0 ? ls_s : VMath<S>::log(st.z1);
+    stats[kd_lse1_plane(p.divergence) * rows + row] = ls1;
     const int64_t y = p.target[row];
     // An out-of-range class (checked on the host where that costs no synchronisation) gives NaN.
-    static_cast<S*>(p.ce)[row] = y == p.ignore_index ? S(0) : (y >= 0 && y < p.classes ? lse1 - st.sy : S(NAN));
+    static_cast<S*>(p.ce)[row] =
+        y == p.ignore_index ? S(0) : (y >= 0 && y < p.classes ? (st.s.m - st.sy) + ls1 : S(NAN));
   }
 }
 

@@ -8,8 +8,9 @@
 //   pixel mode (inner > 1):  vector k holds class c0 + k of W neighbouring rows (positions i0 .. i0 + W),
 //               read through the class stride `inner`; every lane is its own row, so no transposing copy.
 // The forward makes one pass over the inputs with an online softmax (block max, one rescale per block);
-// jsd adds a second pass once the row's logsumexps are known. The backward recomputes the probabilities
-// from the saved row statistics and writes each gradient once.
+// jsd adds a second pass once the row's maxima and log-sums are known. The backward recomputes the probabilities
+// from the saved row statistics and writes each gradient once. Maxima are of the raw logits: every exponent is
+// (x - max) / T, exact in the subtraction, so that logits far from 0 keep their precision.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -46,12 +47,19 @@ template <class A> struct KdLanes {
 template <class A> struct KdConsts {
   using V = Vectorized<A>;
   Divergence div;
-  A T, inv_T, beta;
-  bool target, ce_rescale;  // ce_rescale: target given and T != 1, so logsumexp(s) needs its own sum
+  A inv_T, beta;
+  bool target, ce_rescale;  // ce_rescale: target given and T != 1, so the log-sum of s at T = 1 needs its own sum
   explicit KdConsts(const KdProblem& p)
-      : div(p.divergence), T(A(p.temperature)), inv_T(A(1) / A(p.temperature)), beta(A(p.beta)),
+      : div(p.divergence), inv_T(A(1) / A(p.temperature)), beta(A(p.beta)),
         target(p.target != nullptr), ce_rescale(p.target != nullptr && p.temperature != 1.0) {}
 };
+
+// The reference point of a row's exponents: its maximum, or 0 where it has seen only -inf (so that exp gives 0,
+// not NaN).
+template <class A>
+inline Vectorized<A> ref_point(Vectorized<A> m) {
+  return Vectorized<A>::blendv(m, Vectorized<A>(A(0)), m == Vectorized<A>(-std::numeric_limits<A>::infinity()));
+}
 
 // Forward: fold one staged block (raw logits s, t; class index of every lane `cls`; the lanes' targets `y`)
 // into the lanes' online sums.
@@ -64,26 +72,26 @@ inline void fwd_block(const KdConsts<A>& k, const A* s, const A* t, const Vector
   const V inv(k.inv_T), ninf(-std::numeric_limits<A>::infinity()), zero(A(0));
   V bms = ninf, bmt = ninf;
   for (int j = 0; j < nvec; ++j) {
-    bms = at::vec::maximum(bms, V::loadu(s + j * W) * inv);
-    bmt = at::vec::maximum(bmt, V::loadu(t + j * W) * inv);
+    bms = at::vec::maximum(bms, V::loadu(s + j * W));
+    bmt = at::vec::maximum(bmt, V::loadu(t + j * W));
   }
   const V nms = at::vec::maximum(L.ms, bms), nmt = at::vec::maximum(L.mt, bmt);
-  // Reference points: the new maxima, or 0 where a lane has seen only -inf (so that exp gives 0, not NaN).
-  const V rs = V::blendv(nms, zero, nms == ninf), rt = V::blendv(nmt, zero, nmt == ninf);
-  const V fs = M::exp(L.ms - rs), ft = M::exp(L.mt - rt);
+  const V rs = ref_point(nms), rt = ref_point(nmt);
+  const V fs = M::exp((L.ms - rs) * inv), ft = M::exp((L.mt - rt) * inv);
   L.zs = L.zs * fs;
   L.zt = L.zt * ft;
-  L.w = L.w * (k.div == Divergence::KL ? ft : fs);
-  if (k.ce_rescale) L.z1 = L.z1 * M::exp((L.ms - rs) * V(k.T));
+  // An underflowed factor drops the lane's past terms, an infinite w included (see merge in common/kd_div.h).
+  L.w = M::mul_nonzero(k.div == Divergence::KL ? ft : fs, L.w);
+  if (k.ce_rescale) L.z1 = L.z1 * M::exp(L.ms - rs);
   for (int j = 0; j < nvec; ++j) {
-    const V sv = V::loadu(s + j * W), a = sv * inv, b = V::loadu(t + j * W) * inv;
-    const V es = M::exp(a - rs), et = M::exp(b - rt);
+    const V sv = V::loadu(s + j * W), tv = V::loadu(t + j * W);
+    const V es = M::exp((sv - rs) * inv), et = M::exp((tv - rt) * inv);
     L.zs = L.zs + es;
     L.zt = L.zt + et;
-    if (k.div == Divergence::KL) L.w = L.w + M::mul_nonzero(et, b - a);
-    else if (k.div == Divergence::ReverseKL) L.w = L.w + M::mul_nonzero(es, a - b);
+    if (k.div == Divergence::KL) L.w = L.w + M::mul_nonzero(et, (tv - sv) * inv);
+    else if (k.div == Divergence::ReverseKL) L.w = L.w + M::mul_nonzero(es, (sv - tv) * inv);
     if (k.target) {
-      if (k.ce_rescale) L.z1 = L.z1 + M::exp((a - rs) * V(k.T));
+      if (k.ce_rescale) L.z1 = L.z1 + M::exp(sv - rs);
       L.sy = L.sy + V::blendv(zero, sv, cls[j] == y);
     }
   }
@@ -91,26 +99,28 @@ inline void fwd_block(const KdConsts<A>& k, const A* s, const A* t, const Vector
   L.mt = nmt;
 }
 
-// jsd second pass over one staged block, given the lanes' logsumexps.
+// The statistics and upstream gradients of the rows behind a block's lanes: reference points (maxima) and
+// log-sums of both sides (KdStat), the divergence's row statistics, the cross-entropy's log-sum at T = 1.
+template <class A> struct KdLaneStats {
+  using V = Vectorized<A>;
+  V ms, mt, ls_s, ls_t, aux0, aux1, ls1, g, gce, y;
+};
+
+// jsd second pass over one staged block, given the lanes' maxima and log-sums.
 template <class A>
-inline void jsd_block(const KdConsts<A>& k, const A* s, const A* t, int nvec, Vectorized<A> lse_s,
-                      Vectorized<A> lse_t, Vectorized<A>& kl_t, Vectorized<A>& kl_s) {
+inline void jsd_block(const KdConsts<A>& k, const A* s, const A* t, int nvec, const KdLaneStats<A>& r,
+                      Vectorized<A>& kl_t, Vectorized<A>& kl_s) {
   using V = Vectorized<A>;
   constexpr int W = V::size();
   const V inv(k.inv_T);
   for (int j = 0; j < nvec; ++j) {
     V dt, ds;
-    jsd_terms<V, V>(V(k.beta), V::loadu(s + j * W) * inv, V::loadu(t + j * W) * inv, lse_s, lse_t, dt, ds);
+    jsd_terms<V, V>(V(k.beta), (V::loadu(s + j * W) - r.ms) * inv, (V::loadu(t + j * W) - r.mt) * inv, r.ls_s,
+                    r.ls_t, dt, ds);
     kl_t = kl_t + dt;
     kl_s = kl_s + ds;
   }
 }
-
-// The statistics and upstream gradients of the rows behind a block's lanes.
-template <class A> struct KdLaneStats {
-  using V = Vectorized<A>;
-  V lse_s, lse_t, aux0, aux1, lse1, g, gce, y;
-};
 
 // Backward of one block: gradients with respect to the raw logits into gs_out (and gt_out unless null).
 template <class A>
@@ -124,11 +134,11 @@ inline void bwd_block(const KdConsts<A>& k, const A* s, const A* t, const Vector
   for (int j = 0; j < nvec; ++j) {
     const V sv = V::loadu(s + j * W);
     V da, db;
-    divergence_grad<V, V>(k.div, V(k.beta), sv * inv, V::loadu(t + j * W) * inv, r.lse_s, r.lse_t, r.aux0, r.aux1,
-                          da, db);
+    divergence_grad<V, V>(k.div, V(k.beta), (sv - r.ms) * inv, (V::loadu(t + j * W) - r.mt) * inv, r.ls_s, r.ls_t,
+                          r.aux0, r.aux1, da, db);
     V gs = M::mul_nonzero(g, da);
     if (k.target) {
-      const V p1 = M::exp(sv - r.lse1) - V::blendv(zero, V(A(1)), cls[j] == r.y);
+      const V p1 = M::exp((sv - r.ms) - r.ls1) - V::blendv(zero, V(A(1)), cls[j] == r.y);
       gs = gs + M::mul_nonzero(r.gce, p1);
     }
     gs.store(gs_out + j * W);
@@ -184,28 +194,25 @@ struct KdKernel {
 
   void forward_row(int64_t row) const {
     alignas(64) A bs[kRowBlock], bt[kRowBlock];
-    if (p.stats_given) return jsd_row(row, bs, bt);
-    KdLanes<A> L;
-    const V y(target_of(row));
-    row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V* cls, const A* sp, const A* tp) {
-      fwd_block(k, sp, tp, cls, y, nvec, L);
-    });
-    KdRowState<A> st = L.lane(0);
-    for (int l = 1; l < W; ++l) st = merge(st, L.lane(l), k.T);
-    kd_finish_row(p, row, st);
-    if (k.div == Divergence::JSD) jsd_row(row, bs, bt);
-  }
-
-  // jsd's pass over a row, with the logsumexps in stats.
-  void jsd_row(int64_t row, A* bs, A* bt) const {
-    const A* stats = static_cast<const A*>(p.stats);
-    const V lse_s(stats[kLseStudent * p.rows() + row]), lse_t(stats[kLseTeacher * p.rows() + row]);
-    V kl_t(A(0)), kl_s(A(0));
-    row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V*, const A* sp, const A* tp) {
-      jsd_block(k, sp, tp, nvec, lse_s, lse_t, kl_t, kl_s);
-    });
-    jsd_finish_row<A>(p, row, at::vec::vec_reduce_all<A>(std::plus<V>(), kl_t),
-                      at::vec::vec_reduce_all<A>(std::plus<V>(), kl_s));
+    if (!p.stats_given) {
+      KdLanes<A> L;
+      const V y(target_of(row));
+      row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V* cls, const A* sp, const A* tp) {
+        fwd_block(k, sp, tp, cls, y, nvec, L);
+      });
+      KdRowState<A> st = L.lane(0);
+      for (int l = 1; l < W; ++l) st = merge(st, L.lane(l), k.inv_T);
+      kd_finish_row(p, row, st);
+    }
+    if (k.div == Divergence::JSD) {
+      const KdLaneStats<A> r = softmax_stats(row, 1);
+      V kl_t(A(0)), kl_s(A(0));
+      row_blocks(row, bs, bt, [&](int64_t, int64_t, int nvec, const V*, const A* sp, const A* tp) {
+        jsd_block(k, sp, tp, nvec, r, kl_t, kl_s);
+      });
+      jsd_finish_row<A>(p, row, at::vec::vec_reduce_all<A>(std::plus<V>(), kl_t),
+                        at::vec::vec_reduce_all<A>(std::plus<V>(), kl_s));
+    }
   }
 
   void backward_row(int64_t row, TS* gs, TT* gt) const {
@@ -225,16 +232,28 @@ struct KdKernel {
     });
   }
 
-  // Statistics of rows [row, row + n) as lanes (n == 1 broadcasts one row to every lane).
+  // The softmax statistics of rows [row, row + n) as lanes (n == 1 broadcasts one row to every lane): maxima as
+  // reference points (ref_point) and log-sums; the rest 0 (what jsd's second pass of the forward needs).
+  KdLaneStats<A> softmax_stats(int64_t row, int n) const {
+    const A* st = static_cast<const A*>(p.stats);
+    const int64_t R = p.rows();
+    auto load = [&](const A* base) { return n == 1 ? V(base[row]) : V::loadu(base + row, n); };
+    KdLaneStats<A> r{};
+    r.ms = ref_point(load(st + kMaxStudent * R));
+    r.mt = ref_point(load(st + kMaxTeacher * R));
+    r.ls_s = load(st + kLogSumStudent * R);
+    r.ls_t = load(st + kLogSumTeacher * R);
+    return r;
+  }
+
+  // All statistics and upstream gradients of rows [row, row + n) as lanes, for the backward.
   KdLaneStats<A> lane_stats(int64_t row, int n) const {
     const A* st = static_cast<const A*>(p.stats);
     const A* gd = static_cast<const A*>(p.grad_div);
     const A* gc = static_cast<const A*>(p.grad_ce);
     const int64_t R = p.rows();
     auto load = [&](const A* base) { return n == 1 ? V(base[row]) : V::loadu(base + row, n); };
-    KdLaneStats<A> r;
-    r.lse_s = load(st + kLseStudent * R);
-    r.lse_t = load(st + kLseTeacher * R);
+    KdLaneStats<A> r = softmax_stats(row, n);
     r.aux0 = load(st + kAux0 * R);
     r.aux1 = k.div == Divergence::JSD ? load(st + kAux1 * R) : V(A(0));
     if (p.row_mask || p.skip_ignored) {
@@ -245,7 +264,7 @@ struct KdKernel {
       r.g = p.grad_div_stride == 0 ? V(gd[0]) : load(gd);
     }
     if (k.target) {
-      r.lse1 = load(st + kd_lse1_plane(k.div) * R);
+      r.ls1 = load(st + kd_lse1_plane(k.div) * R);
       // An ignored row's cross-entropy is the constant 0: no gradient flows through it.
       alignas(64) A y[W] = {}, g[W] = {};
       for (int l = 0; l < n; ++l) {
@@ -255,7 +274,7 @@ struct KdKernel {
       r.y = n == 1 ? V(y[0]) : V::loadu(y);
       r.gce = n == 1 ? V(g[0]) : V::loadu(g);
     } else {
-      r.lse1 = r.gce = r.y = V(A(0));
+      r.ls1 = r.gce = r.y = V(A(0));
     }
     return r;
   }
@@ -292,12 +311,28 @@ struct KdKernel {
 
   void forward_short(int64_t row) const {
     alignas(64) A bs[kShortRow], bt[kShortRow];
-    using M = VMath<V>;
-    const int64_t C = p.classes;
-    const ShortRow R(C);
+    const ShortRow R(p.classes);
     const A* sp = row_as_acc(s, row, bs);
     const A* tp = row_as_acc(t, row, bt);
-    if (p.stats_given) return jsd_short(row, R, sp, tp);
+    if (!p.stats_given) short_stats(row, R, sp, tp);
+    if (k.div != Divergence::JSD) return;
+    const KdLaneStats<A> r = softmax_stats(row, 1);
+    const V inv(k.inv_T);
+    V kl_t(A(0)), kl_s(A(0));
+    for (int64_t c = 0; c < p.classes; c += W) {
+      V dt, ds;
+      jsd_terms<V, V>(V(k.beta), (R.at(sp, c) - r.ms) * inv, (R.at(tp, c) - r.mt) * inv, r.ls_s, r.ls_t, dt, ds);
+      kl_t = kl_t + dt;
+      kl_s = kl_s + ds;
+    }
+    auto vsum = [](V x, V y) { return x + y; };
+    jsd_finish_row<A>(p, row, at::vec::vec_reduce_all<A>(vsum, kl_t), at::vec::vec_reduce_all<A>(vsum, kl_s));
+  }
+
+  // A short row's statistics (and kl's or reverse_kl's divergence), written by kd_finish_row.
+  void short_stats(int64_t row, const ShortRow& R, const A* sp, const A* tp) const {
+    using M = VMath<V>;
+    const int64_t C = p.classes;
     const A ninf = -std::numeric_limits<A>::infinity();
     V vs(ninf), vt(ninf);
     for (int64_t c = 0; c < C; c += W) {
@@ -306,18 +341,17 @@ struct KdKernel {
     }
     auto vmax = [](V x, V y) { return at::vec::maximum(x, y); };
     auto vsum = [](V x, V y) { return x + y; };
-    // max(s) / T is the largest s / T exactly: rounding a product by a positive constant keeps the order.
-    const A ms = at::vec::vec_reduce_all<A>(vmax, vs) * k.inv_T, mt = at::vec::vec_reduce_all<A>(vmax, vt) * k.inv_T;
-    const V rs(ms == ninf ? A(0) : ms), rt(mt == ninf ? A(0) : mt), inv(k.inv_T), T(k.T);
+    const A ms = at::vec::vec_reduce_all<A>(vmax, vs), mt = at::vec::vec_reduce_all<A>(vmax, vt);
+    const V rs(ms == ninf ? A(0) : ms), rt(mt == ninf ? A(0) : mt), inv(k.inv_T);
     V zs(A(0)), zt(A(0)), w(A(0)), z1(A(0));
     for (int64_t c = 0; c < C; c += W) {
-      const V a = R.at(sp, c) * inv, b = R.at(tp, c) * inv;
-      const V es = M::exp(a - rs), et = M::exp(b - rt);
+      const V sv = R.at(sp, c), tv = R.at(tp, c);
+      const V es = M::exp((sv - rs) * inv), et = M::exp((tv - rt) * inv);
       zs = zs + es;
       zt = zt + et;
-      if (k.div == Divergence::KL) w = w + M::mul_nonzero(et, b - a);
-      else if (k.div == Divergence::ReverseKL) w = w + M::mul_nonzero(es, a - b);
-      if (k.ce_rescale) z1 = z1 + M::exp((a - rs) * T);
+      if (k.div == Divergence::KL) w = w + M::mul_nonzero(et, (tv - sv) * inv);
+      else if (k.div == Divergence::ReverseKL) w = w + M::mul_nonzero(es, (sv - tv) * inv);
+      if (k.ce_rescale) z1 = z1 + M::exp(sv - rs);
     }
     const A sw = at::vec::vec_reduce_all<A>(vsum, w);
     KdRowState<A> st{{ms, at::vec::vec_reduce_all<A>(vsum, zs), sw}, {mt, at::vec::vec_reduce_all<A>(vsum, zt), sw},
@@ -327,22 +361,6 @@ struct KdKernel {
       if (y >= 0 && y < C) st.sy = sp[y];
     }
     kd_finish_row(p, row, st);
-    if (k.div == Divergence::JSD) jsd_short(row, R, sp, tp);
-  }
-
-  // jsd's pass over a short row, with the logsumexps in stats.
-  void jsd_short(int64_t row, const ShortRow& R, const A* sp, const A* tp) const {
-    const A* stats = static_cast<const A*>(p.stats);
-    const V lse_s(stats[kLseStudent * p.rows() + row]), lse_t(stats[kLseTeacher * p.rows() + row]), inv(k.inv_T);
-    V kl_t(A(0)), kl_s(A(0));
-    for (int64_t c = 0; c < p.classes; c += W) {
-      V dt, ds;
-      jsd_terms<V, V>(V(k.beta), R.at(sp, c) * inv, R.at(tp, c) * inv, lse_s, lse_t, dt, ds);
-      kl_t = kl_t + dt;
-      kl_s = kl_s + ds;
-    }
-    auto vsum = [](V x, V y) { return x + y; };
-    jsd_finish_row<A>(p, row, at::vec::vec_reduce_all<A>(vsum, kl_t), at::vec::vec_reduce_all<A>(vsum, kl_s));
   }
 
   void backward_short(int64_t row, TS* gs, TT* gt) const {
@@ -408,12 +426,10 @@ struct KdKernel {
       for (int l = 0; l < nl; ++l) kd_finish_row(p, row0 + l, L.lane(l));
     }
     if (k.div == Divergence::JSD) {
-      const A* stats = static_cast<const A*>(p.stats);
-      const V lse_s = V::loadu(stats + kLseStudent * p.rows() + row0, nl);
-      const V lse_t = V::loadu(stats + kLseTeacher * p.rows() + row0, nl);
+      const KdLaneStats<A> r = softmax_stats(row0, nl);
       V kl_t(A(0)), kl_s(A(0));
       pixel_blocks(o, i0, nl, bs, bt, [&](int64_t, int nk, const V*) {
-        jsd_block(k, bs, bt, nk, lse_s, lse_t, kl_t, kl_s);
+        jsd_block(k, bs, bt, nk, r, kl_t, kl_s);
       });
       alignas(64) A kt[W], ks[W];
       kl_t.store(kt);
@@ -479,24 +495,32 @@ namespace kdfast::cpu::CPU_CAPABILITY {
 
 template <template <class, class, class> class Kernel, class F>
 void dispatch_kd_types(const KdProblem& p, F&& f) {
-  // double accumulates in double and is only paired with double (the op converts a mixed double pair).
-  auto with_teacher = [&](auto s_tag) {
+  // Every pair of input dtypes is read as it is; the accumulator is double with acc_double (a float64 input, or a
+  // temperature above kKdPreciseT), float otherwise.
+  auto with_acc = [&](auto s_tag, auto acc_tag) {
     using TS = decltype(s_tag);
+    using A = decltype(acc_tag);
     switch (p.teacher_dtype) {
-      case DType::Float32: return f(Kernel<TS, float, float>(p));
-      case DType::Float16: return f(Kernel<TS, c10::Half, float>(p));
-      case DType::BFloat16: return f(Kernel<TS, c10::BFloat16, float>(p));
-      default: TORCH_CHECK(false, "kdfast: unsupported teacher dtype");
+      case DType::Float64:
+        if constexpr (std::is_same_v<A, double>) return f(Kernel<TS, double, A>(p));
+        TORCH_CHECK(false, "kdfast: a float64 teacher accumulates in double");
+      case DType::Float32: return f(Kernel<TS, float, A>(p));
+      case DType::Float16: return f(Kernel<TS, c10::Half, A>(p));
+      case DType::BFloat16: return f(Kernel<TS, c10::BFloat16, A>(p));
     }
   };
-  switch (p.student_dtype) {
-    case DType::Float64:
-      TORCH_CHECK(p.teacher_dtype == DType::Float64 && p.acc_double, "kdfast: float64 pairs only with float64");
-      return f(Kernel<double, double, double>(p));
-    case DType::Float32: return with_teacher(float{});
-    case DType::Float16: return with_teacher(c10::Half{});
-    case DType::BFloat16: return with_teacher(c10::BFloat16{});
-  }
+  auto with_student = [&](auto acc_tag) {
+    switch (p.student_dtype) {
+      case DType::Float64:
+        if constexpr (std::is_same_v<decltype(acc_tag), double>) return with_acc(double{}, acc_tag);
+        TORCH_CHECK(false, "kdfast: a float64 student accumulates in double");
+      case DType::Float32: return with_acc(float{}, acc_tag);
+      case DType::Float16: return with_acc(c10::Half{}, acc_tag);
+      case DType::BFloat16: return with_acc(c10::BFloat16{}, acc_tag);
+    }
+  };
+  if (p.acc_double) with_student(double{});
+  else with_student(float{});
 }
 
 void kd_forward(const KdProblem& p) {

@@ -16,6 +16,8 @@ template <class T> struct VMath<at::vec::Vectorized<T>> {
   // maximum then weighs exactly 1, so that one class and identical rows give an exactly 0 divergence and gradient.
   static V exp(V x) { return V::blendv(x.exp_u20(), x + V(T(1)), (x != x) | (x == V(T(0)))); }
   static V pick_equal(V a, V b, V x, V y) { return V::blendv(y, x, a == b); }
+  static V pick_positive(V c, V x, V y) { return V::blendv(y, x, c > V(T(0))); }
+  static V abs(V x) { return x.abs(); }
   static V log(V x) { return x.log(); }
   static V mul_nonzero(V p, V x) { return V::blendv(p * x, V(T(0)), p == V(T(0))); }
 };

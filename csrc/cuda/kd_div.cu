@@ -70,16 +70,20 @@ template <class A> __device__ __forceinline__ A nan_max(A x, A y) { return (x !=
 
 template <class A> struct Consts {
   Divergence div;
-  A T, inv_T, beta;
+  A inv_T, beta;
   bool target, ce_rescale;
 };
 
 template <class A> Consts<A> consts_of(const KdProblem& p) {
-  return {p.divergence, A(p.temperature), A(1) / A(p.temperature), A(p.beta), p.target != nullptr,
+  return {p.divergence, A(1) / A(p.temperature), A(p.beta), p.target != nullptr,
           p.target != nullptr && p.temperature != 1.0};
 }
 
-// One chunk of raw logits (s, t) of classes c0 .. c0 + n folded into a thread's online state.
+// The reference point of a row's exponents: its maximum (of the raw logits), or 0 where it has seen only -inf.
+template <class A> __device__ __forceinline__ A ref_point(A m) { return m == A(-INFINITY) ? A(0) : m; }
+
+// One chunk of raw logits (s, t) of classes c0 .. c0 + n folded into a thread's online state. Maxima are of the raw
+// logits: every exponent is (x - max) / T (see csrc/cpu/kd_div_kernel.h).
 template <int VEC, class A>
 __device__ __forceinline__ void fwd_chunk(const Consts<A>& k, const A (&s)[VEC], const A (&t)[VEC], int64_t c0, int n,
                                           int64_t y, KdRowState<A>& st) {
@@ -87,28 +91,30 @@ __device__ __forceinline__ void fwd_chunk(const Consts<A>& k, const A (&s)[VEC],
   A bms = -INFINITY, bmt = -INFINITY;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    a[j] = j < n ? s[j] * k.inv_T : A(-INFINITY);
-    b[j] = j < n ? t[j] * k.inv_T : A(-INFINITY);
+    a[j] = j < n ? s[j] : A(-INFINITY);
+    b[j] = j < n ? t[j] : A(-INFINITY);
     bms = nan_max(bms, a[j]);
     bmt = nan_max(bmt, b[j]);
   }
   const A nms = nan_max(st.s.m, bms), nmt = nan_max(st.t.m, bmt);
-  const A rs = nms == A(-INFINITY) ? A(0) : nms, rt = nmt == A(-INFINITY) ? A(0) : nmt;
-  const A fs = VMath<A>::exp(st.s.m - rs), ft = VMath<A>::exp(st.t.m - rt);
+  const A rs = ref_point(nms), rt = ref_point(nmt);
+  const A fs = VMath<A>::exp((st.s.m - rs) * k.inv_T), ft = VMath<A>::exp((st.t.m - rt) * k.inv_T);
   st.s.z *= fs;
   st.t.z *= ft;
-  st.s.w *= fs;  // reverse_kl's weighted sum rides on the student ...
-  st.t.w *= ft;  // ... kl's on the teacher (each thread keeps the one its divergence needs)
-  if (k.ce_rescale) st.z1 *= VMath<A>::exp((st.s.m - rs) * k.T);
+  // reverse_kl's weighted sum rides on the student, kl's on the teacher (each thread keeps the one its divergence
+  // needs); an underflowed factor drops past terms, an infinite w included (see merge in common/kd_div.h).
+  st.s.w = VMath<A>::mul_nonzero(fs, st.s.w);
+  st.t.w = VMath<A>::mul_nonzero(ft, st.t.w);
+  if (k.ce_rescale) st.z1 *= VMath<A>::exp(st.s.m - rs);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    const A es = VMath<A>::exp(a[j] - rs), et = VMath<A>::exp(b[j] - rt);
+    const A es = VMath<A>::exp((a[j] - rs) * k.inv_T), et = VMath<A>::exp((b[j] - rt) * k.inv_T);
     st.s.z += es;
     st.t.z += et;
-    if (k.div == Divergence::KL) st.t.w += VMath<A>::mul_nonzero(et, b[j] - a[j]);
-    else if (k.div == Divergence::ReverseKL) st.s.w += VMath<A>::mul_nonzero(es, a[j] - b[j]);
+    if (k.div == Divergence::KL) st.t.w += VMath<A>::mul_nonzero(et, (b[j] - a[j]) * k.inv_T);
+    else if (k.div == Divergence::ReverseKL) st.s.w += VMath<A>::mul_nonzero(es, (a[j] - b[j]) * k.inv_T);
     if (k.target && j < n) {
-      if (k.ce_rescale) st.z1 += VMath<A>::exp((a[j] - rs) * k.T);
+      if (k.ce_rescale) st.z1 += VMath<A>::exp(a[j] - rs);
       if (c0 + j == y) st.sy += s[j];
     }
   }
@@ -152,9 +158,19 @@ __device__ __forceinline__ V group_reduce(V v, Combine combine, V* smem) {
 
 // ---- row mode ----
 
-// A row's logsumexp given in stats (KdProblem::stats_given).
-template <class A> __device__ __forceinline__ A given_lse(const KdProblem& p, KdStat plane, int64_t row) {
-  return static_cast<const A*>(p.stats)[plane * p.rows() + row];
+// A row's softmax statistics for jsd's pass: reference points (maxima) and log-sums, from the row's own state or,
+// with KdProblem::stats_given, from stats.
+template <class A> struct SoftmaxStats {
+  A ms, mt, ls_s, ls_t;
+};
+
+template <class A>
+__device__ __forceinline__ SoftmaxStats<A> softmax_stats(const KdProblem& p, const KdRowState<A>& st, int64_t row) {
+  if (!p.stats_given) return {ref_point(st.s.m), ref_point(st.t.m), VMath<A>::log(st.s.z), VMath<A>::log(st.t.z)};
+  const A* g = static_cast<const A*>(p.stats);
+  const int64_t R = p.rows();
+  return {ref_point(g[kMaxStudent * R + row]), ref_point(g[kMaxTeacher * R + row]), g[kLogSumStudent * R + row],
+          g[kLogSumTeacher * R + row]};
 }
 
 template <class TS, class TT, class A, int GROUP, int VEC>
@@ -183,22 +199,24 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_rows(KdProblem p, Consts<A> k
         f(c0, n, sv, tv);
       }
     };
-    if (!p.stats_given) {  // uniform over the grid: every thread of a group reaches the same __syncthreads
-      for_chunks([&](int64_t c0, int n, const A(&sv)[VEC], const A(&tv)[VEC]) { fwd_chunk<VEC>(k, sv, tv, c0, n, y, st); });
-      st = group_reduce<GROUP>(st, [&](const KdRowState<A>& x, const KdRowState<A>& z) { return merge(x, z, k.T); },
+    if (!p.stats_given) {  // uniform over the launch: every thread reaches group_reduce's barriers or none
+      for_chunks([&](int64_t c0, int n, const A(&sv)[VEC], const A(&tv)[VEC]) {
+        fwd_chunk<VEC>(k, sv, tv, c0, n, y, st);
+      });
+      st = group_reduce<GROUP>(st, [&](const KdRowState<A>& x, const KdRowState<A>& z) { return merge(x, z, k.inv_T); },
                                smem_state);
       if (live && lane == 0) kd_finish_row(p, row, st);
     }
     if (k.div != Divergence::JSD) continue;
-    const A lse_s = p.stats_given ? (live ? given_lse<A>(p, kLseStudent, row) : A(0)) : lse_of(st.s);
-    const A lse_t = p.stats_given ? (live ? given_lse<A>(p, kLseTeacher, row) : A(0)) : lse_of(st.t);
+    const SoftmaxStats<A> r = live ? softmax_stats(p, st, row) : SoftmaxStats<A>{A(0), A(0), A(0), A(0)};
+    const A ms = r.ms, mt = r.mt, ls_s = r.ls_s, ls_t = r.ls_t;
     A kl_t = 0, kl_s = 0;
     for_chunks([&](int64_t, int n, const A(&sv)[VEC], const A(&tv)[VEC]) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         if (j >= n) break;
         A dt, ds;
-        jsd_terms<A, A>(k.beta, sv[j] * k.inv_T, tv[j] * k.inv_T, lse_s, lse_t, dt, ds);
+        jsd_terms<A, A>(k.beta, (sv[j] - ms) * k.inv_T, (tv[j] - mt) * k.inv_T, ls_s, ls_t, dt, ds);
         kl_t += dt;
         kl_s += ds;
       }
@@ -210,9 +228,10 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_rows(KdProblem p, Consts<A> k
   }
 }
 
-// The statistics and upstream gradients of one row.
+// The statistics and upstream gradients of one row: reference points (maxima) and log-sums of both sides, the
+// divergence's row statistics, the cross-entropy's log-sum at T = 1 (KdStat).
 template <class A> struct RowGrad {
-  A lse_s, lse_t, aux0, aux1, lse1, g, gce;
+  A ms, mt, ls_s, ls_t, aux0, aux1, ls1, g, gce;
   int64_t y;
 };
 
@@ -220,15 +239,17 @@ template <class A> __device__ __forceinline__ RowGrad<A> row_grad(const KdProble
   const A* st = static_cast<const A*>(p.stats);
   const int64_t R = p.rows();
   RowGrad<A> r;
-  r.lse_s = st[kLseStudent * R + row];
-  r.lse_t = st[kLseTeacher * R + row];
+  r.ms = ref_point(st[kMaxStudent * R + row]);
+  r.mt = ref_point(st[kMaxTeacher * R + row]);
+  r.ls_s = st[kLogSumStudent * R + row];
+  r.ls_t = st[kLogSumTeacher * R + row];
   r.aux0 = st[kAux0 * R + row];
   r.aux1 = k.div == Divergence::JSD ? st[kAux1 * R + row] : A(0);
   r.g = kd_grad_div_of<A>(p, row) * k.inv_T;
   r.y = k.target ? p.target[row] : -1;
   // An ignored row's cross-entropy is the constant 0: no gradient flows through it.
   r.gce = k.target && p.grad_ce && r.y != p.ignore_index ? static_cast<const A*>(p.grad_ce)[row * p.grad_ce_stride] : A(0);
-  r.lse1 = k.target ? st[kd_lse1_plane(k.div) * R + row] : A(0);
+  r.ls1 = k.target ? st[kd_lse1_plane(k.div) * R + row] : A(0);
   return r;
 }
 
@@ -238,9 +259,11 @@ __device__ __forceinline__ void bwd_chunk(const Consts<A>& k, const RowGrad<A>& 
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     A da, db;
-    divergence_grad<A, A>(k.div, k.beta, s[j] * k.inv_T, t[j] * k.inv_T, r.lse_s, r.lse_t, r.aux0, r.aux1, da, db);
+    divergence_grad<A, A>(k.div, k.beta, (s[j] - r.ms) * k.inv_T, (t[j] - r.mt) * k.inv_T, r.ls_s, r.ls_t, r.aux0,
+                          r.aux1, da, db);
     A g = VMath<A>::mul_nonzero(r.g, da);
-    if (k.target) g += VMath<A>::mul_nonzero(r.gce, VMath<A>::exp(s[j] - r.lse1) - (c0 + j == r.y ? A(1) : A(0)));
+    if (k.target)
+      g += VMath<A>::mul_nonzero(r.gce, VMath<A>::exp((s[j] - r.ms) - r.ls1) - (c0 + j == r.y ? A(1) : A(0)));
     gs[j] = g;
     gt[j] = VMath<A>::mul_nonzero(r.g, db);
   }
@@ -293,13 +316,13 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_pixels(KdProblem p, Consts<A>
     }
     if (!p.stats_given) kd_finish_row(p, row, st);
     if (k.div != Divergence::JSD) continue;
-    const A lse_s = p.stats_given ? given_lse<A>(p, kLseStudent, row) : lse_of(st.s);
-    const A lse_t = p.stats_given ? given_lse<A>(p, kLseTeacher, row) : lse_of(st.t);
+    const SoftmaxStats<A> r = softmax_stats(p, st, row);
+    const A ms = r.ms, mt = r.mt, ls_s = r.ls_s, ls_t = r.ls_t;
     A kl_t = 0, kl_s = 0;
     for (int64_t c = 0; c < C; ++c) {
       A dt, ds;
-      jsd_terms<A, A>(k.beta, to_acc<A>(s[base + c * I]) * k.inv_T, to_acc<A>(t[base + c * I]) * k.inv_T, lse_s,
-                      lse_t, dt, ds);
+      jsd_terms<A, A>(k.beta, (to_acc<A>(s[base + c * I]) - ms) * k.inv_T, (to_acc<A>(t[base + c * I]) - mt) * k.inv_T,
+                      ls_s, ls_t, dt, ds);
       kl_t += dt;
       kl_s += ds;
     }
@@ -370,28 +393,38 @@ void launch(const KdProblem& p, bool backward, cudaStream_t stream) {
   else launch_rows<TS, TT, A, 4, VEC>(p, k, vector, backward, stream);
 }
 
-template <class TS>
-void launch_teacher(const KdProblem& p, bool backward, cudaStream_t stream) {
+// Every pair of input dtypes is read as it is; the accumulator is double with acc_double (a float64 input, or a
+// temperature above kKdPreciseT), float otherwise. A float64 input with a float accumulator is invalid.
+template <class TS, class A>
+cudaError_t launch_teacher(const KdProblem& p, bool backward, cudaStream_t stream) {
   switch (p.teacher_dtype) {
-    case DType::Float32: return launch<TS, float, float>(p, backward, stream);
-    case DType::Float16: return launch<TS, __half, float>(p, backward, stream);
-    case DType::BFloat16: return launch<TS, __nv_bfloat16, float>(p, backward, stream);
-    default: return;  // float64 pairs only with float64 (the op promotes a mixed pair)
+    case DType::Float64:
+      if constexpr (sizeof(A) != sizeof(double)) return cudaErrorInvalidValue;
+      else launch<TS, double, A>(p, backward, stream);
+      break;
+    case DType::Float32: launch<TS, float, A>(p, backward, stream); break;
+    case DType::Float16: launch<TS, __half, A>(p, backward, stream); break;
+    case DType::BFloat16: launch<TS, __nv_bfloat16, A>(p, backward, stream); break;
   }
+  return cudaGetLastError();
+}
+
+template <class A>
+cudaError_t launch_student(const KdProblem& p, bool backward, cudaStream_t stream) {
+  switch (p.student_dtype) {
+    case DType::Float64:
+      if constexpr (sizeof(A) != sizeof(double)) return cudaErrorInvalidValue;
+      else return launch_teacher<double, A>(p, backward, stream);
+    case DType::Float32: return launch_teacher<float, A>(p, backward, stream);
+    case DType::Float16: return launch_teacher<__half, A>(p, backward, stream);
+    case DType::BFloat16: return launch_teacher<__nv_bfloat16, A>(p, backward, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t run(const KdProblem& p, bool backward, cudaStream_t stream) {
   if (p.rows() == 0) return cudaSuccess;
-  switch (p.student_dtype) {
-    case DType::Float64:
-      if (p.teacher_dtype != DType::Float64) return cudaErrorInvalidValue;
-      launch<double, double, double>(p, backward, stream);
-      break;
-    case DType::Float32: launch_teacher<float>(p, backward, stream); break;
-    case DType::Float16: launch_teacher<__half>(p, backward, stream); break;
-    case DType::BFloat16: launch_teacher<__nv_bfloat16>(p, backward, stream); break;
-  }
-  return cudaGetLastError();
+  return p.acc_double ? launch_student<double>(p, backward, stream) : launch_student<float>(p, backward, stream);
 }
 
 }  // namespace
