@@ -226,7 +226,7 @@ KDFAST_HD inline TopKTerm<S> topk_term(Divergence d, S beta, S logP, S logQ, S Q
     const S t = M::mul_nonzero(P, logP - logQ);
     return {t, t};
   }
-  const S lm = jsd_log_mixture<S, S>(beta, logP, logQ, P, Q);
+  const S lm = jsd_log_mixture<S, S>(beta, logP, logQ);
   const S gs = (S(1) - beta) * M::mul_nonzero(P, logP - lm);
   return {beta * M::mul_nonzero(Q, logQ - lm) + gs, gs};
 }
@@ -263,8 +263,7 @@ KDFAST_HD inline void topk_finish_row(const TopKProblem& p, int64_t row, const T
       } else if (p.divergence == Divergence::ReverseKL) {
         ratio = logP - logQ;
       } else {
-        const S P = M::exp(logP), Q = M::exp(logQ);
-        ratio = (S(1) - S(p.beta)) * (logP - jsd_log_mixture<S, S>(S(p.beta), logP, logQ, P, Q));
+        ratio = (S(1) - S(p.beta)) * (logP - jsd_log_mixture<S, S>(S(p.beta), logP, logQ));
       }
     }
     coef = r.Loff > S(-INFINITY) ? ratio - sum_g : S(0);
