@@ -39,7 +39,7 @@ ACC_ERROR = {torch.float32: 3e-5, torch.float64: 1e-11}
 OUT_ERROR = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # Feature ops: the error of value and gradient relative to the largest entry of the reference, per input dtype
 # (half precision is computed in float32 and rounded once).
-FEATURE_ERROR = {torch.float32: 2e-4, torch.float64: 1e-9, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+FEATURE_ERROR = {torch.float32: 5e-4, torch.float64: 1e-9, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def run_cases(op, case):
