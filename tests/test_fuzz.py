@@ -39,7 +39,7 @@ ACC_ERROR = {torch.float32: 3e-5, torch.float64: 1e-11}
 OUT_ERROR = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # Feature ops: the error of value and gradient relative to the largest entry of the reference, per input dtype
 # (half precision is computed in float32 and rounded once).
-FEATURE_ERROR = {torch.float32: 2e-4, torch.float64: 1e-9, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+FEATURE_ERROR = {torch.float32: 5e-4, torch.float64: 1e-9, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def run_cases(op, case):
@@ -198,9 +198,12 @@ def kd_scales(s64, t64, T, dim):
     return e, e.sum(dim, keepdim=True), p, torch.where(r.isfinite(), r, torch.ones_like(r))
 
 
-def check_kd(name, got, want, bound):
-    """|got - want| <= bound elementwise, with NaN and inf where the reference has them."""
+def check_kd(name, got, want, bound, dtype=torch.float64):
+    """|got - want| <= bound elementwise, with NaN and inf where the reference has them. A reference beyond dtype's
+    range is an infinity of its sign in dtype."""
     got, want = got.double(), want.double()
+    big = torch.finfo(dtype).max
+    want = torch.where(want.abs() > big, want.sign() * INF, want)
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert torch.equal(got.isnan(), want.isnan()), \
         f"{name}: NaN pattern differs (got {int(got.isnan().sum())}, reference {int(want.isnan().sum())})"
@@ -323,7 +326,8 @@ def kd_case(rng, gen, with_target):
             subnormal(x.dtype)
         if with_target and name == "student gradient":
             bound = bound + 4 * ACC_ERROR[acc] * ce_terms + ce_w * 4 * torch.finfo(acc).smallest_normal
-        check_kd(f"{name} ({reduction}, {divergence}, T={T:.3g}, {ds}/{dt}, {tuple(shape)} dim={dim})", gx, gw, bound)
+        check_kd(f"{name} ({reduction}, {divergence}, T={T:.3g}, {ds}/{dt}, {tuple(shape)} dim={dim})", gx, gw, bound,
+                 x.dtype)
 
 
 def test_fuzz_kd_div():
@@ -526,7 +530,7 @@ def feature_case(rng, gen, op):
     # degree 0 in their features (normalised maps and graphs: gradients of order 1 / |x|) or 1 (SVD, projection).
     rms = max([float(a.detach().double().square().mean().sqrt()) for a in args if a.numel()] + [1e-30])
     degree0 = op in ("attention", "affinity", "similarity_preserving") or (op == "manifold" and len(args) == 2)
-    value_floor, grad_floor = (1e-4, 1e-3 / rms) if degree0 else (1e-4 * rms, 1e-3)
+    value_floor, grad_floor = (1e-4, 1e-2 / rms) if degree0 else (1e-4 * rms, 1e-3)
     outs = out if isinstance(out, (list, tuple)) else [out]
     wants = want if isinstance(want, (list, tuple)) else [want]
     for o, w in zip(outs, wants):
