@@ -68,6 +68,20 @@ def positive_finite(value, name: str) -> float:
     return v
 
 
+# The temperatures every temperature-softmax loss accepts (kd_div, kd_loss, topk_kd_div, fused_linear_kd,
+# kdfast.distributed), the range docs/guarantees.md states its accuracy over.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+
+
+def check_temperature(temperature) -> float:
+    """The temperature as a float; ValueError outside [MIN_TEMPERATURE, MAX_TEMPERATURE] (NaN and inf included),
+    TypeError for a non-number. The one temperature check of every op."""
+    t = real(temperature, "temperature")
+    if not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature}")
+    return t
+
+
 def in_closed_unit(value, name: str) -> float:
     v = real(value, name)
     if not 0.0 <= v <= 1.0:
@@ -100,3 +114,29 @@ def row_mask(mask, row_shape, like: torch.Tensor, like_name: str, rows_are: str 
                          f"({rows_are or 'the leading dims of ' + like_name}), got {tuple(mask.shape)}")
     same_device({like_name: like, "mask": mask})
     return mask
+
+
+def num_items(value) -> None:
+    """num_items_in_batch (Hugging Face's name, for gradient accumulation): None, an int >= 1, or a one-element
+    tensor (its value checked on CPU only: reading it on a GPU would synchronise)."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"num_items_in_batch must be an int >= 1 or a one-element real tensor, got a tensor of "
+                             f"shape {tuple(value.shape)} and dtype {value.dtype}")
+        if value.device.type == "cpu" and not torch.compiler.is_compiling() and not float(value) >= 1:
+            raise ValueError(f"num_items_in_batch must be >= 1 (the counted rows of the whole batch), got "
+                             f"{float(value)}")
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"num_items_in_batch must be an int or a one-element tensor, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"num_items_in_batch must be >= 1 (the counted rows of the whole batch), got {value}")
+
+
+def divide_by_items(loss: torch.Tensor, value) -> torch.Tensor:
+    """A summed loss divided by num_items_in_batch (checked by num_items), in the loss's dtype and device."""
+    if isinstance(value, torch.Tensor):
+        return loss / value.reshape(()).to(device=loss.device, dtype=loss.dtype)
+    return loss / value

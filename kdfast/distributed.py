@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from . import _validate as check
-from ._reduce import reduce_rows
+from ._reduce import check_row_reduction, reduce_rows
 from ._validate import acc_dtype
-from .topk import REDUCTIONS, TAILS, TopKIndexError, _categories, _check_pair, _eager, _plogq, _teacher_grad
+from .topk import TAILS, TopKIndexError, _categories, _check_pair, _eager, _plogq, _teacher_grad
 
 _MAX_SHARD = 1 << 24  # slice sizes travel in the float32 MAX all-reduce, exact up to 2^24
 
@@ -28,7 +28,7 @@ def _check_common(student, temperature, mask, reduction, scale_t2, group):
     if student.shape[-1] > _MAX_SHARD:
         raise ValueError(f"a vocabulary shard may hold at most 2^24 classes, got {student.shape[-1]}")
     temperature = check.positive_finite(temperature, "temperature")
-    check.choice(reduction, "reduction", REDUCTIONS)
+    check_row_reduction(reduction, "kdfast.distributed")
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
     check.row_mask(mask, student.shape[:-1], student, "student_shard")
@@ -41,7 +41,7 @@ def _require_group() -> None:
 
 
 def _finish(rows, mask, reduction, classes, temperature, scale_t2):
-    out = reduce_rows(rows, mask, reduction, classes)
+    out = reduce_rows(rows, mask, reduction)
     return out * (temperature * temperature) if scale_t2 else out
 
 

@@ -13,11 +13,10 @@ from . import _validate as check
 from . import reference
 from ._autograd import once_differentiable
 from ._ops import _C, has_kernel
-from ._reduce import reduce_rows
+from ._reduce import check_row_reduction, reduce_rows
 from ._validate import acc_dtype
 
 TAILS = ("renormalize", "bucket")
-REDUCTIONS = ("batchmean", "sum", "none")
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
@@ -122,7 +121,7 @@ def _check_call(student, indices, logprobs, temperature, tail, mask, reduction, 
     check.same_device({"student_logits": student, "teacher_indices": indices, "teacher_logprobs": logprobs})
     temperature = check.positive_finite(temperature, "temperature")
     check.choice(tail, "tail", TAILS)
-    check.choice(reduction, "reduction", REDUCTIONS)
+    check_row_reduction(reduction, "topk_kd_div")
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
     check.row_mask(mask, student.shape[:-1], student, "student_logits")
@@ -161,7 +160,7 @@ def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1
     rows = topk_rows(student_logits.reshape(-1, classes),
                      (teacher_indices.reshape(-1, k), teacher_logprobs.reshape(-1, k)), temperature, tail)
     # Scaled after the reduction: the rows' gradient then stays one broadcast value, which the kernel reads in place.
-    out = reduce_rows(rows.reshape(student_logits.shape[:-1]), mask, reduction, classes)
+    out = reduce_rows(rows.reshape(student_logits.shape[:-1]), mask, reduction)
     return out * (temperature * temperature) if scale_t2 else out
 
 

@@ -57,7 +57,7 @@ def reference64(h, w, b, teacher, **kw):
         return None if x is None else x.detach().double().requires_grad_(x.requires_grad)
 
     if isinstance(teacher, kdfast.TeacherHead):
-        teacher = kdfast.TeacherHead(*(up(x) for x in teacher))
+        teacher = teacher._replace(hidden=up(teacher.hidden), weight=up(teacher.weight), bias=up(teacher.bias))
     elif isinstance(teacher, torch.Tensor):
         teacher = up(teacher)
     else:
@@ -265,10 +265,13 @@ def test_opcheck():
     needs = [True, True, True]
     torch.library.opcheck(torch.ops.kdfast.fused_linear_kd_fwd.default,
                           (h, w, b, "logits", [t_logits], y, 2.0, 0.5, "jsd", 0.5, "renormalize", -100, True, 4,
-                           needs))
+                           None, 1.0, None, 1.0, True, needs))
     torch.library.opcheck(torch.ops.kdfast.fused_linear_kd_fwd.default,
                           (h, w, None, "head", [head.hidden, head.weight], None, 1.0, 1.0, "kl", 0.5,
-                           "renormalize", -100, False, 5, [True, False, False]))
+                           "renormalize", -100, False, 5, 30.0, 0.5, 20.0, 2.0, False, [True, False, False]))
+    torch.library.opcheck(torch.ops.kdfast.fused_linear_kd_fwd.default,
+                          (h, w, b, "logits", [t_logits], y, 2.0, 0.5, "kl", 0.5, "renormalize", -100, True, 4,
+                           None, 1.0, None, 1.0, True, [False, False, False]))
 
 
 def test_torch_compile_fullgraph(TopK):
@@ -314,6 +317,175 @@ def test_forced_reference_backend(monkeypatch):
     monkeypatch.setattr(reference, "fused_linear_kd", lambda *a, **k: calls.append(1) or torch.zeros(()))
     kdfast.fused_linear_kd(h, w, t_logits)
     assert calls == [1]
+
+
+# --- soft-capping and logit scale ---------------------------------------------------------------------------
+
+
+def capped_head(head, softcap=20.0, logit_scale=0.7):
+    return head._replace(softcap=softcap, logit_scale=logit_scale)
+
+
+@pytest.mark.parametrize("form,divergence", FORM_DIVERGENCES)
+@pytest.mark.parametrize("softcap,logit_scale", [(5.0, 1.0), (None, 0.25), (3.0, 2.0)])
+def test_softcap_and_logit_scale_match_the_composition(TopK, form, divergence, softcap, logit_scale):
+    """fused_linear_kd(softcap, logit_scale) (and a capped TeacherHead) equals kd on the explicitly capped logits,
+    softcap * tanh(logit_scale * (h @ W.T + b) / softcap), in value and gradient (float64, tight)."""
+    h, w, b, y, t_logits, head = make((9,), dtype=torch.float64)
+    teacher, kw = teacher_of(form, t_logits, capped_head(head, 4.0, 1.5) if form == "head" else head, TopK)
+    out, grads = run(kdfast.fused_linear_kd, h, w, b, teacher, target=y, temperature=2.0, alpha=0.4,
+                     divergence=divergence, chunk_size=4, softcap=softcap, logit_scale=logit_scale, **kw)
+    logits = h @ w.T + b
+    logits = logit_scale * logits if softcap is None else softcap * torch.tanh(logit_scale * logits / softcap)
+    if form == "head":
+        t = head.hidden @ head.weight.T + head.bias
+        teacher = 4.0 * torch.tanh(1.5 * t / 4.0)
+    keep = y != -100
+    if form.startswith("topk"):
+        kd = reference.topk_kd_div(logits, *teacher, 2.0, mask=keep, **kw)
+    else:
+        kd = reference.kd_div(logits, teacher, 2.0, divergence=divergence, mask=keep)
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    want = 0.4 * kd + 0.6 * ce
+    torch.testing.assert_close(out, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads, torch.autograd.grad(want, (h, w, b)), rtol=1e-9, atol=1e-12)
+    assert_matches(h, w, b, teacher, rtol=1e-10, atol=1e-12, target=y, temperature=2.0, alpha=0.4,
+                   divergence=divergence, chunk_size=4, softcap=softcap, logit_scale=logit_scale, **kw)
+
+
+def test_softcap_bounds_the_logits_and_gradcheck():
+    h, w, b, y, t_logits, head = make((5,), H=4, V=7, Ht=3, dtype=torch.float64)
+    with torch.no_grad():
+        w.mul_(50)  # logits far beyond the cap: tanh saturates, the gradient vanishes smoothly
+    for teacher in (t_logits, capped_head(head, 2.0, 3.0)):
+        def f(a, c, d, teacher=teacher):
+            return kdfast.fused_linear_kd(a, c, teacher, student_bias=d, target=y, temperature=2.0, alpha=0.4,
+                                          chunk_size=2, softcap=3.0, logit_scale=0.5)
+
+        assert torch.autograd.gradcheck(f, (h, w, b))
+
+
+@pytest.mark.parametrize("form", ["logits", "head", "topk-bucket"])
+def test_softcap_bfloat16_gradients_within_one_percent(TopK, form):
+    h, w, b, y, t_logits, head = make((4, 16), H=32, V=1000, dtype=torch.bfloat16)
+    teacher, kw = teacher_of(form, t_logits, capped_head(head, 30.0, 2.0), TopK)
+    options = dict(target=y, temperature=2.0, alpha=0.5, softcap=4.0, logit_scale=2.0, **kw)
+    _, grads = run(kdfast.fused_linear_kd, h, w, b, teacher, chunk_size=5, **options)
+    _, ref_grads = reference64(h, w, b, teacher, **options)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.bfloat16 and float((g.double() - r).norm() / r.norm()) < 1e-2
+
+
+# --- gradient accumulation: num_items_in_batch ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor"])
+def test_micro_batches_with_num_items_sum_to_the_batch(TopK, form, as_tensor):
+    """Each micro-batch given the whole batch's count of counted rows: their losses and gradients sum to the whole
+    batch's (1e-6), KD and cross-entropy both."""
+    h, w, b, y, t_logits, head = make((3, 8), dtype=torch.float64)
+    teacher, kw = teacher_of(form, t_logits, head, TopK)
+    options = dict(temperature=2.0, alpha=0.3, chunk_size=5, **kw)
+    whole, whole_grads = run(kdfast.fused_linear_kd, h, w, b, teacher, target=y, **options)
+    count = int((y != -100).sum())
+    n_items = torch.tensor(count) if as_tensor else count
+    total, total_grads = 0, [0, 0, 0]
+    for part in range(3):
+        sub = teacher[part] if isinstance(teacher, torch.Tensor) else type(teacher)(*(
+            x[part] if isinstance(x, torch.Tensor) and x.shape[:1] == (3,) else x for x in teacher))
+        out, grads = _micro(h, w, b, sub, y, part, n_items, options)
+        ref, ref_grads = _micro(h, w, b, sub, y, part, n_items, options, fn=reference.fused_linear_kd)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads, ref_grads, rtol=1e-10, atol=1e-12)
+        total = total + out
+        total_grads = [t + g for t, g in zip(total_grads, grads)]
+    torch.testing.assert_close(total, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tuple(total_grads), whole_grads, rtol=1e-6, atol=1e-6)
+
+
+def _micro(h, w, b, teacher, y, part, n_items, options, fn=kdfast.fused_linear_kd):
+    """Loss and gradients (h, w, b) of micro-batch `part` (the rows h[part]) given the batch's count."""
+    out = fn(h[part], w, teacher, student_bias=b, target=y[part], num_items_in_batch=n_items, **options)
+    return out.detach(), torch.autograd.grad(out, (h, w, b))
+
+
+def test_num_items_without_target_counts_every_row():
+    h, w, b, _, t_logits, _ = make((6,), dtype=torch.float64)
+    whole = kdfast.fused_linear_kd(h, w, t_logits, student_bias=b, temperature=2.0)
+    parts = sum(kdfast.fused_linear_kd(h[i:i + 2], w, t_logits[i:i + 2], student_bias=b, temperature=2.0,
+                                       num_items_in_batch=6) for i in (0, 2, 4))
+    torch.testing.assert_close(parts, whole)
+
+
+def test_error_num_items():
+    h, w, b, y, t_logits, _ = make((4,))
+    for bad, error, match in ((0, ValueError, ">= 1"), (2.5, TypeError, "an int or a one-element tensor"),
+                              (torch.tensor([1, 2]), ValueError, "one-element"), (torch.tensor(0), ValueError, ">= 1"),
+                              (True, TypeError, "num_items_in_batch")):
+        with pytest.raises(error, match=match):
+            kdfast.fused_linear_kd(h, w, t_logits, num_items_in_batch=bad)
+
+
+# --- dtypes: a float64 teacher does not move the student to float64 --------------------------------------------
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_float64_teacher_keeps_the_students_dtype(TopK, form, monkeypatch):
+    """numpy's float64 log-probabilities (or logits, or a float64 TeacherHead) against a float32 student: the loss
+    and every matmul stay float32 (no float64 copy of the V x H weight), within float32 rounding of the
+    reference."""
+    h, w, b, y, t_logits, head = make((7,))
+    t64 = t_logits.double()
+    head64 = kdfast.TeacherHead(*(x.double() for x in head[:3]))
+    teacher, kw = teacher_of(form, t64, head64, TopK)
+    assert all(x.dtype == torch.float64 for x in teacher if isinstance(x, torch.Tensor) and x.is_floating_point())
+    seen = []
+    real_mm, real_addmm = torch.Tensor.__matmul__, torch.addmm
+    monkeypatch.setattr(fused_linear, "chunk_logits",
+                        lambda a, c, d: seen.append((a.dtype, c.dtype)) or
+                        (real_mm(a, c.T) if d is None else real_addmm(d, a, c.T)))
+    out, grads = run(kdfast.fused_linear_kd, h, w, b, teacher, target=y, temperature=2.0, alpha=0.5, chunk_size=3,
+                     **kw)
+    assert out.dtype == torch.float32 and seen and all(d == (torch.float32, torch.float32) for d in seen)
+    assert_matches(h, w, b, teacher, target=y, temperature=2.0, alpha=0.5, chunk_size=3, **kw)
+
+
+# --- evaluation: no gradient work under no_grad / inference_mode ----------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("form", FORMS)
+def test_no_grad_computes_the_loss_only(TopK, form, mode, monkeypatch):
+    """Trainable weights under no_grad / inference_mode: the same loss as with gradients, and no gradient is made
+    (the op is asked for none, and no logits-gradient kernel runs)."""
+    h, w, b, y, t_logits, head = make((2, 5))
+    teacher, kw = teacher_of(form, t_logits, head, TopK)
+    options = dict(student_bias=b, target=y, temperature=2.0, alpha=0.5, chunk_size=4, **kw)
+    with_grad = kdfast.fused_linear_kd(h, w, teacher, **options)
+    asked = []
+    real_fwd = fused_linear.fused_linear_kd_fwd
+    monkeypatch.setattr(fused_linear, "fused_linear_kd_fwd", lambda *a: asked.append(a[-1]) or real_fwd(*a))
+    for op in ("kd_bwd", "topk_kd_bwd"):
+        monkeypatch.setattr(fused_linear.torch.ops.kdfast, op, None, raising=False)
+    with mode():
+        loss = kdfast.fused_linear_kd(h, w, teacher, **options)
+    monkeypatch.undo()
+    assert asked == [[False, False, False]] and not loss.requires_grad
+    torch.testing.assert_close(loss, with_grad.detach())
+
+
+def test_no_grad_peak_memory_holds_no_weight_gradient():
+    """Under no_grad the float32 weight gradient (V x H) is never allocated: the peak stays under its size."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from harness import peak_memory
+    finally:
+        sys.path.pop(0)
+    h, w, b, y, t_logits, _ = make((64,), H=256, V=4000)
+    with torch.no_grad():
+        peak = peak_memory(lambda: kdfast.fused_linear_kd(h, w, t_logits, target=y, alpha=0.5, chunk_size=8), "cpu")
+    assert peak < w.numel() * 4
 
 
 # --- one test per documented error ---------------------------------------------------------------------------
