@@ -274,8 +274,10 @@ def test_error_tail_temperature_reduction():
     for T in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="temperature must be finite and > 0"):
             kdfast.topk_kd_div(s, idx, lp, T)
-    with pytest.raises(ValueError, match="reduction must be one of"):
+    with pytest.raises(ValueError, match='topk_kd_div does not take reduction="mean": .* Use "batchmean"'):
         kdfast.topk_kd_div(s, idx, lp, reduction="mean")
+    with pytest.raises(ValueError, match="reduction must be one of 'batchmean', 'sum', 'none'"):
+        kdfast.topk_kd_div(s, idx, lp, reduction="avg")
 
 
 def test_error_positive_logprobs():
