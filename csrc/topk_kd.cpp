@@ -19,15 +19,24 @@ TopKTail parse_tail(const std::string& tail) {
   TORCH_CHECK_VALUE(false, "kdfast: tail must be 'renormalize' or 'bucket', got '", tail, "'");
 }
 
-// The problem's inputs as the kernels read them: contiguous student rows (promoted to float64 when the log-probs
-// are float64), int64 indices and accumulator-typed log-probs (both (rows, k): small next to the logits).
+Divergence parse_divergence(const std::string& d) {
+  if (d == "kl") return Divergence::KL;
+  if (d == "reverse_kl") return Divergence::ReverseKL;
+  if (d == "jsd") return Divergence::JSD;
+  TORCH_CHECK_VALUE(false, "kdfast: divergence must be 'kl', 'reverse_kl' or 'jsd', got '", d, "'");
+}
+
+// The problem's inputs as the kernels read them: contiguous student rows in their own dtype (no copy when they
+// already are; the accumulator follows the student: float64 for float64 logits, float32 otherwise), int64 indices
+// and accumulator-typed log-probs and weights (all (rows, k): small next to the logits).
 struct TopKInputs {
-  at::Tensor student, indices, logprobs;
+  at::Tensor student, indices, logprobs, weights;
   TopKProblem p;
 };
 
 TopKInputs prepare(const at::Tensor& student, const at::Tensor& indices, const at::Tensor& logprobs,
-                   double temperature, const std::string& tail) {
+                   double temperature, const std::string& tail, const std::string& divergence, double beta,
+                   const std::optional<at::Tensor>& weights) {
   TORCH_CHECK_VALUE(student.dim() == 2, "kdfast: topk ops take (rows, classes) logits, got ", student.sizes());
   TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == student.size(0) && indices.sizes() == logprobs.sizes(),
                     "kdfast: teacher indices ", indices.sizes(), " and log-probs ", logprobs.sizes(),
@@ -40,13 +49,27 @@ TopKInputs prepare(const at::Tensor& student, const at::Tensor& indices, const a
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "kdfast: temperature must be finite and > 0, got ",
                     temperature);
   kernel_dtype(logprobs, "teacher log-probs");
-  const bool acc_double = student.scalar_type() == at::kDouble || logprobs.scalar_type() == at::kDouble;
   TopKInputs in;
-  in.student = (acc_double ? student.to(at::kDouble) : student).contiguous();
-  in.indices = indices.to(at::kLong).contiguous();
-  in.logprobs = logprobs.to(acc_double ? at::kDouble : at::kFloat).contiguous();
   TopKProblem& p = in.p;
   p = TopKProblem{};
+  p.tail = parse_tail(tail);
+  p.divergence = parse_divergence(divergence);
+  TORCH_CHECK_VALUE(p.divergence != Divergence::JSD || (beta > 0 && beta < 1),
+                    "kdfast: beta must be strictly inside (0, 1), got ", beta);
+  p.beta = beta;
+  const bool acc_double = student.scalar_type() == at::kDouble;
+  const auto acc = acc_double ? at::kDouble : at::kFloat;
+  if (weights.has_value()) {
+    TORCH_CHECK_VALUE(weights->sizes() == logprobs.sizes() && weights->device() == student.device(),
+                      "kdfast: weights ", weights->sizes(), " must be the log-probs' ", logprobs.sizes());
+    TORCH_CHECK_VALUE(p.tail == TopKTail::Renormalize && p.divergence == Divergence::KL,
+                      "kdfast: a sampled teacher (weights) takes tail 'renormalize' and divergence 'kl'");
+    in.weights = weights->to(acc).contiguous();
+    p.weights = in.weights.data_ptr();
+  }
+  in.student = student.contiguous();
+  in.indices = indices.to(at::kLong).contiguous();
+  in.logprobs = logprobs.to(acc).contiguous();
   p.student = in.student.data_ptr();
   p.student_dtype = kernel_dtype(in.student, "student");
   p.indices = in.indices.data_ptr<int64_t>();
@@ -55,7 +78,6 @@ TopKInputs prepare(const at::Tensor& student, const at::Tensor& indices, const a
   p.classes = student.size(1);
   p.k = indices.size(1);
   p.temperature = temperature;
-  p.tail = parse_tail(tail);
   p.acc_double = acc_double;
   return in;
 }
@@ -64,8 +86,10 @@ TopKInputs prepare(const at::Tensor& student, const at::Tensor& indices, const a
 
 std::tuple<at::Tensor, at::Tensor> topk_kd_fwd(const at::Tensor& student, const at::Tensor& indices,
                                                const at::Tensor& logprobs, double temperature,
-                                               const std::string& tail, const TopKLauncher& launch) {
-  TopKInputs in = prepare(student, indices, logprobs, temperature, tail);
+                                               const std::string& tail, const std::string& divergence, double beta,
+                                               const std::optional<at::Tensor>& weights,
+                                               const TopKLauncher& launch) {
+  TopKInputs in = prepare(student, indices, logprobs, temperature, tail, divergence, beta, weights);
   const auto acc = in.student.options().dtype(in.p.acc_double ? at::kDouble : at::kFloat);
   at::Tensor loss = at::empty({in.p.rows}, acc);
   at::Tensor stats = at::empty({kTopKPlanes, in.p.rows}, acc);
@@ -79,8 +103,9 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_fwd(const at::Tensor& student, const 
 
 at::Tensor topk_kd_bwd(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& indices,
                        const at::Tensor& logprobs, const at::Tensor& stats, double temperature,
-                       const std::string& tail, const TopKLauncher& launch) {
-  TopKInputs in = prepare(student, indices, logprobs, temperature, tail);
+                       const std::string& tail, const std::string& divergence, double beta,
+                       const std::optional<at::Tensor>& weights, const TopKLauncher& launch) {
+  TopKInputs in = prepare(student, indices, logprobs, temperature, tail, divergence, beta, weights);
   const auto acc = in.p.acc_double ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({kTopKPlanes, in.p.rows}) && stats.scalar_type() == acc,
                     "kdfast: stats of shape ", stats.sizes(), " do not belong to these logits");
@@ -102,25 +127,32 @@ at::Tensor topk_kd_bwd(const at::Tensor& grad_loss, const at::Tensor& student, c
 
 TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   // Divergence from a sparse teacher over (rows, classes) student logits: per row the k teacher entries
-  // (indices int64/int32 into classes, log-probabilities at T = 1, -inf = padding) as in csrc/common/topk_kd.h.
-  // loss = the (rows,) unscaled divergence (float32, float64 when student or log-probs are float64); stats = the
-  // (2, rows) row statistics the backward reads. The indices must be in range (the Python function checks).
-  m.def("topk_kd_fwd(Tensor student, Tensor indices, Tensor logprobs, float temperature, str tail) "
-        "-> (Tensor loss, Tensor stats)");
+  // (indices int64/int32 into classes, log-probabilities at T = 1, -inf = padding) as in csrc/common/topk_kd.h,
+  // divergence "kl", "reverse_kl" or "jsd" (beta: jsd's mixture weight). weights (rows, k), when given, make it the
+  // sampled teacher: loss = sum_j w_j (logprobs_j - log_softmax(s / T)[idx_j]), logprobs at T, entries with w_j = 0
+  // padding (tail "renormalize", divergence "kl" only). loss = the (rows,) unscaled divergence (float64 for
+  // float64 logits, else float32); stats = the (7, rows) row statistics the backward reads. The indices must be
+  // in range (the Python function checks).
+  m.def("topk_kd_fwd(Tensor student, Tensor indices, Tensor logprobs, float temperature, str tail, "
+        "str divergence=\"kl\", float beta=0.5, Tensor? weights=None) -> (Tensor loss, Tensor stats)");
   // Gradient of sum(grad_loss * loss) with respect to the student logits, in the student's dtype, from topk_kd_fwd's
-  // stats: grad_loss (rows,) or a broadcast scalar; written once, (p - q) / T on the top-k classes, p c / T elsewhere.
+  // stats: grad_loss (rows,) or a broadcast scalar; each element written once.
   m.def("topk_kd_bwd(Tensor grad_loss, Tensor student, Tensor indices, Tensor logprobs, Tensor stats, "
-        "float temperature, str tail) -> Tensor grad_student");
+        "float temperature, str tail, str divergence=\"kl\", float beta=0.5, Tensor? weights=None) "
+        "-> Tensor grad_student");
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("topk_kd_fwd", [](const at::Tensor& s, const at::Tensor& i, const at::Tensor& lp, double T,
-                           c10::string_view tail) {
-    return topk_kd_fwd(s, i, lp, T, std::string(tail), cpu::topk_kd_forward);
+                           c10::string_view tail, c10::string_view div, double beta,
+                           const std::optional<at::Tensor>& w) {
+    return topk_kd_fwd(s, i, lp, T, std::string(tail), std::string(div), beta, w, cpu::topk_kd_forward);
   });
   m.impl("topk_kd_bwd", [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& i, const at::Tensor& lp,
-                           const at::Tensor& stats, double T, c10::string_view tail) {
-    return topk_kd_bwd(g, s, i, lp, stats, T, std::string(tail), cpu::topk_kd_backward);
+                           const at::Tensor& stats, double T, c10::string_view tail, c10::string_view div,
+                           double beta, const std::optional<at::Tensor>& w) {
+    return topk_kd_bwd(g, s, i, lp, stats, T, std::string(tail), std::string(div), beta, w,
+                       cpu::topk_kd_backward);
   });
 }
 

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -16,10 +17,13 @@ using TopKLauncher = std::function<void(const TopKProblem&)>;
 
 std::tuple<at::Tensor, at::Tensor> topk_kd_fwd(const at::Tensor& student, const at::Tensor& indices,
                                                const at::Tensor& logprobs, double temperature,
-                                               const std::string& tail, const TopKLauncher& launch);
+                                               const std::string& tail, const std::string& divergence, double beta,
+                                               const std::optional<at::Tensor>& weights,
+                                               const TopKLauncher& launch);
 
 at::Tensor topk_kd_bwd(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& indices,
                        const at::Tensor& logprobs, const at::Tensor& stats, double temperature,
-                       const std::string& tail, const TopKLauncher& launch);
+                       const std::string& tail, const std::string& divergence, double beta,
+                       const std::optional<at::Tensor>& weights, const TopKLauncher& launch);
 
 }  // namespace kdfast

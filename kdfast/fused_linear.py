@@ -288,7 +288,7 @@ def _check_teacher(teacher, rows, vocab):
         return "head", tensors
     if isinstance(teacher, TopK):  # its constructor checked the pair's types and shapes
         _check_rows(teacher.indices, "teacher.indices", rows, "k")
-        idx = teacher.indices.reshape(-1, teacher.indices.shape[-1]).long()
+        idx = teacher.indices.reshape(torch.Size(rows).numel(), teacher.indices.shape[-1]).long()  # also k = 0
         _check_topk_values(idx, teacher.logprobs.reshape(idx.shape), vocab)
         return "topk", [idx, teacher.logprobs.detach().reshape(idx.shape)]
     raise TypeError("teacher must be a logits tensor, a kdfast.TeacherHead or a kdfast.TopK, got "

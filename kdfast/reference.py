@@ -168,42 +168,109 @@ def manifold_distillation_loss(student_features, teacher_features, rank, weights
     return sum(reduce_samples(v, reduction) for v in values)
 
 
-def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, tail="renormalize"):
+def _divergence_terms(logq, logp, divergence, beta):
+    """The terms of D(q || p) over the last dim from log-probabilities (kd_div's conventions): kl sum q (log q -
+    log p), reverse_kl sum p (log p - log q), jsd beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p."""
+    q, p = logq.exp(), logp.exp()
+    if divergence == "kl":
+        return _plogq(q, logq - logp)
+    if divergence == "reverse_kl":
+        return _plogq(p, logp - logq)
+    if divergence == "jsd":
+        m = beta * q + (1 - beta) * p
+        lm = torch.log(torch.where(m == 0, torch.ones_like(m), m))
+        return beta * _plogq(q, logq - lm) + (1 - beta) * _plogq(p, logp - lm)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def _logsumexp_or_ninf(x):
+    """logsumexp over the last dim (keepdim), -inf for a row of -inf only, with a zero gradient there (torch's
+    logsumexp would give NaN)."""
+    any_finite = (x > float("-inf")).any(-1, keepdim=True)
+    lse = torch.logsumexp(torch.where(any_finite, x, torch.zeros_like(x)), dim=-1, keepdim=True)
+    return torch.where(any_finite, lse, torch.full_like(lse, float("-inf")))
+
+
+def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, tail="renormalize",
+                 divergence="kl", beta=0.5):
     """The unscaled divergence of every row (..., V) from a sparse teacher (..., k): log-probabilities at T = 1,
-    -inf = padding (its index is not read). "renormalize": KL(softmax(lp / T) || p[idx]); "bucket": one more
-    category, the mass the teacher did not return, against the student's mass off the top-k classes (the first
-    taken as 0 within (valid + 1) eps of 0, the second floored at eps: rounding noise of k-term sums). A row
-    without a valid entry gives 0 with "renormalize"."""
-    acc = acc_dtype(student_logits, teacher_logprobs)
+    -inf = padding (its index is not read), in float32 (float64 for float64 logits: the student's accumulation
+    dtype). Teacher Q = softmax(lp / T) over the entries (and, for "bucket", the mass it did not return, taken as 0
+    within (valid + 1) eps of 0). Student P: "renormalize" p[idx] (kl) or p[idx] / sum p[idx] (reverse_kl, jsd);
+    "bucket" p[idx] and the mass of the classes off the top-k, summed over those classes. D(Q || P) with kd_div's
+    divergence and beta. A row without a valid entry gives 0 with "renormalize"."""
+    acc = acc_dtype(student_logits)
     logp = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
     lp = teacher_logprobs.to(acc)
     valid = lp > float("-inf")
+    classes = logp.shape[-1]
     logp_top = logp.gather(-1, torch.where(valid, teacher_indices, torch.zeros_like(teacher_indices)).long())
     logp_top = torch.where(valid, logp_top, torch.full_like(logp_top, float("-inf")))
     t = lp / temperature
     if tail == "bucket":
-        # Within rounding of 0 (about k eps), the teacher's tail is 0 and the student's rest eps.
         eps = torch.finfo(acc).eps
         mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
         tail_mass = 1 - mass
         u = torch.where(tail_mass > (valid.sum(-1, keepdim=True) + 1) * eps, tail_mass, 0).log()
         t = torch.cat([t, u / temperature], dim=-1)
-        rest = (1 - logp_top.exp().sum(-1, keepdim=True)).clamp_min(eps)
-        logp_top = torch.cat([logp_top, rest.log()], dim=-1)
+        # The student's mass off the top-k classes, summed over those classes (1 - sum p[idx] would cancel).
+        slot = torch.where(valid, teacher_indices.long(), classes)
+        top = torch.zeros(*logp.shape[:-1], classes + 1, dtype=torch.bool, device=logp.device)
+        top = top.scatter(-1, slot, True)[..., :classes]
+        rest = _logsumexp_or_ninf(torch.where(top, torch.full_like(logp, float("-inf")), logp))
+        logp_top = torch.cat([logp_top, rest], dim=-1)
     elif tail != "renormalize":
         raise ValueError(f"unknown tail {tail!r}")
+    else:
+        if divergence != "kl":
+            logp_top = torch.where(valid, logp_top - _logsumexp_or_ninf(logp_top), logp_top)
+        # A row without a valid entry: 0, through finite stand-ins (no NaN in its gradient either).
+        some = valid.any(-1, keepdim=True)
+        t, logp_top = torch.where(some, t, torch.zeros_like(t)), torch.where(some, logp_top, torch.zeros_like(t))
     logq = F.log_softmax(t, dim=-1)
-    rows = _plogq(logq.exp(), logq - logp_top).sum(-1)
+    rows = _divergence_terms(logq, logp_top, divergence, beta).sum(-1)
     if tail == "renormalize":
         rows = torch.where(valid.any(-1), rows, torch.zeros_like(rows))
     return rows
 
 
-def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, *, tail="renormalize", mask=None,
-                reduction="batchmean", scale_t2=True):
-    """topk_kd_rows reduced over the rows of the mask ("batchmean", "sum" or "none"), times T^2 with scale_t2."""
-    rows = topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature, tail)
-    out = reduce_rows(rows, mask, reduction)
+def _num_items(rows, mask, reduction, num_items_in_batch):
+    """reduce_rows, or the sum over counted rows / num_items_in_batch when that is given."""
+    if num_items_in_batch is None:
+        return reduce_rows(rows, mask, reduction)
+    return reduce_rows(rows, mask, "sum") / num_items_in_batch
+
+
+def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, *, tail="renormalize",
+                divergence="kl", beta=0.5, mask=None, reduction="batchmean", scale_t2=True, num_items_in_batch=None):
+    """topk_kd_rows reduced over the rows of the mask ("batchmean", "sum" or "none"; with num_items_in_batch the
+    sum over counted rows divided by it), times T^2 with scale_t2."""
+    rows = topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature, tail, divergence, beta)
+    out = _num_items(rows, mask, reduction, num_items_in_batch)
+    return out * (temperature * temperature) if scale_t2 else out
+
+
+def sampled_kd_rows(student_logits, teacher_indices, teacher_counts, teacher_logprobs, temperature=1.0):
+    """The unscaled sampled-teacher estimate of KL(p_t || p_s) at T of every row (..., V): sum_j (c_j / n)
+    (lp_j - log_softmax(s / T)[idx_j]), n = sum_j c_j the row's draws, lp the teacher's log-probabilities at T;
+    entries of count 0 are padding (0 for a row without draws)."""
+    acc = acc_dtype(student_logits)
+    logp = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
+    counts = teacher_counts.to(acc)
+    valid = counts > 0
+    w = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    logp_top = logp.gather(-1, torch.where(valid, teacher_indices, torch.zeros_like(teacher_indices)).long())
+    lp = teacher_logprobs.to(acc)
+    return torch.where(valid, w * (torch.where(valid, lp, torch.zeros_like(lp)) - logp_top),
+                       torch.zeros_like(lp)).sum(-1)
+
+
+def sampled_kd_div(student_logits, teacher, temperature=1.0, *, mask=None, reduction="batchmean", scale_t2=True,
+                   num_items_in_batch=None):
+    """sampled_kd_rows of a Sampled teacher (indices, counts, logprobs) reduced as topk_kd_div."""
+    indices, counts, logprobs = teacher
+    rows = sampled_kd_rows(student_logits, indices, counts, logprobs, temperature)
+    out = _num_items(rows, mask, reduction, num_items_in_batch)
     return out * (temperature * temperature) if scale_t2 else out
 
 

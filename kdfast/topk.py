@@ -110,73 +110,230 @@ def topk_from_logits(logits, k) -> TopK:
     return TopK(indices, logprobs)
 
 
-def _check_call(student, indices, logprobs, temperature, tail, mask, reduction, scale_t2) -> float:
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+COUNT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+class Sampled(tuple):
+    """A sampled teacher: indices (..., n) int64/int32 of the ids drawn, counts (..., n) integer, how many of the
+    row's draws fell on each id (0 marks padding; its index and log-probability are never read), and logprobs
+    (..., n), the teacher's log-probabilities of those ids at the sampling temperature. A tuple (indices, counts,
+    logprobs). kdfast.sample_from_logits makes one."""
+
+    __slots__ = ()
+
+    def __new__(cls, indices, counts, logprobs):
+        _check_pair(indices, logprobs)
+        check.tensor(counts, "teacher_counts")
+        if counts.dtype not in COUNT_DTYPES:
+            raise TopKDTypeError(f"teacher_counts must be an integer tensor (int64, int32, int16 or uint8), got "
+                                 f"{counts.dtype}")
+        if counts.shape != indices.shape:
+            raise ValueError(f"teacher_counts must have the indices' shape {tuple(indices.shape)}, got "
+                             f"{tuple(counts.shape)}")
+        check.same_device({"teacher_indices": indices, "teacher_counts": counts})
+        if _eager(counts) and counts.numel() and int(counts.min()) < 0:
+            raise ValueError(f"teacher_counts must be >= 0, got {int(counts.min())}")
+        return tuple.__new__(cls, (indices, counts, logprobs))
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self[1]
+
+    @property
+    def logprobs(self) -> torch.Tensor:
+        return self[2]
+
+    @property
+    def k(self) -> int:
+        return self[0].shape[-1]
+
+    def rows(self, start: int, stop: int) -> "Sampled":
+        """The teacher rows [start, stop) of a (rows, n) Sampled, as views."""
+        return Sampled(self[0][start:stop], self[1][start:stop], self[2][start:stop])
+
+    def to(self, device, non_blocking: bool = False) -> "Sampled":
+        """The three tensors on another device (dtypes kept)."""
+        return Sampled(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    def __repr__(self) -> str:
+        return (f"Sampled(shape={tuple(self[0].shape)}, indices={self[0].dtype}, counts={self[1].dtype}, "
+                f"logprobs={self[2].dtype})")
+
+
+def sample_from_logits(logits, n, temperature=1.0, *, generator=None) -> Sampled:
+    """n ids per row drawn from softmax(logits / T) over the last dim, with replacement, repeats merged:
+    Sampled(indices int64 (..., n), counts int32 (..., n), logprobs (..., n) at T, float32 (float64 for double
+    logits)); a row's distinct ids come first in increasing order, the rest is padding (count 0, index 0,
+    log-probability -inf)."""
+    check.floating(logits, "logits")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (the draws per row), got {n}")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be (..., V) with V >= 1, got {tuple(logits.shape)}")
+    temperature = check.check_temperature(temperature)
+    classes = logits.shape[-1]
+    logq = torch.log_softmax(logits.to(acc_dtype(logits)).reshape(-1, classes) / temperature, dim=-1)
+    draws = torch.multinomial(logq.exp(), n, replacement=True, generator=generator).sort(-1).values
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = first.cumsum(-1) - 1  # the slot of each draw's id
+    counts = torch.zeros_like(draws, dtype=torch.int32).scatter_add_(-1, slot, torch.ones_like(slot, dtype=torch.int32))
+    indices = torch.zeros_like(draws).scatter_(-1, torch.where(first, slot, n - 1), torch.where(first, draws, 0))
+    indices = torch.where(counts > 0, indices, torch.zeros_like(indices))
+    logprobs = torch.where(counts > 0, logq.gather(-1, indices), torch.full_like(logq[:, :n], float("-inf")))
+    shape = (*logits.shape[:-1], n)
+    return Sampled(indices.reshape(shape), counts.reshape(shape), logprobs.reshape(shape))
+
+
+def _check_student(student, indices, mask, reduction, scale_t2, num_items_in_batch, op):
     check.floating(student, "student_logits")
-    _check_pair(indices, logprobs)
     if student.dim() == 0 or student.shape[-1] == 0:
         raise ValueError(f"student_logits must be (..., V) with V >= 1, got {tuple(student.shape)}")
     if indices.shape[:-1] != student.shape[:-1]:
         raise ValueError(f"teacher_indices {tuple(indices.shape)} must have the leading dims of student_logits "
                          f"{tuple(student.shape)}: (..., k) against (..., V)")
-    check.same_device({"student_logits": student, "teacher_indices": indices, "teacher_logprobs": logprobs})
-    temperature = check.positive_finite(temperature, "temperature")
-    check.choice(tail, "tail", TAILS)
-    check_row_reduction(reduction, "topk_kd_div")
+    check_row_reduction(reduction, op)
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
     check.row_mask(mask, student.shape[:-1], student, "student_logits")
+    if num_items_in_batch is not None:
+        if reduction != "batchmean":
+            raise ValueError(f"num_items_in_batch replaces batchmean's count: it takes reduction='batchmean', got "
+                             f"reduction={reduction!r}")
+        check.num_items(num_items_in_batch)
+
+
+def _check_call(student, indices, logprobs, temperature, tail, divergence, beta, mask, reduction, scale_t2,
+                num_items_in_batch) -> float:
+    _check_pair(indices, logprobs)
+    _check_student(student, indices, mask, reduction, scale_t2, num_items_in_batch, "topk_kd_div")
+    check.same_device({"student_logits": student, "teacher_indices": indices, "teacher_logprobs": logprobs})
+    temperature = check.check_temperature(temperature)
+    check.choice(tail, "tail", TAILS)
+    check.choice(divergence, "divergence", DIVERGENCES)
+    if divergence == "jsd":
+        check.in_open_unit(beta, "beta")
+    else:
+        check.real(beta, "beta")
     _check_values(indices, logprobs, student.shape[-1])
     return temperature
 
 
-def topk_rows(student_logits, teacher, temperature=1.0, tail="renormalize"):
-    """Internal entry point (fused_linear_kd calls it per chunk, arguments already checked): the unscaled per-row
-    divergence (rows,) of student logits (rows, V) from a TopK of (rows, k), through the kernel ops, differentiable
-    with respect to the logits (and the teacher log-probabilities)."""
-    rows, _ = torch.ops.kdfast.topk_kd_fwd(student_logits, teacher[0], teacher[1], temperature, tail)
-    return rows
-
-
-def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, *, tail="renormalize", mask=None,
-                reduction="batchmean", scale_t2=True) -> torch.Tensor:
-    """KL divergence of the student from a sparse teacher, per row (position) of student_logits (..., V).
-
-    teacher_indices (..., k) int64/int32 and teacher_logprobs (..., k): the teacher's top-k classes and their
-    log-probabilities at T = 1, as a server returns them; -inf marks padding (its index may be anything).
-    tail="renormalize": the k entries renormalised, q = softmax(lp / T); per row sum_j q_j (log q_j -
-    log_softmax(s / T)[idx_j]) (DistillKit's "zero" missing mass). tail="bucket": k + 1 categories, the last the mass
-    the teacher did not return, log(1 - sum exp(lp)), against the student's mass off the k classes; with k = V it
-    is kd_div, with T = 1 the forward KL against the teacher's true top-k probabilities plus its tail (DistillKit's
-    "symmetric uniform" assumption, collapsed to one category). Valid indices of a row are assumed distinct.
-    mask (...) bool: rows to count. reduction: "batchmean" (sum / counted rows, 0 when none), "sum", "none" (0 on
-    masked rows). scale_t2 multiplies by T^2. Half-precision logits give a float32 loss.
-    """
-    temperature = _check_call(student_logits, teacher_indices, teacher_logprobs, temperature, tail, mask, reduction,
-                              scale_t2)
-    if not has_kernel(student_logits.device):
-        return reference.topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature, tail=tail,
-                                     mask=mask, reduction=reduction, scale_t2=scale_t2)
-    classes, k = student_logits.shape[-1], teacher_indices.shape[-1]
-    rows = topk_rows(student_logits.reshape(-1, classes),
-                     (teacher_indices.reshape(-1, k), teacher_logprobs.reshape(-1, k)), temperature, tail)
+def _finish(rows, mask, reduction, temperature, scale_t2, num_items_in_batch):
+    """The rows reduced (or, with num_items_in_batch, summed over counted rows and divided by it), times T^2."""
+    if num_items_in_batch is None:
+        out = reduce_rows(rows, mask, reduction)
+    else:
+        out = check.divide_by_items(reduce_rows(rows, mask, "sum"), num_items_in_batch)
     # Scaled after the reduction: the rows' gradient then stays one broadcast value, which the kernel reads in place.
-    out = reduce_rows(rows.reshape(student_logits.shape[:-1]), mask, reduction)
     return out * (temperature * temperature) if scale_t2 else out
 
 
-def _categories(logp_top, lp, valid, temperature, tail):
-    """(log q, log P, u) over the k categories (+ the tail for "bucket") of a sparse teacher: logp_top = log p[idx]
-    of the student at T (-inf on padding), lp the teacher's log-probabilities, u the tail log-mass (or None)."""
+def _flat(student, *teacher):
+    """student (rows, V) and the teacher tensors (rows, k), also for k = 0 or no rows."""
+    classes, k = student.shape[-1], teacher[0].shape[-1]
+    rows = student.numel() // classes
+    return student.reshape(rows, classes), [t.reshape(rows, k) for t in teacher]
+
+
+def topk_rows(student_logits, teacher, temperature=1.0, tail="renormalize", divergence="kl", beta=0.5):
+    """Internal entry point (fused_linear_kd calls it per chunk, arguments already checked): the unscaled per-row
+    divergence (rows,) of student logits (rows, V) from a TopK of (rows, k), through the kernel ops, differentiable
+    with respect to the logits (and the teacher log-probabilities)."""
+    rows, _ = torch.ops.kdfast.topk_kd_fwd(student_logits, teacher[0], teacher[1], temperature, tail, divergence,
+                                           beta)
+    return rows
+
+
+def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, *, tail="renormalize",
+                divergence="kl", beta=0.5, mask=None, reduction="batchmean", scale_t2=True,
+                num_items_in_batch=None) -> torch.Tensor:
+    """Divergence of the student from a sparse teacher, per row (position) of student_logits (..., V).
+
+    teacher_indices (..., k) int64/int32 and teacher_logprobs (..., k): the teacher's top-k classes and their
+    log-probabilities at T = 1, as a server returns them; -inf marks padding (its index may be anything).
+    divergence "kl" (KL(teacher || student)), "reverse_kl" or "jsd" (beta KL(q || m) + (1 - beta) KL(p || m)), as
+    kd_div, over the categories of the tail:
+    tail="renormalize": the k entries, the teacher's q = softmax(lp / T) against, for "kl", the student's
+    full-vocabulary log-probabilities log_softmax(s / T)[idx] (DistillKit's "zero" missing mass), for "reverse_kl"
+    and "jsd" its probabilities renormalised over the k entries, p[idx] / sum p[idx]. tail="bucket": k + 1
+    categories, the last the mass the teacher did not return, log(1 - sum exp(lp)), against the student's mass off
+    the k classes (summed over those classes); with k = V either tail is kd_div. Valid indices of a row are
+    assumed distinct. mask (...) bool: rows to count. reduction: "batchmean" (sum / counted rows, 0 when none),
+    "sum", "none" (0 on masked rows); num_items_in_batch (a number > 0 or a one-element tensor, with "batchmean"): the sum over
+    counted rows divided by it instead (gradient accumulation over micro-batches). scale_t2 multiplies by T^2.
+    The loss is float32 (float64 for float64 logits).
+    """
+    temperature = _check_call(student_logits, teacher_indices, teacher_logprobs, temperature, tail, divergence, beta,
+                              mask, reduction, scale_t2, num_items_in_batch)
+    if not has_kernel(student_logits.device):
+        return reference.topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature, tail=tail,
+                                     divergence=divergence, beta=beta, mask=mask, reduction=reduction,
+                                     scale_t2=scale_t2, num_items_in_batch=num_items_in_batch)
+    s, (idx, lp) = _flat(student_logits, teacher_indices, teacher_logprobs)
+    rows = topk_rows(s, (idx, lp), temperature, tail, divergence, float(beta))
+    return _finish(rows.reshape(student_logits.shape[:-1]), mask, reduction, temperature, scale_t2,
+                   num_items_in_batch)
+
+
+def sampled_kd_div(student_logits, teacher, temperature=1.0, *, mask=None, reduction="batchmean", scale_t2=True,
+                   num_items_in_batch=None) -> torch.Tensor:
+    """KL(p_t || p_s) at T estimated from a sampled teacher, per row of student_logits (..., V).
+
+    teacher: a kdfast.Sampled (indices, counts, logprobs) (..., n), from kdfast.sample_from_logits at this
+    temperature. Per row sum_j (c_j / n) (lp_j - log_softmax(s / T)[idx_j]), n = sum_j c_j the row's draws (0 for a
+    row without draws): an unbiased estimate of KL(p_t || p_s) at T and of its gradient. mask, reduction,
+    num_items_in_batch and scale_t2 as topk_kd_div. The loss is float32 (float64 for float64 logits); gradients
+    flow to the student logits and to the teacher's log-probabilities (c_j / n).
+    """
+    if not isinstance(teacher, Sampled):
+        raise TypeError(f"teacher must be a kdfast.Sampled (indices, counts, logprobs), got {type(teacher).__name__}")
+    indices, counts, logprobs = teacher
+    _check_student(student_logits, indices, mask, reduction, scale_t2, num_items_in_batch, "sampled_kd_div")
+    check.same_device({"student_logits": student_logits, "teacher_indices": indices})
+    temperature = check.check_temperature(temperature)
+    if _eager(counts):  # the entries drawn (count > 0) checked as topk_kd_div's valid entries
+        _check_values(indices, torch.where(counts > 0, logprobs, float("-inf")), student_logits.shape[-1])
+    if not has_kernel(student_logits.device):
+        return reference.sampled_kd_div(student_logits, teacher, temperature, mask=mask, reduction=reduction,
+                                        scale_t2=scale_t2, num_items_in_batch=num_items_in_batch)
+    s, (idx, c, lp) = _flat(student_logits, indices, counts, logprobs)
+    acc = acc_dtype(student_logits)
+    c = c.to(acc)
+    w = c / c.sum(-1, keepdim=True).clamp_min(1)
+    rows, _ = torch.ops.kdfast.topk_kd_fwd(s, idx, lp, temperature, "renormalize", "kl", 0.5, w)
+    return _finish(rows.reshape(student_logits.shape[:-1]), mask, reduction, temperature, scale_t2,
+                   num_items_in_batch)
+
+
+def _categories(logp_top, lp, valid, temperature, tail, divergence="kl", rest=None):
+    """(log Q, log P, u) over the k categories (+ the tail for "bucket") of a sparse teacher: logp_top = log p[idx]
+    of the student at T (-inf on padding), lp the teacher's log-probabilities, u the tail log-mass (or None);
+    rest (bucket): the student's log-mass off the top-k classes, computed from those classes (rows, 1) (None:
+    from 1 - sum p[idx], floored at eps, which cancels when that mass is small). For "renormalize" with reverse_kl
+    or jsd, P is renormalised over the valid entries."""
     t = lp / temperature
     u = None
     if tail == "bucket":
-        # Within rounding of 0 (csrc/common/topk_kd.h, topk_eps): the teacher's tail is 0, the student's rest eps.
+        # Within rounding of 0 (csrc/common/topk_kd.h, topk_eps): the teacher's tail is 0.
         eps = torch.finfo(lp.dtype).eps
         tail_mass = 1 - torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
         u = torch.where(tail_mass > (valid.sum(-1, keepdim=True) + 1) * eps, tail_mass, 0).log()
         t = torch.cat([t, u / temperature], dim=-1)
-        rest = (1 - torch.where(valid, logp_top.exp(), torch.zeros_like(logp_top)).sum(-1, keepdim=True))
-        logp_top = torch.cat([logp_top, rest.clamp_min(eps).log()], dim=-1)
+        if rest is None:
+            rest = (1 - torch.where(valid, logp_top.exp(), torch.zeros_like(logp_top)).sum(-1, keepdim=True))
+            rest = rest.clamp_min(eps).log()
+        logp_top = torch.cat([logp_top, rest], dim=-1)
+    elif divergence != "kl":
+        norm = torch.logsumexp(torch.where(valid, logp_top, torch.full_like(logp_top, float("-inf"))), -1, True)
+        logp_top = torch.where(valid, logp_top - norm, logp_top)
     return torch.log_softmax(t, dim=-1), logp_top, u
 
 
@@ -184,13 +341,20 @@ def _plogq(q, log_ratio):
     return torch.where(q == 0, torch.zeros_like(q), q * log_ratio)
 
 
-def _teacher_grad(grad_rows, logp_top, lp, valid, temperature, tail):
-    """d loss / d lp (rows, k) from (rows, k) tensors only: d KL(softmax(b) || P) / d b_c = q_c (log q_c - log P_c
-    - KL), through b = lp / T and, for the bucket, the tail u = log(1 - sum exp(lp))."""
-    logq, logp, u = _categories(logp_top, lp, valid, temperature, tail)
-    q = logq.exp()
-    terms = _plogq(q, logq - logp)
-    db = terms - q * terms.sum(-1, keepdim=True)
+def _teacher_grad(grad_rows, logp_top, lp, valid, temperature, tail, divergence="kl", beta=0.5, rest=None):
+    """d loss / d lp (rows, k) from (rows, k) tensors only: with F = d D / d log Q, d D / d b_c = F_c - q_c sum F
+    (b the teacher's scaled categories), through b = lp / T and, for the bucket, the tail u = log(1 - sum exp(lp)).
+    F: kl q (log q - log P), reverse_kl -P, jsd beta q (log q - log m) (constant terms cancel)."""
+    logq, logp, u = _categories(logp_top, lp, valid, temperature, tail, divergence, rest)
+    q, p = logq.exp(), logp.exp()
+    if divergence == "kl":
+        f = _plogq(q, logq - logp)
+    elif divergence == "reverse_kl":
+        f = -p
+    else:
+        m = beta * q + (1 - beta) * p
+        f = beta * _plogq(q, logq - torch.log(torch.where(m == 0, torch.ones_like(m), m)))
+    db = f - q * f.sum(-1, keepdim=True)
     if tail == "bucket":
         # du / dlp_j = -exp(lp_j - u); where the tail is empty (u = -inf) its q and so its gradient are 0.
         tail_db = db[..., -1:]
@@ -199,44 +363,53 @@ def _teacher_grad(grad_rows, logp_top, lp, valid, temperature, tail):
     return db * (grad_rows.expand(lp.shape[:-1]).unsqueeze(-1) / temperature)
 
 
-def _kernel_teacher_grad(grad_rows, student, indices, logprobs, stats, temperature, tail):
-    """_teacher_grad for the kernel op, log p[idx] gathered from the student and the saved logsumexp."""
+def _kernel_teacher_grad(grad_rows, student, indices, logprobs, stats, temperature, tail, divergence, beta, weights):
+    """d loss / d logprobs for the kernel op: c_j / n for a sampled teacher; else _teacher_grad, log p[idx] gathered
+    from the student and the saved row statistics (csrc/common/topk_kd.h, TopKStat)."""
     acc = stats.dtype
+    g = grad_rows.to(acc).expand(stats.shape[1:]).unsqueeze(-1)
+    if weights is not None:
+        return (weights.to(acc) * g).to(logprobs.dtype)
     lp = logprobs.to(acc)
     valid = lp > float("-inf")
     idx = torch.where(valid, indices, torch.zeros_like(indices)).long()
-    logp = student.gather(-1, idx).to(acc) / temperature - stats[0].unsqueeze(-1)
+    big, lse, off = stats[0].unsqueeze(-1), stats[1].unsqueeze(-1), stats[6].unsqueeze(-1)
+    logp = (student.gather(-1, idx).to(acc) - big) / temperature - lse
     logp = torch.where(valid, logp, torch.full_like(logp, float("-inf")))
-    return _teacher_grad(grad_rows.to(acc), logp, lp, valid, temperature, tail).to(logprobs.dtype)
+    rest = off - lse if tail == "bucket" else None
+    return _teacher_grad(g.squeeze(-1), logp, lp, valid, temperature, tail, divergence, beta, rest).to(logprobs.dtype)
 
 
 if _C is not None:
 
     @torch.library.register_fake("kdfast::topk_kd_fwd")
-    def _topk_kd_fwd_fake(student, indices, logprobs, temperature, tail):
-        acc = acc_dtype(student, logprobs)
-        return student.new_empty((student.shape[0],), dtype=acc), student.new_empty((2, student.shape[0]), dtype=acc)
+    def _topk_kd_fwd_fake(student, indices, logprobs, temperature, tail, divergence="kl", beta=0.5, weights=None):
+        acc = acc_dtype(student)
+        rows = student.shape[0]
+        return student.new_empty((rows,), dtype=acc), student.new_empty((7, rows), dtype=acc)
 
     @torch.library.register_fake("kdfast::topk_kd_bwd")
-    def _topk_kd_bwd_fake(grad_loss, student, indices, logprobs, stats, temperature, tail):
+    def _topk_kd_bwd_fake(grad_loss, student, indices, logprobs, stats, temperature, tail, divergence="kl", beta=0.5,
+                          weights=None):
         return torch.empty_like(student, memory_format=torch.contiguous_format)
 
     def _topk_setup_context(ctx, inputs, output):
-        student, indices, logprobs, temperature, tail = inputs
+        student, indices, logprobs, temperature, tail, divergence, beta, weights = inputs
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the stats output
-        ctx.save_for_backward(student, indices, logprobs, output[1])
-        ctx.options = (temperature, tail)
+        ctx.save_for_backward(student, indices, logprobs, output[1], weights)
+        ctx.options = (temperature, tail, divergence, beta)
 
     @once_differentiable("topk_kd_div")
     def _topk_backward(ctx, grad_loss, _grad_stats):
-        student, indices, logprobs, stats = ctx.saved_tensors
+        student, indices, logprobs, stats, weights = ctx.saved_tensors
+        none = (None,) * 5
         if grad_loss is None:
-            return None, None, None, None, None
+            return None, None, None, *none
         gs = gl = None
         if ctx.needs_input_grad[0]:
-            gs = torch.ops.kdfast.topk_kd_bwd(grad_loss, student, indices, logprobs, stats, *ctx.options)
+            gs = torch.ops.kdfast.topk_kd_bwd(grad_loss, student, indices, logprobs, stats, *ctx.options, weights)
         if ctx.needs_input_grad[2]:
-            gl = _kernel_teacher_grad(grad_loss, student, indices, logprobs, stats, *ctx.options)
-        return gs, None, gl, None, None
+            gl = _kernel_teacher_grad(grad_loss, student, indices, logprobs, stats, *ctx.options, weights)
+        return gs, None, gl, *none
 
     torch.library.register_autograd("kdfast::topk_kd_fwd", _topk_backward, setup_context=_topk_setup_context)

@@ -21,14 +21,18 @@ TopKLauncher on_stream(cudaError_t (*kernel)(const TopKProblem&, cudaStream_t)) 
 
 TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
   m.impl("topk_kd_fwd", [](const at::Tensor& s, const at::Tensor& i, const at::Tensor& lp, double T,
-                           c10::string_view tail) {
+                           c10::string_view tail, c10::string_view div, double beta,
+                           const std::optional<at::Tensor>& w) {
     const c10::cuda::CUDAGuard guard(s.device());
-    return topk_kd_fwd(s, i, lp, T, std::string(tail), on_stream(cuda::topk_kd_forward));
+    return topk_kd_fwd(s, i, lp, T, std::string(tail), std::string(div), beta, w,
+                       on_stream(cuda::topk_kd_forward));
   });
   m.impl("topk_kd_bwd", [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& i, const at::Tensor& lp,
-                           const at::Tensor& stats, double T, c10::string_view tail) {
+                           const at::Tensor& stats, double T, c10::string_view tail, c10::string_view div,
+                           double beta, const std::optional<at::Tensor>& w) {
     const c10::cuda::CUDAGuard guard(s.device());
-    return topk_kd_bwd(g, s, i, lp, stats, T, std::string(tail), on_stream(cuda::topk_kd_backward));
+    return topk_kd_bwd(g, s, i, lp, stats, T, std::string(tail), std::string(div), beta, w,
+                       on_stream(cuda::topk_kd_backward));
   });
 }
 
