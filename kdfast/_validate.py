@@ -117,22 +117,21 @@ def row_mask(mask, row_shape, like: torch.Tensor, like_name: str, rows_are: str 
 
 
 def num_items(value) -> None:
-    """num_items_in_batch (Hugging Face's name, for gradient accumulation): None, an int >= 1, or a one-element
-    tensor (its value checked on CPU only: reading it on a GPU would synchronise)."""
+    """num_items_in_batch (Hugging Face's name, for gradient accumulation): None, a number > 0, or a one-element
+    real tensor (its value checked on CPU only: reading it on a GPU would synchronise)."""
     if value is None:
         return
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
-            raise ValueError(f"num_items_in_batch must be an int >= 1 or a one-element real tensor, got a tensor of "
+            raise ValueError(f"num_items_in_batch must be a number > 0 or a one-element real tensor, got a tensor of "
                              f"shape {tuple(value.shape)} and dtype {value.dtype}")
-        if value.device.type == "cpu" and not torch.compiler.is_compiling() and not float(value) >= 1:
-            raise ValueError(f"num_items_in_batch must be >= 1 (the counted rows of the whole batch), got "
-                             f"{float(value)}")
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"num_items_in_batch must be an int or a one-element tensor, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"num_items_in_batch must be >= 1 (the counted rows of the whole batch), got {value}")
+        if value.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        value = float(value)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"num_items_in_batch must be a number or a one-element tensor, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"num_items_in_batch must be > 0 (the counted rows of the whole batch), got {value}")
 
 
 def divide_by_items(loss: torch.Tensor, value) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ._autograd import once_differentiable
 from ._ops import has_kernel
 from ._validate import acc_dtype
 from .logits import DIVERGENCES, _check_classes
-from .topk import TopK
+from .topk import Sampled, TopK
 from .topk import _check_values as _check_topk_values
 
 TAILS = ("renormalize", "bucket")
@@ -98,18 +98,21 @@ def _dense_chunk(logits, teacher, target, kd_weight, ce_weight, temperature, div
     return div.squeeze(-1), ce, grad.squeeze(-1)
 
 
-def topk_chunk(logits, indices, logprobs, temperature, tail, kd_weight, with_grad=True):
-    """The top-k divergence of each row of a chunk and kd_weight * its gradient with respect to the logits, from
-    the top-k kernels (kdfast/topk.py): rows (c,) unscaled by T^2 and grad (c, V) in the logits' dtype (None when
-    with_grad is False).
+def topk_chunk(logits, indices, logprobs, temperature, tail, kd_weight, with_grad=True, divergence="kl", beta=0.5,
+               weights=None):
+    """The top-k (or sampled) divergence of each row of a chunk and kd_weight * its gradient with respect to the
+    logits, from the top-k kernels (kdfast/topk.py): rows (c,) unscaled by T^2 and grad (c, V) in the logits' dtype
+    (None when with_grad is False).
 
     logits (c, V) float32/float64; indices (c, k) int64; logprobs (c, k), the teacher's log-probabilities at T = 1
-    (-inf pads take no part); kd_weight (c,) or a scalar. The tails are topk_kd_div's."""
-    rows, stats = torch.ops.kdfast.topk_kd_fwd(logits, indices, logprobs, temperature, tail)
+    (-inf pads take no part); kd_weight (c,) or a scalar. The tails and divergences are topk_kd_div's. weights (c,
+    k), the sampled teacher's c_j / n (logprobs then at T; 0 = padding), make it sampled_kd_div's rows."""
+    rows, stats = torch.ops.kdfast.topk_kd_fwd(logits, indices, logprobs, temperature, tail, divergence, beta, weights)
     if not with_grad:
         return rows.to(logits.dtype), None
     weight = torch.as_tensor(kd_weight, dtype=rows.dtype, device=logits.device).expand(rows.shape)
-    grad = torch.ops.kdfast.topk_kd_bwd(weight, logits, indices, logprobs, stats, temperature, tail)
+    grad = torch.ops.kdfast.topk_kd_bwd(weight, logits, indices, logprobs, stats, temperature, tail, divergence, beta,
+                                        weights)
     return rows.to(logits.dtype), grad
 
 
@@ -126,10 +129,11 @@ def _cross_entropy_chunk(logits, target, ce_weight, ignore_index, grad):
     return rows
 
 
-def _topk_ce_chunk(logits, indices, logprobs, target, kd_weight, ce_weight, temperature, tail, ignore_index,
-                   with_grad):
+def _topk_ce_chunk(logits, indices, logprobs, weights, target, kd_weight, ce_weight, temperature, tail, divergence,
+                   beta, ignore_index, with_grad):
     """topk_chunk, plus the cross-entropy (its gradient added to the same buffer) when a target is given."""
-    rows, grad = topk_chunk(logits, indices, logprobs, temperature, tail, kd_weight, with_grad)
+    rows, grad = topk_chunk(logits, indices, logprobs, temperature, tail, kd_weight, with_grad, divergence, beta,
+                            weights)
     ce = None if target is None else _cross_entropy_chunk(logits, target, ce_weight, ignore_index, grad)
     return rows, ce, grad
 
@@ -148,8 +152,9 @@ def fused_linear_kd_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d loss/d hidden, d loss/d weight, d loss/d bias), the gradients in the accumulation dtype (empty
     where needs is False; none is made when every needs is False). hidden (N, H); target (N,) int64 or None;
-    teacher_form "logits" ([teacher (N, V)]), "head" ([hidden (N, Ht), weight (V, Ht)] + [bias (V,)]) or "topk"
-    ([indices (N, k) int64, logprobs (N, k)]). per_row: the sums divided by the counted rows ("batchmean"), else
+    teacher_form "logits" ([teacher (N, V)]), "head" ([hidden (N, Ht), weight (V, Ht)] + [bias (V,)]), "topk"
+    ([indices (N, k) int64, logprobs (N, k)]) or "sampled" ([indices, logprobs, weights c_j / n (N, k) in the
+    accumulation dtype]). per_row: the sums divided by the counted rows ("batchmean"), else
     left as sums. The accumulation dtype is the student's (float64 only for a float64 student): a float64 teacher
     is rounded to it chunk by chunk."""
     n, v = hidden.shape[0], weight.shape[0]
@@ -178,10 +183,11 @@ def fused_linear_kd_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
             logits = softcap_(chunk_logits(h, w, b), softcap, logit_scale)
             y = None if target is None else target[lo:hi]
             kd_weight = kd_scale if keep is None else kd_scale * keep[lo:hi]
-            if teacher_form == "topk":
-                rows, ce, g = _topk_ce_chunk(logits, teacher[0][lo:hi], _rounded(teacher[1][lo:hi], acc),
+            if teacher_form in ("topk", "sampled"):
+                weights = teacher[2][lo:hi] if teacher_form == "sampled" else None
+                rows, ce, g = _topk_ce_chunk(logits, teacher[0][lo:hi], _rounded(teacher[1][lo:hi], acc), weights,
                                              y if use_ce else None, kd_weight, ce_weight, temperature, tail,
-                                             ignore_index, with_grad)
+                                             divergence, beta, ignore_index, with_grad)
             else:
                 if teacher_form == "head":
                     t_logits = softcap_(chunk_logits(teacher[0][lo:hi].to(acc), t_w, t_b), teacher_softcap,
@@ -262,7 +268,7 @@ def _check_rows(x, name, rows, what):
                          f"{tuple(x.shape)}")
 
 
-def _check_teacher(teacher, rows, vocab):
+def _check_teacher(teacher, rows, vocab, acc):
     """(form, tensors flattened to rows) of the teacher argument, or a clear error."""
     if isinstance(teacher, torch.Tensor):
         check.floating(teacher, "teacher")
@@ -291,7 +297,14 @@ def _check_teacher(teacher, rows, vocab):
         idx = teacher.indices.reshape(torch.Size(rows).numel(), teacher.indices.shape[-1]).long()  # also k = 0
         _check_topk_values(idx, teacher.logprobs.reshape(idx.shape), vocab)
         return "topk", [idx, teacher.logprobs.detach().reshape(idx.shape)]
-    raise TypeError("teacher must be a logits tensor, a kdfast.TeacherHead or a kdfast.TopK, got "
+    if isinstance(teacher, Sampled):  # its constructor checked the triple's types and shapes
+        _check_rows(teacher.indices, "teacher.indices", rows, "n")
+        idx = teacher.indices.reshape(torch.Size(rows).numel(), teacher.indices.shape[-1]).long()
+        counts = teacher.counts.reshape(idx.shape).to(acc)
+        lp = teacher.logprobs.detach().reshape(idx.shape)
+        _check_topk_values(idx, torch.where(counts > 0, lp, float("-inf")), vocab)  # the entries drawn
+        return "sampled", [idx, lp, counts / counts.sum(-1, keepdim=True).clamp_min(1)]
+    raise TypeError("teacher must be a logits tensor, a kdfast.TeacherHead, a kdfast.TopK or a kdfast.Sampled, got "
                     f"{type(teacher).__name__}")
 
 
@@ -322,16 +335,17 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
     softcap, logit_scale: the student's logits are softcap * tanh(logit_scale * (hidden @ weight.T + bias) /
     softcap) (Gemma 2/3's final soft-capping, Cohere's logit scale; no cap when softcap is None); gradients flow
     through both. teacher: logits (..., V); TeacherHead(hidden (..., Ht), weight (V, Ht), bias=None, softcap=None,
-    logit_scale=1.0); or kdfast.TopK(indices, logprobs) (..., k). KD is kd_div (dense teachers; divergence, beta) or
-    topk_kd_div (TopK; tail), "batchmean" over the rows whose target is not ignore_index (all rows without a
-    target), times T^2 when scale_t2; the cross-entropy is at T = 1, mean over the same rows. num_items_in_batch
-    (Hugging Face's name for gradient accumulation: an int >= 1 or a one-element tensor): both terms are then
-    summed over those rows and divided by it instead. alpha != 1 needs a target. Gradients reach student_hidden,
-    student_weight and student_bias (the teacher is constant); they are accumulated in float32 (float64 for a
-    float64 student) and returned in each input's dtype; under torch.no_grad / inference_mode only the loss is
-    computed. chunk_size: rows per chunk; None takes floor(B / (V x 4 bytes)) rows (8 bytes for float64), at least
-    1, with B = 32 MiB on CPU and 256 MiB on CUDA. Returns a float32 scalar (float64 when student_hidden or
-    student_weight is float64; a float64 teacher alone does not change it)."""
+    logit_scale=1.0); kdfast.TopK(indices, logprobs) (..., k); or kdfast.Sampled(indices, counts, logprobs) (..., n)
+    drawn at this temperature. KD is kd_div (dense teachers), topk_kd_div (TopK; tail) with divergence and beta, or
+    sampled_kd_div (Sampled: the forward KL), "batchmean" over the rows whose target is not ignore_index (all rows
+    without a target), times T^2 when scale_t2; the cross-entropy is at T = 1, mean over the same rows.
+    num_items_in_batch (Hugging Face's name for gradient accumulation: a number > 0 or a one-element tensor): both
+    terms are then summed over those rows and divided by it instead. alpha != 1 needs a target. Gradients reach
+    student_hidden, student_weight and student_bias (the teacher is constant); they are accumulated in float32
+    (float64 for a float64 student) and returned in each input's dtype; under torch.no_grad / inference_mode only
+    the loss is computed. chunk_size: rows per chunk; None takes floor(B / (V x 4 bytes)) rows (8 bytes for
+    float64), at least 1, with B = 32 MiB on CPU and 256 MiB on CUDA. Returns a float32 scalar (float64 when
+    student_hidden or student_weight is float64; a float64 teacher alone does not change it)."""
     check.floating(student_hidden, "student_hidden")
     check.floating(student_weight, "student_weight")
     if student_hidden.dim() not in (2, 3):
@@ -362,7 +376,11 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    form, tensors = _check_teacher(teacher, rows, vocab)
+    acc = acc_dtype(student_hidden, student_weight)
+    form, tensors = _check_teacher(teacher, rows, vocab, acc)
+    if form == "sampled" and (divergence, tail) != ("kl", "renormalize"):
+        raise ValueError(f"a kdfast.Sampled teacher estimates the forward KL: it takes divergence='kl' and "
+                         f"tail='renormalize' (the defaults), got divergence={divergence!r}, tail={tail!r}")
     y = None
     if target is not None:
         y = _check_target(target, rows, vocab, ignore_index)
@@ -377,7 +395,6 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
                                          softcap=softcap, logit_scale=logit_scale,
                                          num_items_in_batch=num_items_in_batch)
     hidden = student_hidden.reshape(-1, hidden_size)
-    acc = acc_dtype(hidden, student_weight)
     chunk = chunk_size or default_chunk_size(hidden.shape[0], vocab, acc, hidden.device.type)
     # No gradient is made where autograd will not ask for one (evaluation under no_grad / inference_mode).
     grad_mode = torch.is_grad_enabled()

@@ -218,7 +218,7 @@ def kd_loss(student_logits, teacher_logits, target, temperature=None, alpha=0.9,
             dim=-1, ignore_index=-100, num_items_in_batch=None) -> torch.Tensor:
     """alpha * kd_div(batchmean, T^2, rows with target != ignore_index) + (1 - alpha) * cross-entropy of the
     student at T = 1 (mean over the same rows; 0 when none). num_items_in_batch (Hugging Face's name for gradient
-    accumulation: an int >= 1 or a one-element tensor): both terms summed over those rows and divided by it
+    accumulation: a number > 0 or a one-element tensor): both terms summed over those rows and divided by it
     instead. On the kernel path both terms come from one pass over the student logits. temperature None is T = 4
     with a FutureWarning (it becomes 1 in kdfast 0.2)."""
     temperature = _legacy_temperature(temperature, "kd_loss")

@@ -287,15 +287,19 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
                     chunk_size=None, softcap=None, logit_scale=1.0, num_items_in_batch=None):
     """Reference of kdfast.fused_linear_kd: the logits built in full (capped_logits), then alpha * KD + (1 - alpha)
     * CE over the rows whose target is not ignore_index (all rows without a target), each "batchmean", or summed
-    and divided by num_items_in_batch. teacher: logits, a TeacherHead (hidden, weight, bias, softcap, logit_scale)
-    or a TopK (indices, logprobs); the teacher gets no gradient and is taken in the student's accumulation dtype.
-    chunk_size is ignored."""
+    and divided by num_items_in_batch. teacher: logits, a TeacherHead (hidden, weight, bias, softcap,
+    logit_scale), a TopK (indices, logprobs) or a Sampled (indices, counts, logprobs); the teacher gets no gradient
+    and is taken in the student's accumulation dtype. chunk_size is ignored."""
     acc = acc_dtype(student_hidden, student_weight)
     logits = capped_logits(student_hidden, student_weight, student_bias, softcap, logit_scale, acc)
     keep = None if target is None else target != ignore_index
     reduction = "batchmean" if num_items_in_batch is None else "sum"
-    if not isinstance(teacher, torch.Tensor) and hasattr(teacher, "logprobs"):  # TopK
-        rows = topk_kd_rows(logits, teacher.indices, teacher.logprobs.detach().to(acc), temperature, tail)
+    if not isinstance(teacher, torch.Tensor) and hasattr(teacher, "logprobs"):  # TopK or Sampled
+        lp = teacher.logprobs.detach().to(acc)
+        if hasattr(teacher, "counts"):  # Sampled
+            rows = sampled_kd_rows(logits, teacher.indices, teacher.counts, lp, temperature)
+        else:
+            rows = topk_kd_rows(logits, teacher.indices, lp, temperature, tail, divergence, beta)
         kd = reduce_rows(rows * (temperature**2 if scale_t2 else 1.0), keep, reduction)
     else:
         if not isinstance(teacher, torch.Tensor):  # TeacherHead

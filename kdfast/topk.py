@@ -267,8 +267,9 @@ def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1
     categories, the last the mass the teacher did not return, log(1 - sum exp(lp)), against the student's mass off
     the k classes (summed over those classes); with k = V either tail is kd_div. Valid indices of a row are
     assumed distinct. mask (...) bool: rows to count. reduction: "batchmean" (sum / counted rows, 0 when none),
-    "sum", "none" (0 on masked rows); num_items_in_batch (a number > 0 or a one-element tensor, with "batchmean"): the sum over
-    counted rows divided by it instead (gradient accumulation over micro-batches). scale_t2 multiplies by T^2.
+    "sum", "none" (0 on masked rows); num_items_in_batch (a number > 0 or a one-element tensor, with
+    "batchmean"): the sum over counted rows divided by it instead (gradient accumulation over micro-batches).
+    scale_t2 multiplies by T^2.
     The loss is float32 (float64 for float64 logits).
     """
     temperature = _check_call(student_logits, teacher_indices, teacher_logprobs, temperature, tail, divergence, beta,

@@ -61,7 +61,7 @@ def reference64(h, w, b, teacher, **kw):
     elif isinstance(teacher, torch.Tensor):
         teacher = up(teacher)
     else:
-        teacher = type(teacher)(teacher.indices, teacher.logprobs.double())
+        teacher = type(teacher)(*teacher[:-1], teacher.logprobs.double())
     return run(reference.fused_linear_kd, up(h), up(w), up(b), teacher, **kw)
 
 
@@ -75,7 +75,7 @@ def assert_matches(h, w, b, teacher, rtol=2e-5, atol=5e-5, **kw):
         torch.testing.assert_close(g.double(), r, rtol=rtol, atol=atol * float(r.abs().max()))
 
 
-FORMS = ["logits", "head", "topk-renormalize", "topk-bucket"]
+FORMS = ["logits", "head", "topk-renormalize", "topk-bucket", "sampled"]
 
 
 def teacher_of(form, t_logits, head, TopK):
@@ -83,12 +83,14 @@ def teacher_of(form, t_logits, head, TopK):
         return t_logits, {}
     if form == "head":
         return head, {}
+    if form == "sampled":  # 12 draws a row at T = 2 (the temperature the tests mostly train at)
+        return kdfast.sample_from_logits(t_logits, 12, 2.0, generator=torch.Generator().manual_seed(1)), {}
     return topk_of(t_logits, 7, TopK, pad=2), {"tail": form.split("-")[1]}
 
 
-# The dense forms with each divergence; the top-k form has tails instead.
-FORM_DIVERGENCES = [(f, d) for f in ("logits", "head") for d in ("kl", "reverse_kl", "jsd")] + \
-    [("topk-renormalize", "kl"), ("topk-bucket", "kl")]
+# Every divergence on the dense and top-k forms (the top-k form with either tail); the sampled form is the forward KL.
+FORM_DIVERGENCES = [(f, d) for f in ("logits", "head", "topk-renormalize", "topk-bucket")
+                    for d in ("kl", "reverse_kl", "jsd")] + [("sampled", "kl")]
 
 
 @pytest.mark.parametrize("form,divergence", FORM_DIVERGENCES)
@@ -110,11 +112,12 @@ def test_float64_exact(TopK, form):
                    **kw)
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_bfloat16_gradients_within_one_percent(TopK, form):
+@pytest.mark.parametrize("form,divergence", FORM_DIVERGENCES)
+def test_bfloat16_gradients_within_one_percent(TopK, form, divergence):
     """bf16 inputs: the gradients (computed and accumulated in float32, rounded once) within 1% of float64."""
     h, w, b, y, t_logits, head = make((4, 16), H=32, V=1000, dtype=torch.bfloat16)
     teacher, kw = teacher_of(form, t_logits, head, TopK)
+    kw = dict(kw, divergence=divergence, beta=0.3)
     out, grads = run(kdfast.fused_linear_kd, h, w, b, teacher, target=y, temperature=2.0, alpha=0.5, chunk_size=5,
                      **kw)
     ref, ref_grads = reference64(h, w, b, teacher, target=y, temperature=2.0, alpha=0.5, **kw)
@@ -319,6 +322,42 @@ def test_forced_reference_backend(monkeypatch):
     assert calls == [1]
 
 
+# --- sampled teachers ---------------------------------------------------------------------------------------
+
+
+def test_sampled_teacher_equals_sampled_kd_div_on_the_logits():
+    """fused_linear_kd with a Sampled teacher is sampled_kd_div (and cross-entropy) of the explicit logits, on the
+    kernels and on the reference; a row without draws gives 0."""
+    h, w, b, y, t_logits, _ = make((10,), dtype=torch.float64)
+    sampled = kdfast.sample_from_logits(t_logits, 12, 1.5, generator=torch.Generator().manual_seed(2))
+    sampled.counts[3] = 0
+    logits = h @ w.T + b
+    keep = y != -100
+    want = 0.7 * kdfast.sampled_kd_div(logits, sampled, 1.5, mask=keep) + \
+        0.3 * torch.nn.functional.cross_entropy(logits, y)
+    want_grads = torch.autograd.grad(want, (h, w, b))
+    for fn in (kdfast.fused_linear_kd, reference.fused_linear_kd):
+        out = fn(h, w, sampled, student_bias=b, target=y, temperature=1.5, alpha=0.7, chunk_size=3)
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(torch.autograd.grad(out, (h, w, b)), want_grads)
+
+
+def test_sampled_teacher_gradcheck_and_errors():
+    h, w, b, y, t_logits, _ = make((5,), H=4, V=7, dtype=torch.float64)
+    sampled = kdfast.sample_from_logits(t_logits, 6, 2.0, generator=torch.Generator().manual_seed(3))
+    assert torch.autograd.gradcheck(
+        lambda a, c, d: kdfast.fused_linear_kd(a, c, sampled, student_bias=d, target=y, temperature=2.0, alpha=0.4,
+                                               chunk_size=2), (h, w, b))
+    for kw in ({"divergence": "jsd"}, {"divergence": "reverse_kl"}, {"tail": "bucket"}):
+        with pytest.raises(ValueError, match="a kdfast.Sampled teacher estimates the forward KL"):
+            kdfast.fused_linear_kd(h, w, sampled, **kw)
+    bad = kdfast.Sampled(torch.full((5, 6), 7), sampled.counts, sampled.logprobs)
+    with pytest.raises(ValueError, match="teacher_indices holds 7, outside \\[0, 7\\)"):
+        kdfast.fused_linear_kd(h, w, bad)
+    with pytest.raises(ValueError, match="teacher.indices must have the row shape"):
+        kdfast.fused_linear_kd(h, w, sampled.rows(0, 4))
+
+
 # --- soft-capping and logit scale ---------------------------------------------------------------------------
 
 
@@ -341,8 +380,10 @@ def test_softcap_and_logit_scale_match_the_composition(TopK, form, divergence, s
         t = head.hidden @ head.weight.T + head.bias
         teacher = 4.0 * torch.tanh(1.5 * t / 4.0)
     keep = y != -100
-    if form.startswith("topk"):
-        kd = reference.topk_kd_div(logits, *teacher, 2.0, mask=keep, **kw)
+    if form == "sampled":
+        kd = reference.sampled_kd_div(logits, teacher, 2.0, mask=keep)
+    elif form.startswith("topk"):
+        kd = reference.topk_kd_div(logits, *teacher, 2.0, divergence=divergence, beta=0.5, mask=keep, **kw)
     else:
         kd = reference.kd_div(logits, teacher, 2.0, divergence=divergence, mask=keep)
     ce = torch.nn.functional.cross_entropy(logits, y)
@@ -420,9 +461,9 @@ def test_num_items_without_target_counts_every_row():
 
 def test_error_num_items():
     h, w, b, y, t_logits, _ = make((4,))
-    for bad, error, match in ((0, ValueError, ">= 1"), (2.5, TypeError, "an int or a one-element tensor"),
-                              (torch.tensor([1, 2]), ValueError, "one-element"), (torch.tensor(0), ValueError, ">= 1"),
-                              (True, TypeError, "num_items_in_batch")):
+    for bad, error, match in ((0, ValueError, "> 0"), ("3", TypeError, "a number or a one-element tensor"),
+                              (torch.tensor([1, 2]), ValueError, "one-element"), (torch.tensor(0), ValueError, "> 0"),
+                              (float("nan"), ValueError, "> 0"), (True, TypeError, "num_items_in_batch")):
         with pytest.raises(error, match=match):
             kdfast.fused_linear_kd(h, w, t_logits, num_items_in_batch=bad)
 
@@ -537,7 +578,8 @@ def test_error_row_count_mismatch(TopK):
 
 def test_error_teacher_type(TopK):
     h, w, b, y, t_logits, head = make((4,))
-    with pytest.raises(TypeError, match="teacher must be a logits tensor, a kdfast.TeacherHead or a kdfast.TopK"):
+    with pytest.raises(TypeError, match="teacher must be a logits tensor, a kdfast.TeacherHead, a kdfast.TopK or a "
+                                        "kdfast.Sampled"):
         kdfast.fused_linear_kd(h, w, (head.hidden, head.weight))
     with pytest.raises(TypeError, match="teacher must be float32"):
         kdfast.fused_linear_kd(h, w, t_logits.long())
