@@ -72,7 +72,9 @@ def assert_matches(h, w, b, teacher, rtol=2e-5, atol=5e-5, **kw):
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
     for g, r, x in zip(grads, ref_grads, [x for x in (h, w, b) if x is not None]):
         assert g.dtype == x.dtype and g.shape == x.shape
-        torch.testing.assert_close(g.double(), r, rtol=rtol, atol=atol * float(r.abs().max()))
+        # atol relative to the gradient's scale, floored: a small gradient made of O(1) terms (a bucket tail's
+        # reverse KL) carries their float32 rounding, about 1e-7 absolute.
+        torch.testing.assert_close(g.double(), r, rtol=rtol, atol=atol * max(float(r.abs().max()), 0.1))
 
 
 FORMS = ["logits", "head", "topk-renormalize", "topk-bucket", "sampled"]
@@ -407,10 +409,10 @@ def test_softcap_bounds_the_logits_and_gradcheck():
 
 
 @pytest.mark.parametrize("form", ["logits", "head", "topk-bucket"])
-def test_softcap_bfloat16_gradients_within_one_percent(TopK, form):
+def test_softcap_and_num_items_bfloat16_gradients_within_one_percent(TopK, form):
     h, w, b, y, t_logits, head = make((4, 16), H=32, V=1000, dtype=torch.bfloat16)
     teacher, kw = teacher_of(form, t_logits, capped_head(head, 30.0, 2.0), TopK)
-    options = dict(target=y, temperature=2.0, alpha=0.5, softcap=4.0, logit_scale=2.0, **kw)
+    options = dict(target=y, temperature=2.0, alpha=0.5, softcap=4.0, logit_scale=2.0, num_items_in_batch=50, **kw)
     _, grads = run(kdfast.fused_linear_kd, h, w, b, teacher, chunk_size=5, **options)
     _, ref_grads = reference64(h, w, b, teacher, **options)
     for g, r in zip(grads, ref_grads):
