@@ -187,7 +187,7 @@ def sample_from_logits(logits, n, temperature=1.0, *, generator=None) -> Sampled
     counts = torch.zeros_like(draws, dtype=torch.int32).scatter_add_(-1, slot, torch.ones_like(slot, dtype=torch.int32))
     indices = torch.zeros_like(draws).scatter_(-1, torch.where(first, slot, n - 1), torch.where(first, draws, 0))
     indices = torch.where(counts > 0, indices, torch.zeros_like(indices))
-    logprobs = torch.where(counts > 0, logq.gather(-1, indices), torch.full_like(logq[:, :n], float("-inf")))
+    logprobs = torch.where(counts > 0, logq.gather(-1, indices), float("-inf"))
     shape = (*logits.shape[:-1], n)
     return Sampled(indices.reshape(shape), counts.reshape(shape), logprobs.reshape(shape))
 
