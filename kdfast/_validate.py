@@ -68,6 +68,20 @@ def positive_finite(value, name: str) -> float:
     return v
 
 
+# The temperatures every temperature-softmax loss accepts (kd_div, kd_loss, topk_kd_div, fused_linear_kd,
+# kdfast.distributed), the range docs/guarantees.md states its accuracy over.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+
+
+def check_temperature(temperature) -> float:
+    """The temperature as a float; ValueError outside [MIN_TEMPERATURE, MAX_TEMPERATURE] (NaN and inf included),
+    TypeError for a non-number. The one temperature check of every op."""
+    t = real(temperature, "temperature")
+    if not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature}")
+    return t
+
+
 def in_closed_unit(value, name: str) -> float:
     v = real(value, name)
     if not 0.0 <= v <= 1.0:
@@ -113,14 +127,26 @@ def row_mask(mask, row_shape, like: torch.Tensor, like_name: str, rows_are: str 
     return mask
 
 
-TEMPERATURE_RANGE = (1e-6, 1e6)
+def num_items(value) -> None:
+    """num_items_in_batch (Hugging Face's name, for gradient accumulation): None, a number > 0, or a one-element
+    real tensor (its value checked on CPU only: reading it on a GPU would synchronise)."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"num_items_in_batch must be a number > 0 or a one-element real tensor, got a tensor of "
+                             f"shape {tuple(value.shape)} and dtype {value.dtype}")
+        if value.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        value = float(value)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"num_items_in_batch must be a number or a one-element tensor, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"num_items_in_batch must be > 0 (the counted rows of the whole batch), got {value}")
 
 
-def check_temperature(temperature) -> float:
-    """The temperature as a float, in the range every loss accepts (beyond it float64 cannot resolve the
-    divergence)."""
-    t = positive_finite(temperature, "temperature")
-    lo, hi = TEMPERATURE_RANGE
-    if not lo <= t <= hi:
-        raise ValueError(f"temperature must be in [{lo:g}, {hi:g}], got {temperature}")
-    return t
+def divide_by_items(loss: torch.Tensor, value) -> torch.Tensor:
+    """A summed loss divided by num_items_in_batch (checked by num_items), in the loss's dtype and device."""
+    if isinstance(value, torch.Tensor):
+        return loss / value.reshape(()).to(device=loss.device, dtype=loss.dtype)
+    return loss / value

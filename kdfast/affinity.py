@@ -107,8 +107,8 @@ def _flat_features(x, name):
 def similarity_preserving_loss(student_features, teacher_features, *, reduction="mean") -> torch.Tensor:
     """Similarity-preserving loss (Tung & Mori): per side G = f f^T over the batch (f = each sample's features
     flattened), each row L2-normalised (eps 1e-12), and the squared differences of G_s and G_t. A sample's value
-    is its row's sum, sum_j (G_s - G_t)_ij^2. reduction: "none" = those (B,) values, "sum" = ||G_s - G_t||_F^2,
-    "mean" = that divided by B^2, the mean over the B x B entries (0 for an empty batch). Feature sizes may
+    is the mean of its row, sum_j (G_s - G_t)_ij^2 / B. reduction: "none" = those (B,) values, "mean" = their mean,
+    ||G_s - G_t||_F^2 / B^2 (0 for an empty batch), "sum" = ||G_s - G_t||_F^2. Feature sizes may
     differ. Large batches are processed in row tiles, so no B x B matrix is formed beyond SP_TILE_ENTRIES
     entries. Double backward is supported. Half-precision features give a float32 loss."""
     fs = _flat_features(student_features, "student_features")
@@ -122,7 +122,7 @@ def similarity_preserving_loss(student_features, teacher_features, *, reduction=
         return reference.similarity_preserving_loss(student_features, teacher_features, reduction=reduction)
     b = fs.shape[0]
     rows, _, _ = _similarity.similarity_preserving(fs, ft, max(1, min(b, SP_TILE_ENTRIES // max(b, 1))))
-    return reduce_samples(rows, reduction, mean_divisor=b * b)
+    return rows.sum() if reduction == "sum" else reduce_samples(rows / max(b, 1), reduction)
 
 
 class PairwiseAffinity(nn.Module):

@@ -29,10 +29,10 @@ from torch.autograd.function import once_differentiable
 
 from . import _validate as check
 from ._ops import _C, has_kernel
-from ._reduce import reduce_rows
+from ._reduce import check_row_reduction, reduce_rows
 from ._validate import acc_dtype
 from .logits import _check_options
-from .topk import REDUCTIONS, TAILS, TopKIndexError, _categories, _check_pair, _eager, _plogq, _teacher_grad
+from .topk import TAILS, TopKIndexError, _categories, _check_pair, _eager, _plogq, _teacher_grad
 
 _MAX_SHARD = 1 << 24  # slice sizes travel in the float32 MAX all-reduce, exact up to 2^24
 _OFF_TOP_BYTES = 4 << 20  # the top-k path's row buffer (cache-sized: no page faults, no shard-sized copy)
@@ -43,7 +43,7 @@ def _check_common(student, temperature, mask, reduction, scale_t2, group):
     if student.dim() == 0 or student.shape[-1] == 0:
         raise ValueError(f"student_shard must be (..., V_rank) with V_rank >= 1, got {tuple(student.shape)}")
     temperature = check.check_temperature(temperature)
-    check.choice(reduction, "reduction", REDUCTIONS)
+    check_row_reduction(reduction, "kdfast.distributed")
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
     check.row_mask(mask, student.shape[:-1], student, "student_shard")
@@ -56,7 +56,7 @@ def _require_group() -> None:
 
 
 def _finish(rows, mask, reduction, classes, temperature, scale_t2):
-    out = reduce_rows(rows, mask, reduction, classes)
+    out = reduce_rows(rows, mask, reduction)
     return out * (temperature * temperature) if scale_t2 else out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -12,10 +13,12 @@ from . import reference
 from ._autograd import once_differentiable
 from ._dtensor import any_dtensor
 from ._ops import _C, has_kernel
-from ._reduce import reduce_rows
+from ._reduce import check_row_reduction, reduce_rows
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
-REDUCTIONS = ("batchmean", "sum", "mean", "none")
+# kd_loss's and KDLoss's temperature when none is given, until it becomes 1 as on every other loss
+# (docs/reductions.md: the defaults).
+LEGACY_KD_LOSS_T = 4.0
 
 
 if _C is not None:
@@ -135,14 +138,14 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
     divergence: "kl" = KL(p_t || p_s) (Hinton), "reverse_kl" = KL(p_s || p_t), "jsd" = beta KL(p_t || m) +
     (1 - beta) KL(p_s || m) with m = beta p_t + (1 - beta) p_s. scale_t2 multiplies by T^2.
     mask: bool tensor of the row shape; rows where it is False contribute nothing and are not counted.
-    reduction: "batchmean" (sum / included rows; 0 when none), "sum", "mean" (sum / (included rows x classes)),
-    "none" (the row-shaped values, 0 on excluded rows). Half-precision inputs give a float32 loss.
-    DTensor logits sharded on dim run the vocabulary-parallel path (kdfast.distributed), without gathering the
+    reduction: "batchmean" (sum / included rows; 0 when none), "sum", "none" (the row-shaped values, 0 on excluded
+    rows); "mean" is refused (F.kl_div's per-element mean: use "batchmean"). Half-precision inputs give a float32
+    loss. DTensor logits sharded on dim run the vocabulary-parallel path (kdfast.distributed), without gathering the
     vocabulary; the loss is then a replicated DTensor.
     """
     dim = _check_logits(student_logits, teacher_logits, dim)
     temperature = _check_options(temperature, divergence, beta)
-    check.choice(reduction, "reduction", REDUCTIONS)
+    check_row_reduction(reduction, "kd_div")
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
     check.row_mask(mask, _row_shape(student_logits, dim), student_logits, "student_logits",
@@ -156,7 +159,7 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
                                 dim=dim, mask=mask, reduction=reduction, scale_t2=scale_t2)
     if reduction == "none":
         rows, _ = _kernel_rows(student_logits, teacher_logits, None, temperature, divergence, beta, dim, -100)
-        out = reduce_rows(rows, mask, reduction, student_logits.shape[dim])
+        out = reduce_rows(rows, mask, reduction)
         return out * (temperature * temperature) if scale_t2 else out
     return torch.ops.kdfast.kd_reduce_fwd(student_logits, teacher_logits, None, mask, dim, temperature, divergence,
                                           beta, -100, reduction, temperature * temperature if scale_t2 else 1.0,
@@ -190,27 +193,41 @@ def _check_classes(target, classes, ignore_index):
                              f"ignore_index={ignore_index}")
 
 
-def kd_loss(student_logits, teacher_logits, target, temperature=4.0, alpha=0.9, *, divergence="kl", beta=0.5,
-            dim=-1, ignore_index=-100) -> torch.Tensor:
+def _legacy_temperature(temperature, name):
+    if temperature is not None:
+        return temperature
+    warnings.warn(f"{name} was called without a temperature: it uses T = {LEGACY_KD_LOSS_T:g} today and will use "
+                  f"T = 1, the default of every other kdfast loss, in kdfast 0.2; pass temperature="
+                  f"{LEGACY_KD_LOSS_T:g} to keep this loss", FutureWarning, stacklevel=3)
+    return LEGACY_KD_LOSS_T
+
+
+def kd_loss(student_logits, teacher_logits, target, temperature=None, alpha=0.9, *, divergence="kl", beta=0.5,
+            dim=-1, ignore_index=-100, num_items_in_batch=None) -> torch.Tensor:
     """alpha * kd_div(batchmean, T^2, rows with target != ignore_index) + (1 - alpha) * cross-entropy of the
-    student at T = 1 (mean over the same rows; 0 when none). On the kernel path both terms come from one pass
-    over the student logits."""
+    student at T = 1 (mean over the same rows; 0 when none). num_items_in_batch (Hugging Face's name for gradient
+    accumulation: a number > 0 or a one-element tensor): both terms summed over those rows and divided by it
+    instead. On the kernel path both terms come from one pass over the student logits. temperature None is T = 4
+    with a FutureWarning (it becomes 1 in kdfast 0.2)."""
+    temperature = _legacy_temperature(temperature, "kd_loss")
     dim = _check_logits(student_logits, teacher_logits, dim)
     temperature = _check_options(temperature, divergence, beta)
     alpha = check.in_closed_unit(alpha, "alpha")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     _check_target(target, student_logits, dim, ignore_index)
-    if _transformed():
+    check.num_items(num_items_in_batch)
+    if _transformed() or not has_kernel(student_logits.device):
+        if not _transformed():
+            _check_classes(target, student_logits.shape[dim], ignore_index)
         return reference.kd_loss(student_logits, teacher_logits, target.long(), temperature, alpha,
-                                 divergence=divergence, beta=beta, dim=dim, ignore_index=ignore_index)
-    if not has_kernel(student_logits.device):
-        _check_classes(target, student_logits.shape[dim], ignore_index)
-        return reference.kd_loss(student_logits, teacher_logits, target.long(), temperature, alpha,
-                                 divergence=divergence, beta=beta, dim=dim, ignore_index=ignore_index)
-    return torch.ops.kdfast.kd_reduce_fwd(student_logits, teacher_logits, target, None, dim, temperature, divergence,
-                                          beta, ignore_index, "batchmean", alpha * temperature * temperature,
-                                          1.0 - alpha)[0]
+                                 divergence=divergence, beta=beta, dim=dim, ignore_index=ignore_index,
+                                 num_items_in_batch=num_items_in_batch)
+    reduction = "batchmean" if num_items_in_batch is None else "sum"
+    out = torch.ops.kdfast.kd_reduce_fwd(student_logits, teacher_logits, target, None, dim, temperature, divergence,
+                                         beta, ignore_index, reduction, alpha * temperature * temperature,
+                                         1.0 - alpha)[0]
+    return out if num_items_in_batch is None else check.divide_by_items(out, num_items_in_batch)
 
 
 class KDDiv(nn.Module):
@@ -219,7 +236,7 @@ class KDDiv(nn.Module):
     def __init__(self, temperature=1.0, *, divergence="kl", beta=0.5, dim=-1, reduction="batchmean", scale_t2=True):
         super().__init__()
         _check_options(temperature, divergence, beta)
-        check.choice(reduction, "reduction", REDUCTIONS)
+        check_row_reduction(reduction, "KDDiv")
         self.temperature, self.divergence, self.beta = temperature, divergence, beta
         self.dim, self.reduction, self.scale_t2 = dim, reduction, scale_t2
 
@@ -232,18 +249,21 @@ class KDDiv(nn.Module):
 
 
 class KDLoss(nn.Module):
-    """nn.Module form of kd_loss: KDLoss(temperature, alpha, ...)(student_logits, teacher_logits, target)."""
+    """nn.Module form of kd_loss: KDLoss(temperature, alpha, ...)(student_logits, teacher_logits, target,
+    num_items_in_batch=None). temperature None is T = 4 with a FutureWarning (it becomes 1 in kdfast 0.2)."""
 
-    def __init__(self, temperature=4.0, alpha=0.9, *, divergence="kl", beta=0.5, dim=-1, ignore_index=-100):
+    def __init__(self, temperature=None, alpha=0.9, *, divergence="kl", beta=0.5, dim=-1, ignore_index=-100):
         super().__init__()
+        temperature = _legacy_temperature(temperature, "KDLoss")
         _check_options(temperature, divergence, beta)
         check.in_closed_unit(alpha, "alpha")
         self.temperature, self.alpha, self.divergence, self.beta = temperature, alpha, divergence, beta
         self.dim, self.ignore_index = dim, ignore_index
 
-    def forward(self, student_logits, teacher_logits, target):
+    def forward(self, student_logits, teacher_logits, target, num_items_in_batch=None):
         return kd_loss(student_logits, teacher_logits, target, self.temperature, self.alpha,
-                       divergence=self.divergence, beta=self.beta, dim=self.dim, ignore_index=self.ignore_index)
+                       divergence=self.divergence, beta=self.beta, dim=self.dim, ignore_index=self.ignore_index,
+                       num_items_in_batch=num_items_in_batch)
 
     def extra_repr(self):
         return f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}"

@@ -51,7 +51,7 @@ def kd_div(student_logits, teacher_logits, temperature=1.0, *, divergence="kl", 
     rows = kd_div_rows(student_logits, teacher_logits, temperature, divergence, beta, dim)
     if scale_t2:
         rows = rows * temperature**2
-    return reduce_rows(rows, mask, reduction, student_logits.shape[dim])
+    return reduce_rows(rows, mask, reduction)
 
 
 def cross_entropy_rows(student_logits, target, dim=-1, ignore_index=-100):
@@ -62,14 +62,16 @@ def cross_entropy_rows(student_logits, target, dim=-1, ignore_index=-100):
 
 
 def kd_loss(student_logits, teacher_logits, target, temperature=4.0, alpha=0.9, *, divergence="kl", beta=0.5,
-            dim=-1, ignore_index=-100):
+            dim=-1, ignore_index=-100, num_items_in_batch=None):
     """Reference of kdfast.kd_loss: alpha * KD (batchmean over kept rows, T^2) + (1 - alpha) * CE (mean over kept
-    rows); both 0 when no row is kept."""
+    rows); both 0 when no row is kept. With num_items_in_batch: both summed over the kept rows, divided by it."""
     keep = target != ignore_index
     kd = kd_div(student_logits, teacher_logits, temperature, divergence=divergence, beta=beta, dim=dim, mask=keep,
-                reduction="batchmean", scale_t2=True)
-    ce = cross_entropy_rows(student_logits, target, dim, ignore_index).sum() / keep.sum().clamp_min(1)
-    return alpha * kd + (1 - alpha) * ce
+                reduction="batchmean" if num_items_in_batch is None else "sum", scale_t2=True)
+    ce = cross_entropy_rows(student_logits, target, dim, ignore_index).sum()
+    if num_items_in_batch is None:
+        return alpha * kd + (1 - alpha) * ce / keep.sum().clamp_min(1)
+    return (alpha * kd + (1 - alpha) * ce) / num_items_in_batch
 
 
 def attention_map(features, p=2.0, *, pool="mean", normalize=True):
@@ -121,13 +123,14 @@ def pairwise_affinity_loss(student_features, teacher_features, *, pool_size=None
 
 def similarity_preserving_loss(student_features, teacher_features, *, reduction="mean"):
     """Reference of kdfast.similarity_preserving_loss (Tung & Mori): G = f f^T over the batch, rows L2-normalised
-    (eps 1e-12); per sample its row's sum of squared differences ("none"), their sum ("sum") or that / B^2."""
+    (eps 1e-12); per sample the mean of its row's squared differences ("none"), their mean ("mean", the sum / B^2)
+    or the sum of all squared differences ("sum")."""
     acc = acc_dtype(student_features, teacher_features)
     b = student_features.shape[0]
     fs = student_features.reshape(b, -1 if b else 0).to(acc)
     ft = teacher_features.reshape(b, -1 if b else 0).to(acc)
     rows = (F.normalize(fs @ fs.T, dim=1) - F.normalize(ft @ ft.T, dim=1)).square().sum(1)
-    return reduce_samples(rows, reduction, mean_divisor=b * b)
+    return rows.sum() if reduction == "sum" else reduce_samples(rows / max(b, 1), reduction)
 
 
 def batched_svd(A):
@@ -238,13 +241,11 @@ def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=
     return rows
 
 
-def _num_items(rows, mask, reduction, classes, num_items_in_batch):
+def _num_items(rows, mask, reduction, num_items_in_batch):
     """reduce_rows, or the sum over counted rows / num_items_in_batch when that is given."""
     if num_items_in_batch is None:
-        return reduce_rows(rows, mask, reduction, classes)
-    if mask is not None:
-        rows = torch.where(mask, rows, torch.zeros_like(rows))
-    return rows.sum() / num_items_in_batch
+        return reduce_rows(rows, mask, reduction)
+    return reduce_rows(rows, mask, "sum") / num_items_in_batch
 
 
 def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, *, tail="renormalize",
@@ -252,7 +253,7 @@ def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1
     """topk_kd_rows reduced over the rows of the mask ("batchmean", "sum" or "none"; with num_items_in_batch the
     sum over counted rows divided by it), times T^2 with scale_t2."""
     rows = topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature, tail, divergence, beta)
-    out = _num_items(rows, mask, reduction, student_logits.shape[-1], num_items_in_batch)
+    out = _num_items(rows, mask, reduction, num_items_in_batch)
     return out * (temperature * temperature) if scale_t2 else out
 
 
@@ -276,30 +277,45 @@ def sampled_kd_div(student_logits, teacher, temperature=1.0, *, mask=None, reduc
     """sampled_kd_rows of a Sampled teacher (indices, counts, logprobs) reduced as topk_kd_div."""
     indices, counts, logprobs = teacher
     rows = sampled_kd_rows(student_logits, indices, counts, logprobs, temperature)
-    out = _num_items(rows, mask, reduction, student_logits.shape[-1], num_items_in_batch)
+    out = _num_items(rows, mask, reduction, num_items_in_batch)
     return out * (temperature * temperature) if scale_t2 else out
+
+
+def capped_logits(hidden, weight, bias=None, softcap=None, logit_scale=1.0, acc=None):
+    """softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) (logit_scale * (...) without a cap), in
+    acc (default float32, float64 for double inputs)."""
+    acc = acc or acc_dtype(hidden, weight)
+    logits = logit_scale * F.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=None, target=None, temperature=1.0,
                     alpha=1.0, divergence="kl", beta=0.5, tail="renormalize", ignore_index=-100, scale_t2=True,
-                    chunk_size=None):
-    """Reference of kdfast.fused_linear_kd: the logits built in full, then alpha * KD + (1 - alpha) * CE over the
-    rows whose target is not ignore_index (all rows without a target). teacher: logits, a TeacherHead (hidden,
-    weight, bias) or a TopK (indices, logprobs); the teacher gets no gradient. chunk_size is ignored."""
+                    chunk_size=None, softcap=None, logit_scale=1.0, num_items_in_batch=None):
+    """Reference of kdfast.fused_linear_kd: the logits built in full (capped_logits), then alpha * KD + (1 - alpha)
+    * CE over the rows whose target is not ignore_index (all rows without a target), each "batchmean", or summed
+    and divided by num_items_in_batch. teacher: logits, a TeacherHead (hidden, weight, bias, softcap,
+    logit_scale), a TopK (indices, logprobs) or a Sampled (indices, counts, logprobs); the teacher gets no gradient
+    and is taken in the student's accumulation dtype. chunk_size is ignored."""
     acc = acc_dtype(student_hidden, student_weight)
-    bias = None if student_bias is None else student_bias.to(acc)
-    logits = F.linear(student_hidden.to(acc), student_weight.to(acc), bias)
+    logits = capped_logits(student_hidden, student_weight, student_bias, softcap, logit_scale, acc)
     keep = None if target is None else target != ignore_index
-    if not isinstance(teacher, torch.Tensor) and hasattr(teacher, "logprobs"):  # TopK
-        rows = topk_kd_rows(logits, teacher.indices, teacher.logprobs.detach(), temperature, tail)
-        kd = reduce_rows(rows * (temperature**2 if scale_t2 else 1.0), keep, "batchmean", logits.shape[-1])
+    reduction = "batchmean" if num_items_in_batch is None else "sum"
+    if not isinstance(teacher, torch.Tensor) and hasattr(teacher, "logprobs"):  # TopK or Sampled
+        lp = teacher.logprobs.detach().to(acc)
+        if hasattr(teacher, "counts"):  # Sampled
+            rows = sampled_kd_rows(logits, teacher.indices, teacher.counts, lp, temperature)
+        else:
+            rows = topk_kd_rows(logits, teacher.indices, lp, temperature, tail, divergence, beta)
+        kd = reduce_rows(rows * (temperature**2 if scale_t2 else 1.0), keep, reduction)
     else:
         if not isinstance(teacher, torch.Tensor):  # TeacherHead
-            t_bias = None if teacher.bias is None else teacher.bias.to(acc)
-            teacher = F.linear(teacher.hidden.to(acc), teacher.weight.to(acc), t_bias)
-        kd = kd_div(logits, teacher.detach(), temperature, divergence=divergence, beta=beta, mask=keep,
-                    scale_t2=scale_t2)
-    if target is None:
-        return alpha * kd
-    ce = cross_entropy_rows(logits, target.long(), ignore_index=ignore_index).sum() / keep.sum().clamp_min(1)
-    return alpha * kd + (1 - alpha) * ce
+            teacher = capped_logits(teacher.hidden, teacher.weight, teacher.bias, teacher.softcap,
+                                    teacher.logit_scale, acc)
+        kd = kd_div(logits, teacher.detach().to(acc), temperature, divergence=divergence, beta=beta, mask=keep,
+                    reduction=reduction, scale_t2=scale_t2)
+    loss = alpha * kd
+    if target is not None:
+        ce = cross_entropy_rows(logits, target.long(), ignore_index=ignore_index).sum()
+        loss = loss + (1 - alpha) * (ce if num_items_in_batch is not None else ce / keep.sum().clamp_min(1))
+    return loss if num_items_in_batch is None else loss / num_items_in_batch

@@ -14,11 +14,10 @@ from . import reference
 from ._autograd import once_differentiable
 from ._dtensor import any_dtensor
 from ._ops import _C, has_kernel
-from ._reduce import reduce_rows
+from ._reduce import check_row_reduction, reduce_rows
 from ._validate import acc_dtype
 
 TAILS = ("renormalize", "bucket")
-REDUCTIONS = ("batchmean", "sum", "none")
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
@@ -177,14 +176,14 @@ def sample_from_logits(logits, n, temperature=1.0, *, generator=None) -> Sampled
     return Sampled(indices.reshape(shape), counts.reshape(shape), logprobs.reshape(shape))
 
 
-def _check_student(student, indices, mask, reduction, scale_t2, num_items_in_batch):
+def _check_student(student, indices, mask, reduction, scale_t2, num_items_in_batch, op):
     check.floating(student, "student_logits")
     if student.dim() == 0 or student.shape[-1] == 0:
         raise ValueError(f"student_logits must be (..., V) with V >= 1, got {tuple(student.shape)}")
     if indices.shape[:-1] != student.shape[:-1]:
         raise ValueError(f"teacher_indices {tuple(indices.shape)} must have the leading dims of student_logits "
                          f"{tuple(student.shape)}: (..., k) against (..., V)")
-    check.choice(reduction, "reduction", REDUCTIONS)
+    check_row_reduction(reduction, op)
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
     check.row_mask(mask, student.shape[:-1], student, "student_logits")
@@ -192,21 +191,13 @@ def _check_student(student, indices, mask, reduction, scale_t2, num_items_in_bat
         if reduction != "batchmean":
             raise ValueError(f"num_items_in_batch replaces batchmean's count: it takes reduction='batchmean', got "
                              f"reduction={reduction!r}")
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.dim() != 0:
-                raise ValueError(f"num_items_in_batch must be a number or a 0-dim tensor, got shape "
-                                 f"{tuple(num_items_in_batch.shape)}")
-        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
-            raise TypeError(f"num_items_in_batch must be a number or a 0-dim tensor, got "
-                            f"{type(num_items_in_batch).__name__}")
-        elif not num_items_in_batch > 0:
-            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+        check.num_items(num_items_in_batch)
 
 
 def _check_call(student, indices, logprobs, temperature, tail, divergence, beta, mask, reduction, scale_t2,
                 num_items_in_batch) -> float:
     _check_pair(indices, logprobs)
-    _check_student(student, indices, mask, reduction, scale_t2, num_items_in_batch)
+    _check_student(student, indices, mask, reduction, scale_t2, num_items_in_batch, "topk_kd_div")
     check.same_device({"student_logits": student, "teacher_indices": indices, "teacher_logprobs": logprobs})
     temperature = check.check_temperature(temperature)
     check.choice(tail, "tail", TAILS)
@@ -219,12 +210,12 @@ def _check_call(student, indices, logprobs, temperature, tail, divergence, beta,
     return temperature
 
 
-def _finish(rows, mask, reduction, classes, temperature, scale_t2, num_items_in_batch):
+def _finish(rows, mask, reduction, temperature, scale_t2, num_items_in_batch):
     """The rows reduced (or, with num_items_in_batch, summed over counted rows and divided by it), times T^2."""
     if num_items_in_batch is None:
-        out = reduce_rows(rows, mask, reduction, classes)
+        out = reduce_rows(rows, mask, reduction)
     else:
-        out = reduce_rows(rows, mask, "sum", classes) / num_items_in_batch
+        out = check.divide_by_items(reduce_rows(rows, mask, "sum"), num_items_in_batch)
     # Scaled after the reduction: the rows' gradient then stays one broadcast value, which the kernel reads in place.
     return out * (temperature * temperature) if scale_t2 else out
 
@@ -260,10 +251,10 @@ def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1
     categories, the last the mass the teacher did not return, log(1 - sum exp(lp)), against the student's mass off
     the k classes (summed over those classes); with k = V either tail is kd_div. Valid indices of a row are
     assumed distinct. mask (...) bool: rows to count. reduction: "batchmean" (sum / counted rows, 0 when none),
-    "sum", "none" (0 on masked rows); num_items_in_batch (a number or 0-dim tensor, with "batchmean"): the sum over
-    counted rows divided by it instead (gradient accumulation over micro-batches). scale_t2 multiplies by T^2.
-    The loss is float32 (float64 for float64 logits). A DTensor student sharded on the vocabulary runs the
-    vocabulary-parallel path (kdfast.distributed); the loss is a replicated DTensor.
+    "sum", "none" (0 on masked rows); num_items_in_batch (a number > 0 or a one-element tensor, with
+    "batchmean"): the sum over counted rows divided by it instead (gradient accumulation over micro-batches).
+    scale_t2 multiplies by T^2. The loss is float32 (float64 for float64 logits). A DTensor student sharded on the
+    vocabulary runs the vocabulary-parallel path (kdfast.distributed); the loss is a replicated DTensor.
     """
     if any_dtensor(student_logits, teacher_indices, teacher_logprobs, mask):
         from . import distributed
@@ -277,8 +268,8 @@ def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1
                                      scale_t2=scale_t2, num_items_in_batch=num_items_in_batch)
     s, (idx, lp) = _flat(student_logits, teacher_indices, teacher_logprobs)
     rows = topk_rows(s, (idx, lp), temperature, tail, divergence, float(beta))
-    return _finish(rows.reshape(student_logits.shape[:-1]), mask, reduction, student_logits.shape[-1], temperature,
-                   scale_t2, num_items_in_batch)
+    return _finish(rows.reshape(student_logits.shape[:-1]), mask, reduction, temperature, scale_t2,
+                   num_items_in_batch)
 
 
 def sampled_kd_div(student_logits, teacher, temperature=1.0, *, mask=None, reduction="batchmean", scale_t2=True,
@@ -294,7 +285,7 @@ def sampled_kd_div(student_logits, teacher, temperature=1.0, *, mask=None, reduc
     if not isinstance(teacher, Sampled):
         raise TypeError(f"teacher must be a kdfast.Sampled (indices, counts, logprobs), got {type(teacher).__name__}")
     indices, counts, logprobs = teacher
-    _check_student(student_logits, indices, mask, reduction, scale_t2, num_items_in_batch)
+    _check_student(student_logits, indices, mask, reduction, scale_t2, num_items_in_batch, "sampled_kd_div")
     check.same_device({"student_logits": student_logits, "teacher_indices": indices})
     temperature = check.check_temperature(temperature)
     if _eager(counts):  # the entries drawn (count > 0) checked as topk_kd_div's valid entries
@@ -307,8 +298,8 @@ def sampled_kd_div(student_logits, teacher, temperature=1.0, *, mask=None, reduc
     c = c.to(acc)
     w = c / c.sum(-1, keepdim=True).clamp_min(1)
     rows, _ = torch.ops.kdfast.topk_kd_fwd(s, idx, lp, temperature, "renormalize", "kl", 0.5, w)
-    return _finish(rows.reshape(student_logits.shape[:-1]), mask, reduction, student_logits.shape[-1], temperature,
-                   scale_t2, num_items_in_batch)
+    return _finish(rows.reshape(student_logits.shape[:-1]), mask, reduction, temperature, scale_t2,
+                   num_items_in_batch)
 
 
 def _categories(logp_top, lp, valid, temperature, tail, divergence="kl", rest=None):

@@ -310,12 +310,13 @@ def test_similarity_preserving_tiles_bound_memory(monkeypatch):
 
 
 def test_similarity_preserving_none_is_per_sample():
-    """A sample's value is its row of the normalised Gram difference; "sum" adds them, "mean" divides by B^2."""
+    """A sample's value is the mean of its row of the squared normalised Gram difference; "mean" is their mean (the
+    sum / B^2, Tung & Mori's), "sum" the sum of all squared differences."""
     s, t = make((5, 3, 2), torch.float64, 31), make((5, 4), torch.float64, 32)
     gs = torch.nn.functional.normalize(s.flatten(1) @ s.flatten(1).T, dim=1)
     gt = torch.nn.functional.normalize(t @ t.T, dim=1)
     rows = (gs - gt).square().sum(1)
-    torch.testing.assert_close(kdfast.similarity_preserving_loss(s, t, reduction="none"), rows)
+    torch.testing.assert_close(kdfast.similarity_preserving_loss(s, t, reduction="none"), rows / 5)
     torch.testing.assert_close(kdfast.similarity_preserving_loss(s, t, reduction="sum"), rows.sum())
     torch.testing.assert_close(kdfast.similarity_preserving_loss(s, t), rows.sum() / 25)
 

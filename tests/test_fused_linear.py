@@ -57,11 +57,11 @@ def reference64(h, w, b, teacher, **kw):
         return None if x is None else x.detach().double().requires_grad_(x.requires_grad)
 
     if isinstance(teacher, kdfast.TeacherHead):
-        teacher = kdfast.TeacherHead(*(up(x) for x in teacher))
+        teacher = teacher._replace(hidden=up(teacher.hidden), weight=up(teacher.weight), bias=up(teacher.bias))
     elif isinstance(teacher, torch.Tensor):
         teacher = up(teacher)
     else:
-        teacher = type(teacher)(teacher.indices, teacher.logprobs.double())
+        teacher = type(teacher)(*teacher[:-1], teacher.logprobs.double())
     return run(reference.fused_linear_kd, up(h), up(w), up(b), teacher, **kw)
 
 
@@ -72,10 +72,12 @@ def assert_matches(h, w, b, teacher, rtol=2e-5, atol=5e-5, **kw):
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
     for g, r, x in zip(grads, ref_grads, [x for x in (h, w, b) if x is not None]):
         assert g.dtype == x.dtype and g.shape == x.shape
-        torch.testing.assert_close(g.double(), r, rtol=rtol, atol=atol * float(r.abs().max()))
+        # atol relative to the gradient's scale, floored: a small gradient made of O(1) terms (a bucket tail's
+        # reverse KL) carries their float32 rounding, about 1e-7 absolute.
+        torch.testing.assert_close(g.double(), r, rtol=rtol, atol=atol * max(float(r.abs().max()), 0.1))
 
 
-FORMS = ["logits", "head", "topk-renormalize", "topk-bucket"]
+FORMS = ["logits", "head", "topk-renormalize", "topk-bucket", "sampled"]
 
 
 def teacher_of(form, t_logits, head, TopK):
@@ -83,12 +85,14 @@ def teacher_of(form, t_logits, head, TopK):
         return t_logits, {}
     if form == "head":
         return head, {}
+    if form == "sampled":  # 12 draws a row at T = 2 (the temperature the tests mostly train at)
+        return kdfast.sample_from_logits(t_logits, 12, 2.0, generator=torch.Generator().manual_seed(1)), {}
     return topk_of(t_logits, 7, TopK, pad=2), {"tail": form.split("-")[1]}
 
 
-# The dense forms with each divergence; the top-k form has tails instead.
-FORM_DIVERGENCES = [(f, d) for f in ("logits", "head") for d in ("kl", "reverse_kl", "jsd")] + \
-    [("topk-renormalize", "kl"), ("topk-bucket", "kl")]
+# Every divergence on the dense and top-k forms (the top-k form with either tail); the sampled form is the forward KL.
+FORM_DIVERGENCES = [(f, d) for f in ("logits", "head", "topk-renormalize", "topk-bucket")
+                    for d in ("kl", "reverse_kl", "jsd")] + [("sampled", "kl")]
 
 
 @pytest.mark.parametrize("form,divergence", FORM_DIVERGENCES)
@@ -110,11 +114,12 @@ def test_float64_exact(TopK, form):
                    **kw)
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_bfloat16_gradients_within_one_percent(TopK, form):
+@pytest.mark.parametrize("form,divergence", FORM_DIVERGENCES)
+def test_bfloat16_gradients_within_one_percent(TopK, form, divergence):
     """bf16 inputs: the gradients (computed and accumulated in float32, rounded once) within 1% of float64."""
     h, w, b, y, t_logits, head = make((4, 16), H=32, V=1000, dtype=torch.bfloat16)
     teacher, kw = teacher_of(form, t_logits, head, TopK)
+    kw = dict(kw, divergence=divergence, beta=0.3)
     out, grads = run(kdfast.fused_linear_kd, h, w, b, teacher, target=y, temperature=2.0, alpha=0.5, chunk_size=5,
                      **kw)
     ref, ref_grads = reference64(h, w, b, teacher, target=y, temperature=2.0, alpha=0.5, **kw)
@@ -265,10 +270,13 @@ def test_opcheck():
     needs = [True, True, True]
     torch.library.opcheck(torch.ops.kdfast.fused_linear_kd_fwd.default,
                           (h, w, b, "logits", [t_logits], y, 2.0, 0.5, "jsd", 0.5, "renormalize", -100, True, 4,
-                           needs))
+                           None, 1.0, None, 1.0, True, needs))
     torch.library.opcheck(torch.ops.kdfast.fused_linear_kd_fwd.default,
                           (h, w, None, "head", [head.hidden, head.weight], None, 1.0, 1.0, "kl", 0.5,
-                           "renormalize", -100, False, 5, [True, False, False]))
+                           "renormalize", -100, False, 5, 30.0, 0.5, 20.0, 2.0, False, [True, False, False]))
+    torch.library.opcheck(torch.ops.kdfast.fused_linear_kd_fwd.default,
+                          (h, w, b, "logits", [t_logits], y, 2.0, 0.5, "kl", 0.5, "renormalize", -100, True, 4,
+                           None, 1.0, None, 1.0, True, [False, False, False]))
 
 
 def test_torch_compile_fullgraph(TopK):
@@ -314,6 +322,213 @@ def test_forced_reference_backend(monkeypatch):
     monkeypatch.setattr(reference, "fused_linear_kd", lambda *a, **k: calls.append(1) or torch.zeros(()))
     kdfast.fused_linear_kd(h, w, t_logits)
     assert calls == [1]
+
+
+# --- sampled teachers ---------------------------------------------------------------------------------------
+
+
+def test_sampled_teacher_equals_sampled_kd_div_on_the_logits():
+    """fused_linear_kd with a Sampled teacher is sampled_kd_div (and cross-entropy) of the explicit logits, on the
+    kernels and on the reference; a row without draws gives 0."""
+    h, w, b, y, t_logits, _ = make((10,), dtype=torch.float64)
+    sampled = kdfast.sample_from_logits(t_logits, 12, 1.5, generator=torch.Generator().manual_seed(2))
+    sampled.counts[3] = 0
+    logits = h @ w.T + b
+    keep = y != -100
+    want = 0.7 * kdfast.sampled_kd_div(logits, sampled, 1.5, mask=keep) + \
+        0.3 * torch.nn.functional.cross_entropy(logits, y)
+    want_grads = torch.autograd.grad(want, (h, w, b))
+    for fn in (kdfast.fused_linear_kd, reference.fused_linear_kd):
+        out = fn(h, w, sampled, student_bias=b, target=y, temperature=1.5, alpha=0.7, chunk_size=3)
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(torch.autograd.grad(out, (h, w, b)), want_grads)
+
+
+def test_sampled_teacher_gradcheck_and_errors():
+    h, w, b, y, t_logits, _ = make((5,), H=4, V=7, dtype=torch.float64)
+    sampled = kdfast.sample_from_logits(t_logits, 6, 2.0, generator=torch.Generator().manual_seed(3))
+    assert torch.autograd.gradcheck(
+        lambda a, c, d: kdfast.fused_linear_kd(a, c, sampled, student_bias=d, target=y, temperature=2.0, alpha=0.4,
+                                               chunk_size=2), (h, w, b))
+    for kw in ({"divergence": "jsd"}, {"divergence": "reverse_kl"}, {"tail": "bucket"}):
+        with pytest.raises(ValueError, match="a kdfast.Sampled teacher estimates the forward KL"):
+            kdfast.fused_linear_kd(h, w, sampled, **kw)
+    bad = kdfast.Sampled(torch.full((5, 6), 7), sampled.counts, sampled.logprobs)
+    with pytest.raises(ValueError, match="teacher_indices holds 7, outside \\[0, 7\\)"):
+        kdfast.fused_linear_kd(h, w, bad)
+    with pytest.raises(ValueError, match="teacher.indices must have the row shape"):
+        kdfast.fused_linear_kd(h, w, sampled.rows(0, 4))
+
+
+# --- soft-capping and logit scale ---------------------------------------------------------------------------
+
+
+def capped_head(head, softcap=20.0, logit_scale=0.7):
+    return head._replace(softcap=softcap, logit_scale=logit_scale)
+
+
+@pytest.mark.parametrize("form,divergence", FORM_DIVERGENCES)
+@pytest.mark.parametrize("softcap,logit_scale", [(5.0, 1.0), (None, 0.25), (3.0, 2.0)])
+def test_softcap_and_logit_scale_match_the_composition(TopK, form, divergence, softcap, logit_scale):
+    """fused_linear_kd(softcap, logit_scale) (and a capped TeacherHead) equals kd on the explicitly capped logits,
+    softcap * tanh(logit_scale * (h @ W.T + b) / softcap), in value and gradient (float64, tight)."""
+    h, w, b, y, t_logits, head = make((9,), dtype=torch.float64)
+    teacher, kw = teacher_of(form, t_logits, capped_head(head, 4.0, 1.5) if form == "head" else head, TopK)
+    out, grads = run(kdfast.fused_linear_kd, h, w, b, teacher, target=y, temperature=2.0, alpha=0.4,
+                     divergence=divergence, chunk_size=4, softcap=softcap, logit_scale=logit_scale, **kw)
+    logits = h @ w.T + b
+    logits = logit_scale * logits if softcap is None else softcap * torch.tanh(logit_scale * logits / softcap)
+    if form == "head":
+        t = head.hidden @ head.weight.T + head.bias
+        teacher = 4.0 * torch.tanh(1.5 * t / 4.0)
+    keep = y != -100
+    if form == "sampled":
+        kd = reference.sampled_kd_div(logits, teacher, 2.0, mask=keep)
+    elif form.startswith("topk"):
+        kd = reference.topk_kd_div(logits, *teacher, 2.0, divergence=divergence, beta=0.5, mask=keep, **kw)
+    else:
+        kd = reference.kd_div(logits, teacher, 2.0, divergence=divergence, mask=keep)
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    want = 0.4 * kd + 0.6 * ce
+    torch.testing.assert_close(out, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads, torch.autograd.grad(want, (h, w, b)), rtol=1e-9, atol=1e-12)
+    assert_matches(h, w, b, teacher, rtol=1e-10, atol=1e-12, target=y, temperature=2.0, alpha=0.4,
+                   divergence=divergence, chunk_size=4, softcap=softcap, logit_scale=logit_scale, **kw)
+
+
+def test_softcap_bounds_the_logits_and_gradcheck():
+    h, w, b, y, t_logits, head = make((5,), H=4, V=7, Ht=3, dtype=torch.float64)
+    with torch.no_grad():
+        w.mul_(50)  # logits far beyond the cap: tanh saturates, the gradient vanishes smoothly
+    for teacher in (t_logits, capped_head(head, 2.0, 3.0)):
+        def f(a, c, d, teacher=teacher):
+            return kdfast.fused_linear_kd(a, c, teacher, student_bias=d, target=y, temperature=2.0, alpha=0.4,
+                                          chunk_size=2, softcap=3.0, logit_scale=0.5)
+
+        assert torch.autograd.gradcheck(f, (h, w, b))
+
+
+@pytest.mark.parametrize("form", ["logits", "head", "topk-bucket"])
+def test_softcap_and_num_items_bfloat16_gradients_within_one_percent(TopK, form):
+    h, w, b, y, t_logits, head = make((4, 16), H=32, V=1000, dtype=torch.bfloat16)
+    teacher, kw = teacher_of(form, t_logits, capped_head(head, 30.0, 2.0), TopK)
+    options = dict(target=y, temperature=2.0, alpha=0.5, softcap=4.0, logit_scale=2.0, num_items_in_batch=50, **kw)
+    _, grads = run(kdfast.fused_linear_kd, h, w, b, teacher, chunk_size=5, **options)
+    _, ref_grads = reference64(h, w, b, teacher, **options)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.bfloat16 and float((g.double() - r).norm() / r.norm()) < 1e-2
+
+
+# --- gradient accumulation: num_items_in_batch ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor"])
+def test_micro_batches_with_num_items_sum_to_the_batch(TopK, form, as_tensor):
+    """Each micro-batch given the whole batch's count of counted rows: their losses and gradients sum to the whole
+    batch's (1e-6), KD and cross-entropy both."""
+    h, w, b, y, t_logits, head = make((3, 8), dtype=torch.float64)
+    teacher, kw = teacher_of(form, t_logits, head, TopK)
+    options = dict(temperature=2.0, alpha=0.3, chunk_size=5, **kw)
+    whole, whole_grads = run(kdfast.fused_linear_kd, h, w, b, teacher, target=y, **options)
+    count = int((y != -100).sum())
+    n_items = torch.tensor(count) if as_tensor else count
+    total, total_grads = 0, [0, 0, 0]
+    for part in range(3):
+        sub = teacher[part] if isinstance(teacher, torch.Tensor) else type(teacher)(*(
+            x[part] if isinstance(x, torch.Tensor) and x.shape[:1] == (3,) else x for x in teacher))
+        out, grads = _micro(h, w, b, sub, y, part, n_items, options)
+        ref, ref_grads = _micro(h, w, b, sub, y, part, n_items, options, fn=reference.fused_linear_kd)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads, ref_grads, rtol=1e-10, atol=1e-12)
+        total = total + out
+        total_grads = [t + g for t, g in zip(total_grads, grads)]
+    torch.testing.assert_close(total, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tuple(total_grads), whole_grads, rtol=1e-6, atol=1e-6)
+
+
+def _micro(h, w, b, teacher, y, part, n_items, options, fn=kdfast.fused_linear_kd):
+    """Loss and gradients (h, w, b) of micro-batch `part` (the rows h[part]) given the batch's count."""
+    out = fn(h[part], w, teacher, student_bias=b, target=y[part], num_items_in_batch=n_items, **options)
+    return out.detach(), torch.autograd.grad(out, (h, w, b))
+
+
+def test_num_items_without_target_counts_every_row():
+    h, w, b, _, t_logits, _ = make((6,), dtype=torch.float64)
+    whole = kdfast.fused_linear_kd(h, w, t_logits, student_bias=b, temperature=2.0)
+    parts = sum(kdfast.fused_linear_kd(h[i:i + 2], w, t_logits[i:i + 2], student_bias=b, temperature=2.0,
+                                       num_items_in_batch=6) for i in (0, 2, 4))
+    torch.testing.assert_close(parts, whole)
+
+
+def test_error_num_items():
+    h, w, b, y, t_logits, _ = make((4,))
+    for bad, error, match in ((0, ValueError, "> 0"), ("3", TypeError, "a number or a one-element tensor"),
+                              (torch.tensor([1, 2]), ValueError, "one-element"), (torch.tensor(0), ValueError, "> 0"),
+                              (float("nan"), ValueError, "> 0"), (True, TypeError, "num_items_in_batch")):
+        with pytest.raises(error, match=match):
+            kdfast.fused_linear_kd(h, w, t_logits, num_items_in_batch=bad)
+
+
+# --- dtypes: a float64 teacher does not move the student to float64 --------------------------------------------
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_float64_teacher_keeps_the_students_dtype(TopK, form, monkeypatch):
+    """numpy's float64 log-probabilities (or logits, or a float64 TeacherHead) against a float32 student: the loss
+    and every matmul stay float32 (no float64 copy of the V x H weight), within float32 rounding of the
+    reference."""
+    h, w, b, y, t_logits, head = make((7,))
+    t64 = t_logits.double()
+    head64 = kdfast.TeacherHead(*(x.double() for x in head[:3]))
+    teacher, kw = teacher_of(form, t64, head64, TopK)
+    assert all(x.dtype == torch.float64 for x in teacher if isinstance(x, torch.Tensor) and x.is_floating_point())
+    seen = []
+    real_mm, real_addmm = torch.Tensor.__matmul__, torch.addmm
+    monkeypatch.setattr(fused_linear, "chunk_logits",
+                        lambda a, c, d, half=None: seen.append((a.dtype, c.dtype)) or
+                        (real_mm(a, c.T) if d is None else real_addmm(d, a, c.T)))
+    out, grads = run(kdfast.fused_linear_kd, h, w, b, teacher, target=y, temperature=2.0, alpha=0.5, chunk_size=3,
+                     **kw)
+    assert out.dtype == torch.float32 and seen and all(d == (torch.float32, torch.float32) for d in seen)
+    assert_matches(h, w, b, teacher, target=y, temperature=2.0, alpha=0.5, chunk_size=3, **kw)
+
+
+# --- evaluation: no gradient work under no_grad / inference_mode ----------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("form", FORMS)
+def test_no_grad_computes_the_loss_only(TopK, form, mode, monkeypatch):
+    """Trainable weights under no_grad / inference_mode: the same loss as with gradients, and no gradient is made
+    (the op is asked for none, and no logits-gradient kernel runs)."""
+    h, w, b, y, t_logits, head = make((2, 5))
+    teacher, kw = teacher_of(form, t_logits, head, TopK)
+    options = dict(student_bias=b, target=y, temperature=2.0, alpha=0.5, chunk_size=4, **kw)
+    with_grad = kdfast.fused_linear_kd(h, w, teacher, **options)
+    asked = []
+    real_fwd = fused_linear.fused_linear_kd_fwd
+    monkeypatch.setattr(fused_linear, "fused_linear_kd_fwd", lambda *a: asked.append(a[-1]) or real_fwd(*a))
+    for op in ("kd_bwd", "topk_kd_bwd"):
+        monkeypatch.setattr(fused_linear.torch.ops.kdfast, op, None, raising=False)
+    with mode():
+        loss = kdfast.fused_linear_kd(h, w, teacher, **options)
+    monkeypatch.undo()
+    assert asked == [[False, False, False]] and not loss.requires_grad
+    torch.testing.assert_close(loss, with_grad.detach())
+
+
+def test_no_grad_peak_memory_holds_no_weight_gradient():
+    """Under no_grad the float32 weight gradient (V x H) is never allocated: the peak stays under its size."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from harness import peak_memory
+    finally:
+        sys.path.pop(0)
+    h, w, b, y, t_logits, _ = make((64,), H=256, V=4000)
+    with torch.no_grad():
+        peak = peak_memory(lambda: kdfast.fused_linear_kd(h, w, t_logits, target=y, alpha=0.5, chunk_size=8), "cpu")
+    assert peak < w.numel() * 4
 
 
 # --- one test per documented error ---------------------------------------------------------------------------
@@ -365,7 +580,8 @@ def test_error_row_count_mismatch(TopK):
 
 def test_error_teacher_type(TopK):
     h, w, b, y, t_logits, head = make((4,))
-    with pytest.raises(TypeError, match="teacher must be a logits tensor, a kdfast.TeacherHead or a kdfast.TopK"):
+    with pytest.raises(TypeError, match="teacher must be a logits tensor, a kdfast.TeacherHead, a kdfast.TopK or a "
+                                        "kdfast.Sampled"):
         kdfast.fused_linear_kd(h, w, (head.hidden, head.weight))
     with pytest.raises(TypeError, match="teacher must be float32"):
         kdfast.fused_linear_kd(h, w, t_logits.long())

@@ -14,7 +14,8 @@ from kdfast.train.lm import CausalLM, LMConfig
 
 TINY = llm_demo.Settings(vocab=1024, context=16, batch=4, teacher={"dim": 32, "layers": 1, "heads": 2},
                          student={"dim": 16, "layers": 1, "heads": 2}, teacher_steps=6, steps=5, warmup=1, k=8,
-                         eval_every=2, eval_windows=8, train_chars=60_000, validation_chars=10_000, progress=False)
+                         samples=4, eval_every=2, eval_windows=8, train_chars=60_000, validation_chars=10_000,
+                         progress=False)
 
 
 def test_corpus_is_a_seeded_split_by_file():
@@ -101,6 +102,20 @@ def test_tiny_run_store_holds_the_teachers_top_k(tiny_run):
     indices, logprobs = store.read(0, rows)
     assert indices.shape == (rows, TINY.k) and logprobs.shape == (rows, TINY.k)
     assert (indices >= 0).all() and (indices < report["vocab"]).all() and (logprobs.float() <= 0).all()
+
+
+def test_tiny_run_sampled_store_holds_the_teachers_samples_in_fewer_bytes(tiny_run):
+    out, report, _ = tiny_run
+    rows = TINY.steps * TINY.batch * TINY.context
+    store = kdfast.TopKStore.open(os.path.join(out, f"teacher-sampled{TINY.samples}.kdtopk"), kind="sampled",
+                                  temperature=TINY.temperature, k=TINY.samples, vocab_size=report["vocab"])
+    assert len(store) == rows == report["sampled_store"]["rows"]
+    sampled = store.read(0, rows)
+    assert isinstance(sampled, kdfast.Sampled) and (sampled.counts.sum(-1) == TINY.samples).all()
+    assert report["sampled_store"]["bytes_per_token"] <= report["store"]["bytes_per_token"]
+    # the job's own settings: n = 12 samples at 8 bytes an entry against k = 32 entries at 6
+    job = llm_demo.Settings()
+    assert job.samples == 12 and 8 * job.samples <= 6 * job.k
 
 
 def test_run_is_deterministic_for_a_seed(tmp_path):

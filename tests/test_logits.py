@@ -108,7 +108,7 @@ def test_row_gradients_broadcast_or_per_row(device, divergence, dim):
             assert_close(g, w, torch.float64)
 
 
-@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 @pytest.mark.parametrize("scale_t2", [True, False])
 def test_reductions_and_masks(device, reduction, scale_t2):
     s, t = make_logits((6, 5, 11), torch.float32, device)
@@ -128,7 +128,7 @@ def test_short_rows_reduced_in_the_op(device, dtype, classes):
     target[4] = -100
     T = 3.0
     for div in DIVERGENCES:
-        for reduction, m in (("batchmean", None), ("sum", mask), ("mean", mask), ("batchmean", mask)):
+        for reduction, m in (("batchmean", None), ("sum", mask), ("batchmean", mask)):
             kw = dict(divergence=div, beta=0.4, mask=m, reduction=reduction)
             out = kdfast.kd_div(s, t, T, **kw)
             gs, gt = torch.autograd.grad(out, (s, t))
@@ -284,7 +284,7 @@ def test_opcheck_reduced(device, select, layout):
     if y is not None:
         y[0, 0, 0] = -100
     mask = index % 3 > 0 if select == "mask" else None
-    for div, red in (("kl", "batchmean"), ("jsd", "sum"), ("reverse_kl", "mean")):
+    for div, red in (("kl", "batchmean"), ("jsd", "sum"), ("reverse_kl", "batchmean")):
         args = (s, t, y, mask, dim, 2.0, div, 0.5, -100, red, 4.0, 0.1 if y is not None else 0.0)
         torch.library.opcheck(torch.ops.kdfast.kd_reduce_fwd.default, args)
         loss, stats, count = torch.ops.kdfast.kd_reduce_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a
@@ -327,7 +327,7 @@ def test_torch_compile_fullgraph(device):
     egs, = torch.autograd.grad(kdfast.kd_loss(s, t, y, 4.0, 0.9), (s,))
     torch.testing.assert_close(gs, egs)
 
-@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum"])
 def test_torch_compile_fullgraph_masks_and_layouts(device, reduction):
     s, t = make_logits((2, 5, 3, 4), torch.float32, device)
     mask = torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(1)).to(device) > 0.3
@@ -396,6 +396,78 @@ def test_error_unknown_divergence_and_reduction():
         kdfast.kd_div(torch.randn(3, 4), torch.randn(3, 4), divergence="hellinger")
     with pytest.raises(ValueError, match="reduction"):
         kdfast.kd_div(torch.randn(3, 4), torch.randn(3, 4), reduction="avg")
+
+def test_mean_is_refused_with_what_to_use():
+    """F.kl_div's "mean" (per element) is almost never what KD wants; the feature losses' "mean" is per sample:
+    on the logit losses the word is refused, and the message names the word to use."""
+    s, t = torch.randn(3, 4), torch.randn(3, 4)
+    for call in (lambda: kdfast.kd_div(s, t, reduction="mean"), lambda: kdfast.KDDiv(2.0, reduction="mean"),
+                 lambda: kdfast.topk_kd_div(s, *kdfast.topk_from_logits(t, 2), reduction="mean")):
+        with pytest.raises(ValueError, match=r'does not take reduction="mean": torch.nn.functional.kl_div.* '
+                                             r'Use "batchmean" .* or "sum"'):
+            call()
+    per_row = kdfast.kd_div(s, t, reduction="batchmean")
+    torch.testing.assert_close(per_row, torch.nn.functional.kl_div(
+        torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True, reduction="batchmean"))
+
+
+def test_kd_loss_default_temperature_warns_and_keeps_four():
+    """One rule for defaults: every loss defaults to T = 1; kd_loss and KDLoss, which defaulted to 4, keep 4 with a
+    FutureWarning until kdfast 0.2. Given a temperature, nothing is warned."""
+    s, t = make_logits((5, 7), torch.float64, "cpu")
+    y = torch.tensor([0, 1, -100, 3, 4])
+    with pytest.warns(FutureWarning, match="kd_loss was called without a temperature: it uses T = 4 .* T = 1"):
+        out = kdfast.kd_loss(s, t, y)
+    torch.testing.assert_close(out, kdfast.kd_loss(s, t, y, 4.0))
+    with pytest.warns(FutureWarning, match="KDLoss was called without a temperature"):
+        module = kdfast.KDLoss()
+    assert module.temperature == 4.0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kdfast.kd_loss(s, t, y, 1.0)
+        kdfast.KDLoss(4.0)
+    import inspect
+    for fn in (kdfast.kd_div, kdfast.topk_kd_div, kdfast.fused_linear_kd, kdfast.KDDiv):
+        assert inspect.signature(fn).parameters["temperature"].default == 1.0
+
+
+@pytest.mark.parametrize("dim", [-1, 1])
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+def test_kd_loss_num_items_micro_batches_sum_to_the_batch(dim, backend):
+    """Micro-batches each given the whole batch's number of counted rows (num_items_in_batch, as Hugging Face's
+    Trainer passes it) sum to the whole batch's loss and gradients (1e-6)."""
+    fn = kdfast.kd_loss if backend == "kernel" else reference.kd_loss
+    shape = (6, 9) if dim == -1 else (6, 9, 4)
+    s, t = make_logits(shape, torch.float64, "cpu", seed=3)
+    y = torch.randint(0, 9, row_shape(shape, dim), generator=torch.Generator().manual_seed(4))
+    y.view(-1)[::3] = -100
+    whole = fn(s, t, y, 3.0, 0.6, dim=dim)
+    whole_grads = torch.autograd.grad(whole, (s, t))
+    count = int((y != -100).sum())
+    total, grads = 0, (0, 0)
+    for part in (slice(0, 1), slice(1, 4), slice(4, 6)):
+        for n_items in (count, torch.tensor(float(count))):
+            out = fn(s[part], t[part], y[part], 3.0, 0.6, dim=dim, num_items_in_batch=n_items)
+            g = torch.autograd.grad(out, (s, t))
+        total, grads = total + out, tuple(a + b for a, b in zip(grads, g))
+    torch.testing.assert_close(total, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads, whole_grads, rtol=1e-6, atol=1e-6)
+    module = kdfast.KDLoss(3.0, 0.6, dim=dim)
+    torch.testing.assert_close(module(s, t, y, num_items_in_batch=count), whole)
+
+
+def test_kd_loss_num_items_bfloat16_gradients_within_one_percent():
+    s, t = make_logits((32, 1000), torch.bfloat16, "cpu", seed=5)
+    y = torch.randint(0, 1000, (32,), generator=torch.Generator().manual_seed(6))
+    out = kdfast.kd_loss(s, t, y, 2.0, 0.5, num_items_in_batch=50)
+    gs, = torch.autograd.grad(out, (s,))
+    s64 = s.detach().double().requires_grad_(True)
+    ref = reference.kd_loss(s64, t.detach().double(), y, 2.0, 0.5, num_items_in_batch=50)
+    rgs, = torch.autograd.grad(ref, (s64,))
+    assert gs.dtype == torch.bfloat16 and float((gs.double() - rgs).norm() / rgs.norm()) < 1e-2
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
 
 def test_error_mask():
     s, t = torch.randn(3, 4), torch.randn(3, 4)

@@ -1,5 +1,6 @@
-"""TopKStore: written batch by batch, read back memory-mapped by row range; foreign, truncated and mismatched files
-are refused with one error naming the file."""
+"""TopKStore: written batch by batch, read back memory-mapped by row range, top-k or sampled teachers; foreign,
+truncated and mismatched files (shape, kind, temperature) are refused with one error naming the file; version-1
+files are still read."""
 import struct
 
 import pytest
@@ -70,9 +71,9 @@ def test_refuses_other_version(tmp_path):
     path = tmp_path / "v.kdtopk"
     kdfast.TopKStore.create(path, 4, 10).close()
     raw = bytearray(path.read_bytes())
-    raw[8:12] = struct.pack("<I", 2)
+    raw[8:12] = struct.pack("<I", 3)
     path.write_bytes(bytes(raw))
-    with pytest.raises(TopKStoreError, match="v.kdtopk: top-k store format version 2"):
+    with pytest.raises(TopKStoreError, match="v.kdtopk: top-k store format version 3, this kdfast reads versions 1"):
         kdfast.TopKStore.open(path)
 
 
@@ -120,3 +121,98 @@ def test_append_errors(tmp_path):
         r.append(idx, lp)
     with pytest.raises(TypeError, match="row range"):
         r[3]
+
+
+def sampled_batches(n_batches=3, rows=5, V=1000, n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [kdfast.sample_from_logits(torch.randn(rows, V, generator=g) * 3, n, 2.0, generator=g)
+            for _ in range(n_batches)]
+
+
+def test_sampled_round_trip_and_header(tmp_path):
+    path = tmp_path / "s.kdtopk"
+    data = sampled_batches()
+    k = data[0].indices.shape[-1]
+    with kdfast.TopKStore.create(path, k, 1000, kind="sampled", temperature=2.0) as w:
+        for sampled in data:
+            w.append(sampled)
+    r = kdfast.TopKStore.open(path, kind="sampled", temperature=2.0, k=k, vocab_size=1000)
+    assert (r.kind, r.temperature, len(r)) == ("sampled", 2.0, 15) and "sampled at T=2" in repr(r)
+    assert path.stat().st_size == 64 + 15 * 8 * k  # 8 bytes an entry: int32 index, uint16 count, 16-bit log-prob
+    got = r[3:11]
+    assert isinstance(got, kdfast.Sampled)
+    want_idx = torch.cat([d.indices for d in data])[3:11]
+    want_counts = torch.cat([d.counts for d in data])[3:11]
+    want_lp = torch.cat([d.logprobs for d in data])[3:11]
+    used = want_counts > 0
+    assert torch.equal(got.counts.long(), want_counts.long())
+    assert torch.equal(got.indices.long()[used], want_idx.long()[used])
+    torch.testing.assert_close(got.logprobs.float()[used], want_lp[used].to(torch.bfloat16).float())
+    assert (got.counts.sum(-1) == 12).all()
+    # the store's rows give the same loss as the sampled teacher they came from (up to bfloat16 log-probs)
+    s = torch.randn(8, 1000, dtype=torch.float64)
+    exact = kdfast.sampled_kd_div(s, kdfast.Sampled(want_idx, want_counts, want_lp.double()), 2.0)
+    torch.testing.assert_close(kdfast.sampled_kd_div(s, got, 2.0), exact, rtol=1e-2, atol=1e-2)
+
+
+def test_kind_and_temperature_mismatches_are_refused(tmp_path):
+    topk, sampled = tmp_path / "t.kdtopk", tmp_path / "s.kdtopk"
+    with kdfast.TopKStore.create(topk, 8, 1000) as w:
+        w.append(*batches()[0])
+        with pytest.raises(TopKStoreError, match="t.kdtopk: holds a top-k teacher; cannot append a sampled"):
+            w.append(sampled_batches(n=8)[0])
+    data = sampled_batches(n=8)[0]
+    with kdfast.TopKStore.create(sampled, 8, 1000, kind="sampled", temperature=2.0) as w:
+        w.append(data)
+        with pytest.raises(TopKStoreError, match="s.kdtopk: holds a sampled teacher .*cannot append a top-k"):
+            w.append(*batches()[0])
+    with pytest.raises(TopKStoreError, match=r"s.kdtopk: holds a sampled teacher \(drawn at T = 2\); expected a "
+                                             r"top-k teacher"):
+        kdfast.TopKStore.open(sampled, kind="topk")
+    with pytest.raises(TopKStoreError, match=r"t.kdtopk: holds a top-k teacher; expected a sampled teacher"):
+        kdfast.TopKStore.open(topk, kind="sampled")
+    with pytest.raises(TopKStoreError, match=r"s.kdtopk: holds a sampled teacher \(drawn at T = 2\); expected a "
+                                             r"sampled teacher \(drawn at T = 1\)"):
+        kdfast.TopKStore.open(sampled, temperature=1.0)
+    with pytest.raises(TopKStoreError, match="s.kdtopk: holds a sampled teacher .*T = 4"):
+        kdfast.TopKStore.create(sampled, 8, 1000, kind="sampled", temperature=4.0, append=True)
+    with pytest.raises(ValueError, match="needs the temperature"):
+        kdfast.TopKStore.create(tmp_path / "x", 8, 1000, kind="sampled")
+    with pytest.raises(ValueError, match="takes no temperature"):
+        kdfast.TopKStore.create(tmp_path / "x", 8, 1000, temperature=2.0)
+    with pytest.raises(ValueError, match="kind must be one of 'topk', 'sampled'"):
+        kdfast.TopKStore.create(tmp_path / "x", 8, 1000, kind="dense")
+    with pytest.raises(ValueError, match="temperature must be in"):
+        kdfast.TopKStore.create(tmp_path / "x", 8, 1000, kind="sampled", temperature=0.0)
+    assert kdfast.TopKStore.open(topk, kind="topk", temperature=3.0).kind == "topk"  # top-k: T is the loss's
+
+
+def test_version_1_store_is_still_read_and_appended(tmp_path):
+    """A store written by the previous format (version 1: top-k only, no kind or temperature) reads as a top-k
+    store, and appending keeps it readable."""
+    path = tmp_path / "old.kdtopk"
+    idx, lp = batches(n_batches=1, k=4)[0]
+    header = struct.pack("<8sIIQQB", b"KDFTOPK\0", 1, 4, 1000, 5, 1).ljust(64, b"\0")
+    record = bytearray()
+    for i in range(5):
+        valid = lp[i] > float("-inf")
+        record += torch.where(valid, idx[i], 0).to(torch.int32).numpy().tobytes()
+        record += lp[i].to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    path.write_bytes(header + bytes(record))
+    r = kdfast.TopKStore.open(path, kind="topk", k=4)
+    got = r[0:5]
+    assert r.kind == "topk" and isinstance(got, kdfast.TopK)
+    torch.testing.assert_close(got.logprobs.float(), lp.to(torch.bfloat16).float())
+    with kdfast.TopKStore.create(path, 4, 1000, append=True) as w:
+        w.append(idx, lp)
+    assert len(kdfast.TopKStore.open(path)) == 10 and path.read_bytes()[8:12] == struct.pack("<I", 1)
+
+
+def test_corrupt_kind_is_refused(tmp_path):
+    path = tmp_path / "c.kdtopk"
+    kdfast.TopKStore.create(path, 4, 10).close()
+    raw = bytearray(path.read_bytes())
+    raw[33] = 7
+    path.write_bytes(bytes(raw))
+    with pytest.raises(TopKStoreError, match="c.kdtopk: corrupt top-k store header"):
+        kdfast.TopKStore.open(path)

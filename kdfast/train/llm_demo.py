@@ -9,7 +9,10 @@ student is then trained from the same initial weights on the same batches with e
 - cross-entropy only (the logits materialised, as a plain training loop does);
 - dense KD: kdfast.fused_linear_kd with a kdfast.TeacherHead (the teacher's hidden states and lm_head weight;
   neither model's logits ever exist);
-- top-k KD from the store, tail "renormalize" and tail "bucket" (kdfast.fused_linear_kd with a kdfast.TopK).
+- top-k KD from the store, tail "renormalize" and tail "bucket" (kdfast.fused_linear_kd with a kdfast.TopK);
+- sampled KD (RS-KD): n = 12 tokens sampled from the teacher at the students' temperature per position, stored
+  as (index, count, log-probability) in a sampled store at 8 bytes an entry, fewer bytes per token than the top-k
+  store (kdfast.fused_linear_kd with a kdfast.Sampled).
 
 Reports validation perplexity, peak memory and step time for each, a chart of validation loss against step, and a
 markdown table, under the output folder.
@@ -57,6 +60,7 @@ class Settings:
     lr: float = 2e-3
     warmup: int = 20
     k: int = 32
+    samples: int = 12                       # tokens sampled from the teacher per position (the sampled student)
     alpha: float = 0.5                      # weight of the KD term; 1 - alpha on cross-entropy with the labels
     temperature: float = 1.0
     eval_every: int = 25
@@ -74,6 +78,7 @@ STUDENTS = [
     ("dense KD (fused_linear_kd, TeacherHead)", "dense", None, ("fused_linear_kd", "TeacherHead")),
     ("top-k KD, renormalize (store)", "topk", "renormalize", ("fused_linear_kd", "TopKStore", "topk_from_logits")),
     ("top-k KD, bucket (store)", "topk", "bucket", ("fused_linear_kd", "TopKStore", "topk_from_logits")),
+    ("sampled KD, RS-KD (store)", "sampled", None, ("fused_linear_kd", "TopKStore", "sample_from_logits")),
 ]
 
 
@@ -186,16 +191,27 @@ def ce_loss(model, step, x, y):
 
 
 @torch.no_grad()
-def write_store(path, teacher, order, train_w, settings) -> None:
-    """The teacher's top-k log-probabilities (at T = 1, as a server returns them) at every position of the
-    students' batches, in training order: the rows of step s are [s * batch * context, (s + 1) * batch * context)."""
+def write_store(path, teacher, order, train_w, settings, kind="topk") -> None:
+    """The teacher's outputs at every position of the students' batches, in training order (the rows of step s are
+    [s * batch * context, (s + 1) * batch * context)): its top-k log-probabilities (at T = 1, as a server returns
+    them), or (kind "sampled") settings.samples tokens sampled at the students' temperature with their counts and
+    log-probabilities, seeded."""
     teacher.eval()
-    with kdfast.TopKStore.create(path, k=settings.k, vocab_size=teacher.cfg.vocab_size) as store:
-        for step in _bar(range(len(order)), f"teacher top-{settings.k} -> store", settings):
-            store.append(kdfast.topk_from_logits(teacher(train_w[order[step]][:, :-1]), settings.k))
+    vocab = teacher.cfg.vocab_size
+    if kind == "topk":
+        store, desc = kdfast.TopKStore.create(path, k=settings.k, vocab_size=vocab), f"teacher top-{settings.k}"
+    else:
+        store = kdfast.TopKStore.create(path, k=settings.samples, vocab_size=vocab, kind="sampled",
+                                        temperature=settings.temperature)
+        desc, gen = f"teacher {settings.samples} samples", torch.Generator().manual_seed(settings.seed + 2)
+    with store:
+        for step in _bar(range(len(order)), f"{desc} -> store", settings):
+            logits = teacher(train_w[order[step]][:, :-1])
+            store.append(kdfast.topk_from_logits(logits, settings.k) if kind == "topk" else
+                         kdfast.sample_from_logits(logits, settings.samples, settings.temperature, generator=gen))
 
 
-def make_loss(kind, tail, teacher, store, settings):
+def make_loss(kind, tail, teacher, stores, settings):
     if kind == "ce":
         return ce_loss
     rows = settings.batch * settings.context
@@ -206,8 +222,10 @@ def make_loss(kind, tail, teacher, store, settings):
             with torch.no_grad():
                 t_hidden = teacher.hidden(x).flatten(0, 1)
             source, options = kdfast.TeacherHead(t_hidden, teacher.lm_head.weight), {}
+        elif kind == "topk":
+            source, options = stores[kind].read(step * rows, (step + 1) * rows), {"tail": tail}  # a kdfast.TopK
         else:
-            source, options = store.read(step * rows, (step + 1) * rows), {"tail": tail}  # a kdfast.TopK
+            source, options = stores[kind].read(step * rows, (step + 1) * rows), {}  # a kdfast.Sampled
         return kdfast.fused_linear_kd(hidden, model.lm_head.weight, source, target=y.flatten(), alpha=settings.alpha,
                                       temperature=settings.temperature, **options)
     return kd_loss
@@ -240,27 +258,43 @@ def run(settings: Settings, log=print) -> dict:
     teacher.eval().requires_grad_(False)
 
     order = batch_order(len(train_w), settings.steps, settings.batch, settings.seed + 1)
-    store, store_path = None, os.path.join(settings.out, f"teacher-top{settings.k}.kdtopk")
+    stores = {}
     for label, kind, tail, needs in STUDENTS:
         missing = [name for name in needs if not hasattr(kdfast, name)]
         if missing:
             log(f"{label}: skipped, this kdfast has no {', '.join('kdfast.' + m for m in missing)}")
             continue
-        if kind == "topk" and store is None:
-            t0 = time.perf_counter()
-            write_store(store_path, teacher, order, train_w, settings)
-            store = kdfast.TopKStore.open(store_path, k=settings.k, vocab_size=vocab)
-            report["store"] = {"path": store_path, "rows": order.numel() * settings.context, "k": settings.k,
-                               "bytes": os.path.getsize(store_path), "write_s": time.perf_counter() - t0}
-            log(f"top-{settings.k} store: {report['store']['rows']:,} rows, {report['store']['bytes'] / MiB:.1f} MiB "
-                f"on disk, written in {report['store']['write_s']:.1f} s")
+        if kind in ("topk", "sampled") and kind not in stores:
+            stores[kind] = open_store(kind, teacher, order, train_w, settings, report, log)
         seed_everything(settings.seed + 1)  # every student starts from the same weights
         student = CausalLM(LMConfig(vocab, settings.context, **settings.student))
-        result = train(student, make_loss(kind, tail, teacher, store, settings), order, data, settings, label)
+        result = train(student, make_loss(kind, tail, teacher, stores, settings), order, data, settings, label)
         report["models"].append({"model": f"student: {label}", "params": student.num_parameters(), **result})
         log(_row_text(report["models"][-1]))
     report["wall_s"], report["cpu_s"] = time.perf_counter() - started, time.process_time() - cpu_started
     return report
+
+
+STORE_KEYS = {"topk": "store", "sampled": "sampled_store"}
+
+
+def open_store(kind, teacher, order, train_w, settings, report, log):
+    """Writes the teacher's store of this kind, records its size under report[STORE_KEYS[kind]], and opens it for
+    reading (its kind, shape and temperature checked)."""
+    t0 = time.perf_counter()
+    k = settings.k if kind == "topk" else settings.samples
+    name = f"teacher-top{k}.kdtopk" if kind == "topk" else f"teacher-sampled{k}.kdtopk"
+    path = os.path.join(settings.out, name)
+    write_store(path, teacher, order, train_w, settings, kind)
+    rows = order.numel() * settings.context
+    info = report[STORE_KEYS[kind]] = {"path": path, "rows": rows, "k": k, "bytes": os.path.getsize(path),
+                                       "bytes_per_token": (os.path.getsize(path) - 64) / rows,
+                                       "write_s": time.perf_counter() - t0}
+    what = f"top-{k}" if kind == "topk" else f"sampled (n = {k}, T = {settings.temperature:g})"
+    log(f"{what} store: {rows:,} rows, {info['bytes_per_token']:.0f} bytes a token, {info['bytes'] / MiB:.1f} MiB "
+        f"on disk, written in {info['write_s']:.1f} s")
+    return kdfast.TopKStore.open(path, k=k, vocab_size=teacher.cfg.vocab_size, kind=kind,
+                                 temperature=settings.temperature if kind == "sampled" else None)
 
 
 COLUMNS = [("model", "model", "{}"), ("params", "parameters", "{:,}"), ("steps", "steps", "{}"),
@@ -280,11 +314,19 @@ def markdown(report) -> str:
         f"Corpus: Python {platform.python_version()} standard library sources, {report['train_tokens']:,} training "
         f"and {report['validation_tokens']:,} validation tokens (split by file); byte-level BPE, vocabulary "
         f"{report['vocab']:,}. Batches of {s['batch']} x {s['context']} tokens; AdamW, lr {s['lr']}, cosine. "
-        f"KD students: alpha {s['alpha']}, temperature {s['temperature']}, k = {s['k']}. "
+        f"KD students: alpha {s['alpha']}, temperature {s['temperature']}, k = {s['k']}"
+        f"{_store_sizes(report)}. "
         f"Peak memory: torch's allocations during one training step above the level before it. "
         f"Step time: median, wall clock and this process's CPU time. CPU, {torch.get_num_threads()} thread(s), "
         f"seed {s['seed']}; whole run {report['wall_s']:.0f} s wall clock, {report['cpu_s']:.0f} s CPU time.", "",
         table(report["models"], COLUMNS), ""])
+
+
+def _store_sizes(report) -> str:
+    sizes = [f"{what} {report[key]['bytes_per_token']:.0f} bytes a token" for what, key in
+             (("top-k store", "store"), (f"sampled store (n = {report['settings']['samples']})", "sampled_store"))
+             if key in report]
+    return f" ({', '.join(sizes)})" if sizes else ""
 
 
 def chart(report, path) -> None:
