@@ -43,7 +43,7 @@ template <class T> __device__ __forceinline__ T shfl_xor(const T& x, int mask) {
 
 // The block's merge of every thread's x, the same in every thread, in a fixed order.
 template <class T, class Merge> __device__ T block_merge(T x, Merge&& merge) {
-  __shared__ alignas(16) unsigned char raw[kWarps * sizeof(T)];
+  __shared__ uint4 raw[(kWarps * sizeof(T) + 15) / 16];  // 16-byte aligned storage for kWarps values of T
   T* smem = reinterpret_cast<T*>(raw);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) x = merge(x, shfl_xor(x, off));
