@@ -11,10 +11,13 @@ Dense teacher (vocab_parallel_kd_div), on the kd kernels: kd_fwd on the shard gi
 and teacher (and, for kl / reverse_kl, the divergence of the shard's own distributions, from which the shard's
 share of the whole vocabulary's follows); one all-reduce MAX and one SUM make the global ones. jsd's partial sums
 need the global logsumexps: kd_partial_fwd makes a second pass with them, and one more SUM adds them up. kd_bwd,
-given the global statistics, writes the gradient slice. Sparse teacher (vocab_parallel_topk_kd_div), on the top-k
-kernels: one MAX of the slice sizes, then one MAX and one SUM of the shards' log-sums off the top-k classes (the
-top-k kernel's logsumexp of the shard with those classes at -inf) and on them, and of the top-k entries' logits
-(each held by one rank); topk_kd_bwd with the global statistics writes the gradient slice.
+given the global statistics, writes the gradient slice. Sparse teacher (vocab_parallel_topk_kd_div; every
+divergence, both tails), on the top-k kernels: one MAX of the slice sizes; topk_kd_fwd on the shard (the other
+shards' entries as padding) gives its largest logit M, its log-sum L and its log-sum off the top-k classes Loff
+(summed over those classes: the bucket's student tail in log space); one MAX of M and one SUM of the shards' L and
+Loff, relative to the global M, and of the top-k entries' logits (each held by one rank) make the whole
+vocabulary's; the divergence over the (rows, k) categories follows in PyTorch, and topk_kd_bwd, given the whole
+vocabulary's statistics in its layout (csrc/common/topk_kd.h, TopKStat), writes the gradient slice.
 
 DTensor inputs sharded on the vocabulary (Shard on the class dim of logits, Shard(0) of an lm_head weight) on one
 mesh dimension, replicated on the others, run these functions on that mesh dimension's process group; the loss
