@@ -28,8 +28,8 @@ import emulation_build  # noqa: E402
 
 pytestmark = pytest.mark.cuda_emulation
 
-OPS = ["kd_fwd", "kd_partial_fwd", "kd_bwd", "kd_reduce_fwd", "kd_reduce_bwd", "topk_kd_fwd", "topk_kd_bwd", "attention_fwd",
-       "attention_bwd", "attention_transfer_fwd", "attention_transfer_bwd", "pairwise_affinity_fwd",
+OPS = ["kd_fwd", "kd_partial_fwd", "kd_bwd", "kd_reduce_fwd", "kd_reduce_bwd", "topk_kd_fwd", "topk_kd_bwd",
+       "attention_fwd", "attention_bwd", "attention_transfer_fwd", "attention_transfer_bwd", "pairwise_affinity_fwd",
        "pairwise_affinity_bwd", "batched_svd"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DIVERGENCES = ["kl", "reverse_kl", "jsd"]
