@@ -36,7 +36,6 @@ from ._reduce import reduce_rows
 from ._validate import acc_dtype
 from .logits import _check_options, _precise
 from .topk import (
-    DIVERGENCES,
     REDUCTIONS,
     TAILS,
     TopKIndexError,
@@ -282,11 +281,7 @@ def vocab_parallel_topk_kd_div(student_shard, teacher_indices, teacher_logprobs,
         raise ValueError(f"a vocabulary shard may hold at most 2^24 classes, got {student_shard.shape[-1]}")
     _check_pair(teacher_indices, teacher_logprobs)
     check.choice(tail, "tail", TAILS)
-    check.choice(divergence, "divergence", DIVERGENCES)
-    if divergence == "jsd":
-        check.in_open_unit(beta, "beta")
-    else:
-        check.real(beta, "beta")
+    _check_options(temperature, divergence, beta)
     if teacher_indices.shape[:-1] != student_shard.shape[:-1]:
         raise ValueError(f"teacher_indices {tuple(teacher_indices.shape)} must have the leading dims of "
                          f"student_shard {tuple(student_shard.shape)}")
