@@ -11,10 +11,13 @@ Dense teacher (vocab_parallel_kd_div), on the kd kernels: kd_fwd on the shard gi
 and teacher (and, for kl / reverse_kl, the divergence of the shard's own distributions, from which the shard's
 share of the whole vocabulary's follows); one all-reduce MAX and one SUM make the global ones. jsd's partial sums
 need the global logsumexps: kd_partial_fwd makes a second pass with them, and one more SUM adds them up. kd_bwd,
-given the global statistics, writes the gradient slice. Sparse teacher (vocab_parallel_topk_kd_div), on the top-k
-kernels: one MAX of the slice sizes, then one MAX and one SUM of the shards' log-sums off the top-k classes (the
-top-k kernel's logsumexp of the shard with those classes at -inf) and on them, and of the top-k entries' logits
-(each held by one rank); topk_kd_bwd with the global statistics writes the gradient slice.
+given the global statistics, writes the gradient slice. Sparse teacher (vocab_parallel_topk_kd_div; every
+divergence, both tails), on the top-k kernels: one MAX of the slice sizes; topk_kd_fwd on the shard (the other
+shards' entries as padding) gives its largest logit M, its log-sum L and its log-sum off the top-k classes Loff
+(summed over those classes: the bucket's student tail in log space); one MAX of M and one SUM of the shards' L and
+Loff, relative to the global M, and of the top-k entries' logits (each held by one rank) make the whole
+vocabulary's; the divergence over the (rows, k) categories follows in PyTorch, and topk_kd_bwd, given the whole
+vocabulary's statistics in its layout (csrc/common/topk_kd.h, TopKStat), writes the gradient slice.
 
 DTensor inputs sharded on the vocabulary (Shard on the class dim of logits, Shard(0) of an lm_head weight) on one
 mesh dimension, replicated on the others, run these functions on that mesh dimension's process group; the loss
@@ -35,7 +38,6 @@ from .logits import _check_options
 from .topk import TAILS, TopKIndexError, _categories, _check_pair, _eager, _plogq, _teacher_grad
 
 _MAX_SHARD = 1 << 24  # slice sizes travel in the float32 MAX all-reduce, exact up to 2^24
-_OFF_TOP_BYTES = 4 << 20  # the top-k path's row buffer (cache-sized: no page faults, no shard-sized copy)
 
 
 def _check_common(student, temperature, mask, reduction, scale_t2, group):
@@ -124,12 +126,12 @@ class _VocabParallelKD(torch.autograd.Function):
         return gs.squeeze(-1) if need_s else None, gt.squeeze(-1) if need_t else None, None, None, None, None
 
 
-def _topk_rows(student, indices, logprobs, temperature, tail, group):
+def _topk_rows(student, indices, logprobs, temperature, tail, group, divergence="kl", beta=0.5):
     """The per-row top-k divergence (...,) of the whole vocabulary from this rank's shard (..., V_rank)."""
     _require_kernels(student)
     classes, k = student.shape[-1], indices.shape[-1]
     return _VocabParallelTopK.apply(student.reshape(-1, classes), indices.reshape(-1, k), logprobs.reshape(-1, k),
-                                    temperature, tail, group).reshape(student.shape[:-1])
+                                    temperature, tail, divergence, float(beta), group).reshape(student.shape[:-1])
 
 
 def _kd_rows(student, teacher, temperature, divergence, beta, group):
@@ -158,13 +160,29 @@ def vocab_parallel_kd_div(student_shard, teacher_shard, temperature=1.0, *, dive
     return _finish(rows, mask, reduction, student_shard.shape[-1], temperature, scale_t2)
 
 
+def _topk_terms(logq, logp, divergence, beta):
+    """Per category (rows, c): the divergence's term and G = d D / d log P (csrc/common/topk_kd.h, topk_term), and
+    G / P from the log-masses (the bucket's off-top coefficient; P may be below the smallest normal number)."""
+    q, p = logq.exp(), logp.exp()
+    if divergence == "kl":
+        ratio = torch.where(logq > float("-inf"), -(logq - logp).exp(), torch.zeros_like(q))
+        return _plogq(q, logq - logp), -q, ratio
+    if divergence == "reverse_kl":
+        term = _plogq(p, logp - logq)
+        return term, term, logp - logq
+    m = beta * q + (1 - beta) * p
+    lm = torch.where(logp == logq, logp, torch.log(m))
+    gs = (1 - beta) * _plogq(p, logp - lm)
+    return beta * _plogq(q, logq - lm) + gs, gs, (1 - beta) * (logp - lm)
+
+
 class _VocabParallelTopK(torch.autograd.Function):
     """Per-row top-k divergence of the whole vocabulary from this rank's (rows, V_rank) shard, on the top-k
     kernels."""
 
     @staticmethod
-    def forward(ctx, student, indices, logprobs, temperature, tail, group):
-        acc = acc_dtype(student, logprobs)
+    def forward(ctx, student, indices, logprobs, temperature, tail, divergence, beta, group):
+        acc = acc_dtype(student)  # the kernels' accumulator (that of their statistics)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         sizes = torch.zeros(world, device=student.device)
         sizes[rank] = student.shape[-1]
@@ -184,81 +202,87 @@ class _VocabParallelTopK(torch.autograd.Function):
         local = valid & (shifted >= 0) & (shifted < student.shape[-1])
         li = torch.where(local, shifted, torch.zeros_like(shifted))
         ninf = torch.full_like(lp, float("-inf"))
-        a_top = torch.where(local, student.gather(-1, li).to(acc) / temperature, ninf)
-        # The student's log-sum off the top-k, from the classes off the top-k (never 1 - sum p[idx], which cancels
-        # in float32 where the top-k hold nearly all the mass): the top-k kernel's logsumexp of the shard's rows with
-        # their top-k classes at -inf, copied a few rows at a time into one small buffer (a copy of the whole shard
-        # cost half the time of the single-process loss; the shard itself is never written).
-        off_mask = torch.where(local, ninf, -ninf).to(student.dtype)
-        chunk = max(1, _OFF_TOP_BYTES // (student.shape[-1] * student.element_size()))
-        buf = student.new_empty((min(chunk, len(lp)), student.shape[-1]))
-        lse_off = lp.new_empty(len(lp))
-        for lo in range(0, len(lp), chunk):
-            part = buf[:len(lp[lo:lo + chunk])]
-            part.copy_(student[lo:lo + chunk]).scatter_reduce_(-1, li[lo:lo + chunk], off_mask[lo:lo + chunk], "amin")
-            lse_off[lo:lo + chunk] = torch.ops.kdfast.topk_kd_fwd(part, indices.new_zeros((len(part), 1)),
-                                                                  ninf[:len(part), :1], temperature, "bucket")[1][0]
-        del buf
-        local_lse = torch.stack([lse_off, a_top.logsumexp(-1)])  # off and on the top-k, this shard's classes
-        top = local_lse.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        ref = _reference_point(top)
-        sums = torch.cat([(local_lse - ref).exp().T, torch.where(local, a_top, torch.zeros_like(a_top))], dim=-1)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        lse_off, lse_top = ref[0] + sums[:, 0].log(), ref[1] + sums[:, 1].log()
-        lse = torch.logaddexp(lse_off, lse_top)
-        log_rest = (lse_off - lse).unsqueeze(-1)
-        logp_top = torch.where(valid, sums[:, 2:] - lse.unsqueeze(-1), ninf)
-        logq, logp, _ = _categories(logp_top, lp, valid, temperature, tail, rest=log_rest)
-        q = logq.exp()
-        rows = _plogq(q, logq - logp).sum(-1)
+        lp_local = torch.where(local, lp, ninf)  # the other shards' entries as padding
+        # The shard's statistics (csrc/common/topk_kd.h, TopKStat): its largest logit M, its log-sum L and its
+        # log-sum Loff over the classes off the top-k (summed over those classes, never 1 - sum p[idx]), in units
+        # of (s - M) / T. One read of the shard, no copy.
+        stats = torch.ops.kdfast.topk_kd_fwd(student, li, lp_local, temperature, "renormalize")[1]
+        big = stats[0].clone()
+        dist.all_reduce(big, op=dist.ReduceOp.MAX, group=group)
+        ref = _reference_point(big)
+        shift = (stats[0] - ref) / temperature
+        top = (student.gather(-1, li).to(acc) - ref.unsqueeze(-1)) / temperature
+        sums = torch.cat([(shift + stats[1]).exp().unsqueeze(-1), (shift + stats[6]).exp().unsqueeze(-1),
+                          torch.where(local, top, torch.zeros_like(top))], dim=-1)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)  # each top-k entry's logit is held by one rank
+        lse, off = sums[:, 0].log(), sums[:, 1].log()  # L and Loff of the whole vocabulary, relative to ref
+        x = torch.where(valid, sums[:, 2:], ninf)  # (s[idx] - ref) / T, -inf on padding
+        rest = (off - lse).unsqueeze(-1)
+        logq, logp, u = _categories(x - lse.unsqueeze(-1), lp, valid, temperature, tail, divergence, rest)
+        cats = torch.cat([valid, torch.ones_like(valid[:, :1])], -1) if tail == "bucket" else valid
+        term, g, ratio = _topk_terms(logq, logp, divergence, beta)
+        zero = torch.zeros_like(term)
+        rows = torch.where(cats, term, zero).sum(-1)
+        sum_g = torch.where(cats, g, zero).sum(-1)
         any_valid = valid.any(-1)
-        if tail == "renormalize":
+        if tail == "bucket":
+            coef = torch.where(off > float("-inf"), ratio[:, -1] - sum_g, torch.zeros_like(sum_g))
+        else:
             rows = torch.where(any_valid, rows, torch.zeros_like(rows))
-            coef = any_valid.to(acc)  # a row without a valid entry has no gradient
-        else:  # p (1 - q_tail / rest) off the top-k classes, rest the student's mass there
-            q_tail = q[:, -1]
-            coef = torch.where(q_tail == 0, torch.ones_like(q_tail), 1 - (logq[:, -1] - log_rest[:, 0]).exp())
-        ctx.save_for_backward(student, shifted, lp, torch.stack([lse, coef]), logp_top, valid, log_rest)
-        ctx.options = (temperature, tail)
+            coef = -sum_g if divergence == "kl" else torch.zeros_like(sum_g)
+        # The statistics of the whole vocabulary in the kernel's layout: topk_kd_bwd then writes this shard's slice.
+        if tail == "renormalize" and divergence != "kl":
+            p_ref = torch.where(any_valid, torch.logsumexp(x, -1), torch.full_like(lse, float("-inf")))
+        else:
+            p_ref = lse
+        t = lp / temperature  # the teacher's log-normaliser over its categories
+        tlse = torch.logsumexp(torch.cat([t, u / temperature], -1) if tail == "bucket" else t, -1)
+        global_stats = torch.stack([ref, lse, p_ref, tlse, sum_g, coef, off])
+        ctx.save_for_backward(student, li, lp_local, global_stats, x - lse.unsqueeze(-1), lp, valid, rest)
+        ctx.options = (temperature, tail, divergence, beta)
+        ctx.lp_dtype = logprobs.dtype
         return rows
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        student, shifted, lp, stats, logp_top, valid, log_rest = ctx.saved_tensors
-        temperature, tail = ctx.options
+        student, li, lp_local, stats, logp_top, lp, valid, rest = ctx.saved_tensors
+        temperature, tail, divergence, beta = ctx.options
         gs = gl = None
         if ctx.needs_input_grad[0]:
-            # The kernel with the whole vocabulary's statistics writes p c off the top-k and p - q on the top-k
-            # classes of this shard (q over all the entries; those of other shards' classes are out of its range).
-            gs = torch.ops.kdfast.topk_kd_bwd(grad_rows.to(stats.dtype), student, shifted, lp, stats, temperature,
-                                              tail)
+            # The kernel with the whole vocabulary's statistics writes this shard's slice: p coef off the top-k and
+            # the entries' terms on its top-k classes (the other shards' entries are padding here).
+            gs = torch.ops.kdfast.topk_kd_bwd(grad_rows.to(stats.dtype), student, li, lp_local, stats, temperature,
+                                              tail, divergence, beta)
         if ctx.needs_input_grad[2]:
-            gl = _teacher_grad(grad_rows.to(lp.dtype), logp_top, lp, valid, temperature, tail, rest=log_rest)
-        return gs, None, gl, None, None, None
+            gl = _teacher_grad(grad_rows.to(lp.dtype), logp_top, lp, valid, temperature, tail, divergence, beta,
+                               rest).to(ctx.lp_dtype)
+        return gs, None, gl, None, None, None, None, None
 
 
 def vocab_parallel_topk_kd_div(student_shard, teacher_indices, teacher_logprobs, temperature=1.0, *,
-                               tail="renormalize", group=None, mask=None, reduction="batchmean",
-                               scale_t2=True) -> torch.Tensor:
+                               tail="renormalize", divergence="kl", beta=0.5, group=None, mask=None,
+                               reduction="batchmean", scale_t2=True) -> torch.Tensor:
     """topk_kd_div over a vocabulary split across the ranks of `group`: student_shard (..., V_rank) is this
     rank's contiguous slice (in rank order, possibly uneven); teacher_indices (..., k) are global vocabulary
     indices and teacher_logprobs (..., k) the teacher's log-probabilities at T = 1 (-inf = padding), the same on
-    every rank. tail, mask, reduction and scale_t2 as topk_kd_div. Returns the loss of the whole vocabulary, the
-    same on every rank; the student gradient is this rank's slice."""
+    every rank. tail, divergence ("kl", "reverse_kl", "jsd" with beta), mask, reduction and scale_t2 as
+    topk_kd_div. Returns the loss of the whole vocabulary, the same on every rank; the student gradient is this
+    rank's slice (the teacher log-probabilities' gradient is the whole one on every rank)."""
     temperature = _check_common(student_shard, temperature, mask, reduction, scale_t2, group)
     if student_shard.shape[-1] > _MAX_SHARD:
         raise ValueError(f"a vocabulary shard may hold at most 2^24 classes, got {student_shard.shape[-1]}")
     _check_pair(teacher_indices, teacher_logprobs)
     check.choice(tail, "tail", TAILS)
+    _check_options(temperature, divergence, beta)
     if teacher_indices.shape[:-1] != student_shard.shape[:-1]:
         raise ValueError(f"teacher_indices {tuple(teacher_indices.shape)} must have the leading dims of "
                          f"student_shard {tuple(student_shard.shape)}")
     check.same_device({"student_shard": student_shard, "teacher_indices": teacher_indices,
                        "teacher_logprobs": teacher_logprobs})
     _require_group()
-    rows = _topk_rows(student_shard, teacher_indices, teacher_logprobs, temperature, tail, group)
+    rows = _topk_rows(student_shard, teacher_indices, teacher_logprobs, temperature, tail, group,
+                      divergence, beta)
     return _finish(rows, mask, reduction, student_shard.shape[-1], temperature, scale_t2)
 
 

@@ -14,16 +14,21 @@ import torch.multiprocessing as mp
 import kdfast
 
 SHARDS = (430, 570)
-CASES = [  # (function, tail (topk) or divergence (kd_div), temperature, masked)
-    ("kd_div", "kl", 1.0, False),
-    ("kd_div", "kl", 2.0, True),
-    ("kd_div", "reverse_kl", 0.5, True),
-    ("kd_div", "jsd", 2.0, False),
-    ("topk", "renormalize", 1.0, False),
-    ("topk", "renormalize", 0.5, True),
-    ("topk", "bucket", 1.0, False),
-    ("topk", "bucket", 2.0, True),
+CASES = [  # (function, tail (topk) or None, divergence, temperature, masked): every divergence on both tails
+    ("kd_div", None, "kl", 1.0, False),
+    ("kd_div", None, "kl", 2.0, True),
+    ("kd_div", None, "reverse_kl", 0.5, True),
+    ("kd_div", None, "jsd", 2.0, False),
+    ("topk", "renormalize", "kl", 1.0, False),
+    ("topk", "renormalize", "kl", 0.5, True),
+    ("topk", "bucket", "kl", 1.0, False),
+    ("topk", "bucket", "kl", 2.0, True),
+    ("topk", "renormalize", "reverse_kl", 2.0, True),
+    ("topk", "bucket", "reverse_kl", 0.5, False),
+    ("topk", "renormalize", "jsd", 1.0, False),
+    ("topk", "bucket", "jsd", 2.0, True),
 ]
+BETA = 0.3  # jsd's
 TIMEOUT_S = 240
 
 
@@ -41,27 +46,29 @@ def _inputs(seed=0, rows=24, k=20):
     return student, teacher, idx.int(), lp, mask
 
 
-def _loss(fn, tail, T, masked, student, teacher, idx, lp, mask, parallel):
-    kw = {"mask": mask if masked else None}
+def _loss(fn, tail, divergence, T, masked, student, teacher, idx, lp, mask, parallel):
+    kw = {"mask": mask if masked else None, "divergence": divergence, "beta": BETA}
     if fn == "kd_div":
         f = kdfast.distributed.vocab_parallel_kd_div if parallel else kdfast.kd_div
-        return f(student, teacher, T, divergence=tail, **kw)
+        return f(student, teacher, T, **kw)
     f = kdfast.distributed.vocab_parallel_topk_kd_div if parallel else kdfast.topk_kd_div
     return f(student, idx, lp, T, tail=tail, **kw)
 
 
 def _run_cases(parallel, rank=0):
-    """(loss, student gradient, teacher gradient or None) of every case: the whole vocabulary, or this rank's shard."""
+    """(loss, student gradient, teacher gradient) of every case (the teacher's: its logits', or for top-k its
+    log-probabilities' on every rank): the whole vocabulary, or this rank's shard."""
     student, teacher, idx, lp, mask = _inputs()
     lo = sum(SHARDS[:rank])
     hi = lo + SHARDS[rank]
     out = []
-    for fn, tail, T, masked in CASES:
+    for fn, tail, divergence, T, masked in CASES:
         s = (student[:, lo:hi] if parallel else student).clone().requires_grad_(True)
         t = (teacher[:, lo:hi] if parallel else teacher).clone().requires_grad_(fn == "kd_div")
-        loss = _loss(fn, tail, T, masked, s, t, idx, lp, mask, parallel)
+        lpg = lp.clone().requires_grad_(fn == "topk")
+        loss = _loss(fn, tail, divergence, T, masked, s, t, idx, lpg, mask, parallel)
         loss.backward()
-        out.append((loss.detach(), s.grad, t.grad))
+        out.append((loss.detach(), s.grad, t.grad if fn == "kd_div" else lpg.grad))
     return out
 
 
@@ -104,8 +111,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
             rl, rgs, rgt = ranks[r][c]
             assert (rl - loss).abs().item() < 1e-5, (case, r)
             assert (rgs - gs[:, lo:lo + width]).abs().max().item() < 1e-6, (case, r)
-            if gt is not None:
-                assert (rgt - gt[:, lo:lo + width]).abs().max().item() < 1e-6, (case, r)
+            want = gt[:, lo:lo + width] if case[0] == "kd_div" else gt
+            assert (rgt - want).abs().max().item() < 1e-6, (case, r)
             lo += width
 
 
@@ -118,6 +125,8 @@ def test_needs_a_process_group():
         kdfast.distributed.vocab_parallel_topk_kd_div(s, idx, lp)
     with pytest.raises(ValueError, match="tail must be one of"):
         kdfast.distributed.vocab_parallel_topk_kd_div(s, idx, lp, tail="zero")
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        kdfast.distributed.vocab_parallel_topk_kd_div(s, idx, lp, divergence="kl2")
 
 
 def test_single_rank_group_is_the_single_process_loss(tmp_path):
@@ -127,13 +136,13 @@ def test_single_rank_group_is_the_single_process_loss(tmp_path):
                             timeout=timedelta(seconds=30))
     try:
         student, teacher, idx, lp, mask = _inputs(seed=1)
-        for fn, tail, T, masked in CASES:
+        for fn, tail, divergence, T, masked in CASES:
             a = student.clone().requires_grad_(True)
             b = student.clone().requires_grad_(True)
             lpa = lp.clone().requires_grad_(True)  # the teacher's log-probs' gradient too
             lpb = lp.clone().requires_grad_(True)
-            la = _loss(fn, tail, T, masked, a, teacher, idx, lpa, mask, True)
-            lb = _loss(fn, tail, T, masked, b, teacher, idx, lpb, mask, False)
+            la = _loss(fn, tail, divergence, T, masked, a, teacher, idx, lpa, mask, True)
+            lb = _loss(fn, tail, divergence, T, masked, b, teacher, idx, lpb, mask, False)
             la.backward()
             lb.backward()
             torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
@@ -156,6 +165,8 @@ DT_CASES = [  # (name, options)
     ("kd_div_replicated", dict(divergence="jsd", temperature=2.0)),
     ("topk", dict(tail="renormalize", temperature=2.0, masked=True)),
     ("topk", dict(tail="bucket", temperature=1.0)),
+    ("topk", dict(tail="renormalize", divergence="reverse_kl", temperature=1.0)),
+    ("topk", dict(tail="bucket", divergence="jsd", beta=0.3, temperature=2.0, masked=True)),
     ("fused_dense", dict(temperature=2.0)),
     ("fused_head", dict(temperature=1.0, divergence="jsd", alpha=0.5)),
     ("fused_topk", dict(temperature=2.0, tail="bucket", alpha=0.25)),
@@ -195,7 +206,8 @@ def _dt_case(name, opts, d, make):
     elif name == "topk":
         s = make(d["student"], 1, grad=True)
         lp = d["lp"].clone().requires_grad_(True)
-        loss = kdfast.topk_kd_div(s, d["idx"], lp, T, tail=opts["tail"], mask=mask)
+        loss = kdfast.topk_kd_div(s, d["idx"], lp, T, tail=opts["tail"], divergence=opts.get("divergence", "kl"),
+                                  beta=opts.get("beta", 0.5), mask=mask)
         leaves = [s, lp]
     else:
         w = make(d["weight"], 0, grad=True)
@@ -290,28 +302,32 @@ def test_kd_partial_fwd_with_the_rows_own_logsumexps_is_kd_fwd(shape, dtype):
         torch.ops.kdfast.kd_partial_fwd(s, t, stats[:2].clone(), 2.0, "kl", 0.3)
 
 
-def test_bucket_tail_is_formed_in_log_space(tmp_path, monkeypatch):
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_bucket_tail_is_formed_in_log_space(tmp_path, divergence):
     """A float32 student whose top-k hold all but ~3e-10 of its mass: the bucket's student tail comes from the
     classes off the top-k (1 - sum p[idx] would round to 0 and be floored at eps, off by 0.3 here): the loss and
-    gradient match the float64 reference. The rows off the top-k go through a buffer of 2 rows here (3 rows)."""
-    monkeypatch.setattr(kdfast.distributed, "_OFF_TOP_BYTES", 2 * 100 * 4)
+    gradients match the float64 reference, for every divergence."""
     os.environ.pop("WORLD_SIZE", None)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1,
                             timeout=timedelta(seconds=30))
     try:
         student = torch.full((3, 100), -25.0)
         student[:, :5] = 0.0
-        student[1, 50] = -24.0  # rows that differ: a row read from the wrong place of the buffer shows
+        student[1, 50] = -24.0
         idx = torch.arange(5).repeat(3, 1)
         lp = torch.log(torch.full((3, 5), 0.19))  # the teacher's tail: 0.05
         s32 = student.clone().requires_grad_(True)
         s64 = student.double().requires_grad_(True)
-        got = kdfast.distributed.vocab_parallel_topk_kd_div(s32, idx, lp, tail="bucket")
-        want = kdfast.reference.topk_kd_div(s64, idx, lp.double(), tail="bucket")
+        lp32 = lp.clone().requires_grad_(True)
+        lp64 = lp.double().requires_grad_(True)
+        got = kdfast.distributed.vocab_parallel_topk_kd_div(s32, idx, lp32, tail="bucket", divergence=divergence,
+                                                            beta=0.3)
+        want = kdfast.reference.topk_kd_div(s64, idx, lp64, tail="bucket", divergence=divergence, beta=0.3)
         got.backward()
         want.backward()
-        assert want.item() > 0.3
+        assert want.item() > 0.01
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(lp32.grad.double(), lp64.grad, rtol=1e-4, atol=1e-6)
     finally:
         dist.destroy_process_group()
