@@ -159,7 +159,7 @@ DT_V, DT_ROWS, DT_H = 999, 12, 16  # the vocabulary splits unevenly (torch.chunk
 DT_CASES = [  # (name, options)
     ("kd_div", dict(divergence="kl", temperature=1.0)),
     ("kd_div", dict(divergence="reverse_kl", temperature=2.0, masked=True)),
-    ("kd_div", dict(divergence="jsd", beta=0.3, temperature=1.5, reduction="mean")),
+    ("kd_div", dict(divergence="jsd", beta=0.3, temperature=1.5, reduction="sum")),
     ("kd_div", dict(divergence="jsd", temperature=20.0, masked=True)),  # float64 inside (precise temperatures)
     ("kd_div_dim1", dict(divergence="kl", temperature=2.0, reduction="sum")),
     ("kd_div_replicated", dict(divergence="jsd", temperature=2.0)),
@@ -285,8 +285,8 @@ def test_dtensor_inputs_match_one_process(tmp_path):
 
 @pytest.mark.parametrize("shape", [(5, 37, 1), (3, 2500, 1), (2, 19, 11)])  # short rows, long rows, pixel mode
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_kd_partial_fwd_with_the_rows_own_logsumexps_is_kd_fwd(shape, dtype):
-    """kd_partial_fwd (the shard pass of vocabulary-parallel jsd) given the logsumexps of all the classes it sees
+def test_kd_partial_fwd_with_the_rows_own_statistics_is_kd_fwd(shape, dtype):
+    """kd_partial_fwd (the shard pass of vocabulary-parallel jsd) given the maxima and log-sums of the classes it sees
     gives kd_fwd's jsd statistics (unclamped div), on each kernel layout; opcheck on the op."""
     if not kdfast.backends()["cpu"]:
         pytest.skip("needs the extension")
@@ -294,12 +294,12 @@ def test_kd_partial_fwd_with_the_rows_own_logsumexps_is_kd_fwd(shape, dtype):
     s = (torch.randn(shape, generator=g) * 3).to(dtype)
     t = (torch.randn(shape, generator=g) * 3).to(dtype)
     div, _, stats = torch.ops.kdfast.kd_fwd(s, t, None, 2.0, "jsd", 0.3, -100)
-    pdiv, pstats = torch.ops.kdfast.kd_partial_fwd(s, t, stats[:2].clone(), 2.0, "jsd", 0.3)
+    pdiv, pstats = torch.ops.kdfast.kd_partial_fwd(s, t, stats[:4].clone(), 2.0, "jsd", 0.3)
     torch.testing.assert_close(pstats, stats, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(pdiv.clamp_min(0), div, rtol=1e-6, atol=1e-7)
-    torch.library.opcheck(torch.ops.kdfast.kd_partial_fwd, (s, t, stats[:2].clone(), 2.0, "jsd", 0.3))
+    torch.library.opcheck(torch.ops.kdfast.kd_partial_fwd, (s, t, stats[:4].clone(), 2.0, "jsd", 0.3))
     with pytest.raises(ValueError, match="kd_partial_fwd computes jsd's partial sums, got 'kl'"):
-        torch.ops.kdfast.kd_partial_fwd(s, t, stats[:2].clone(), 2.0, "kl", 0.3)
+        torch.ops.kdfast.kd_partial_fwd(s, t, stats[:4].clone(), 2.0, "kl", 0.3)
 
 
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
