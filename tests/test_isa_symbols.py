@@ -14,7 +14,10 @@ it) and at::vec::AVX2 and ::AVX512 (ATen's vector classes), and everything named
 instantiations over their types, lambdas of their functions, OpenMP-outlined bodies, .cold parts): only the file of
 that instruction set defines such a name, so the linker cannot give it to anyone else's callers. tzcnt anywhere:
 its encoding is rep bsf, which a CPU without BMI runs as bsf (the same result for the non-zero inputs GCC emits it
-for). Nothing else: not kdfast::cpu::DEFAULT, not plain kdfast, std, c10 or at, not a static initialiser.
+for). A function of local binding (a static function, or a compiler's clone such as .isra.0 or .constprop.0 of a
+std:: instantiation): only its own object file can call it, and only the ISA files' objects hold such instructions,
+so it runs only where the dispatch chose that instruction set. Nothing else: not kdfast::cpu::DEFAULT, not plain
+kdfast, std, c10 or at, not a static initialiser.
 """
 import platform
 import re
@@ -59,6 +62,12 @@ def functions_beyond_baseline(library):
     return {n: sorted(i) for n, i in found.items()}
 
 
+def local_functions(library):
+    """The names of the library's functions of local binding (nm's lowercase t)."""
+    listing = subprocess.run(["nm", "--defined-only", library], capture_output=True, text=True, check=True).stdout
+    return {f[2] for f in (line.split() for line in listing.splitlines()) if len(f) == 3 and f[1] == "t"}
+
+
 def demangle(names):
     if not shutil.which("c++filt"):
         return list(names)
@@ -72,11 +81,14 @@ def extension_functions():
         pytest.skip(f"the instruction sets checked are x86-64's; this machine is {platform.machine()}")
     if not shutil.which("objdump"):
         pytest.skip("objdump (binutils) is not installed: the extension's disassembly cannot be checked")
-    return functions_beyond_baseline(_ops._C.__file__)
+    if not shutil.which("nm"):
+        pytest.skip("nm (binutils) is not installed: the extension's symbols cannot be checked")
+    return functions_beyond_baseline(_ops._C.__file__), local_functions(_ops._C.__file__)
 
 
 def test_extensions_only_in_isa_namespaces(extension_functions):
-    leaked = sorted(n for n in extension_functions if not ISA_NAMESPACE.search(n))
+    extension_functions, local = extension_functions
+    leaked = sorted(n for n in extension_functions if not ISA_NAMESPACE.search(n) and n not in local)
     lines = [f"{d}: {' '.join(extension_functions[n][:8])}" for n, d in zip(leaked, demangle(leaked))]
     assert not leaked, ("functions outside the AVX2/AVX512 namespaces hold instructions beyond x86-64's baseline; "
                         "the linker may run them on any CPU (docs/architecture.md):\n" + "\n".join(lines))
@@ -84,6 +96,7 @@ def test_extensions_only_in_isa_namespaces(extension_functions):
 
 def test_the_check_sees_the_isa_kernels(extension_functions):
     """The listing has the AVX2 and AVX-512 kernels with their instructions: the check above can fail."""
+    extension_functions, _ = extension_functions
     names = demangle(extension_functions)
     for isa in ("AVX2", "AVX512"):
         kernels = [n for n, d in zip(extension_functions, names) if f"kdfast::cpu::{isa}::" in d]
