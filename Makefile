@@ -77,8 +77,8 @@ cuda-build:
 		or torch.version.cuda is None)" 2>/dev/null || { $(PY) -m venv --clear $(CUDA_VENV) && \
 		env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null $(CUDA_VENV)/bin/pip install -q \
 		torch==$(CUDA_TORCH) setuptools wheel ninja; }
-	@$(CUDA_VENV)/bin/python -c "import pytest" 2>/dev/null || \
-		env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null $(CUDA_VENV)/bin/pip install -q pytest
+	@$(CUDA_VENV)/bin/python -c "import pytest, numpy" 2>/dev/null || \
+		env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null $(CUDA_VENV)/bin/pip install -q pytest numpy
 	rm -rf build/cuda
 	PATH=$(CUDA_VENV)/bin:$$PATH CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} CCACHE_BASEDIR=$${CCACHE_BASEDIR:-$(CURDIR)} \
 		KDFAST_CUDA=1 MAX_JOBS=$(JOBS) NVCC_APPEND_FLAGS=-Werror=all-warnings \

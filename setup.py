@@ -36,7 +36,11 @@ def requirements(name: str) -> list:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/cpu/isa/*.cpp"))
-    cxx = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-maybe-uninitialized"]
+    # -ffp-contract=off: the AVX2/AVX-512 files raise the target to FMA, and GCC would then fuse a * b + c in their
+    # scalar row arithmetic (rounded once instead of twice): the same expression on two identical rows could then
+    # differ from the DEFAULT path's, and identical distributions would no longer give an exact 0 (docs/guarantees.md).
+    cxx = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-maybe-uninitialized",
+           "-ffp-contract=off"]
     if os.environ.get("KDFAST_OPENMP", "1") == "1":
         cxx.append("-fopenmp")
     if not want_cuda():
