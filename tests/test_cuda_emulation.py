@@ -180,6 +180,41 @@ def test_topk(emu, dtype, tail):
                 assert_close(actual, expected, dtype)
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_topk_divergences(emu, dtype, tail, divergence):
+    s, idx, lp = topk_case(dtype, 2, False)
+    kw = dict(tail=tail, divergence=divergence, beta=0.3, reduction="none")
+    with emulated(emu):
+        out, g, ref, rg = topk_both(s, idx, lp, 1.5, **kw)
+    cpu_out, cpu_g, _, _ = topk_both(s, idx, lp, 1.5, **kw)
+    for actual, cpu, expected in [(out, cpu_out, ref), (g, cpu_g, rg)]:
+        assert_close(actual, cpu, dtype)
+        assert_close(actual, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_sampled_teacher(emu, dtype):
+    """sampled_kd_div: the top-k kernels with the teacher's weights given per entry (c_j / n)."""
+    s, t = make_logits((4, 300), dtype, "cpu")
+    teacher = kdfast.sample_from_logits(t.detach().double(), 12, 1.5, generator=torch.Generator().manual_seed(0))
+    results = []
+    for ctx in (emulated(emu), contextlib.nullcontext()):
+        with ctx:
+            x = s.detach().clone().requires_grad_()
+            out = kdfast.sampled_kd_div(x, teacher, 1.5, reduction="none")
+            out.sum().backward()
+            results.append((out, x.grad))
+    y = s.detach().double().requires_grad_()
+    ref = reference.sampled_kd_div(y, teacher, 1.5, reduction="none")
+    ref.sum().backward()
+    (out, g), (cpu_out, cpu_g) = results
+    for actual, cpu, expected in [(out, cpu_out, ref), (g, cpu_g, y.grad)]:
+        assert_close(actual, cpu, dtype)
+        assert_close(actual, expected, dtype)
+
+
 def test_topk_grid_stride_loop(emu):
     s, idx, lp = topk_case(torch.float32, 1, False)
     with emulated(emu, grid_cap=1):
