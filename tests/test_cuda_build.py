@@ -81,7 +81,7 @@ def test_fused_linear_cuda_products_take_half_operands(monkeypatch, half):
         out = fused_linear.fused_linear_kd_fwd._init_fn(  # the op's body (a call of the op would run its fake)
             rnd(n, h), rnd(v, h), rnd(v), "head", [rnd(n, ht), rnd(v, ht)],
             torch.zeros(n, device="cuda", dtype=torch.int64), 2.0, 0.5, "kl", 0.5, "renormalize", -100, True, 16,
-            [True, True, True])
+            None, 1.0, None, 1.0, True, [True, True, True])  # no soft-cap, logit scale 1 (student, teacher); batchmean
     assert [(x.dtype, tuple(x.shape)) for x in out] == [
         (torch.float32, ()), (torch.float32, (n, h)), (torch.float32, (v, h)), (torch.float32, (v,))]
     assert copies == []
