@@ -32,10 +32,10 @@ from torch.autograd.function import once_differentiable
 
 from . import _validate as check
 from ._ops import _C, has_kernel
-from ._reduce import check_row_reduction, reduce_rows
+from ._reduce import check_row_reduction
 from ._validate import acc_dtype
 from .logits import _check_options
-from .topk import TAILS, TopKIndexError, _categories, _check_pair, _eager, _plogq, _teacher_grad
+from .topk import TAILS, TopKIndexError, _categories, _check_pair, _eager, _finish, _plogq, _teacher_grad
 
 _MAX_SHARD = 1 << 24  # slice sizes travel in the float32 MAX all-reduce, exact up to 2^24
 
@@ -55,11 +55,6 @@ def _check_common(student, temperature, mask, reduction, scale_t2, group):
 def _require_group() -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("kdfast.distributed needs an initialised torch.distributed process group")
-
-
-def _finish(rows, mask, reduction, classes, temperature, scale_t2):
-    out = reduce_rows(rows, mask, reduction)
-    return out * (temperature * temperature) if scale_t2 else out
 
 
 def _reference_point(m):
@@ -157,7 +152,7 @@ def vocab_parallel_kd_div(student_shard, teacher_shard, temperature=1.0, *, dive
     check.same_device({"student_shard": student_shard, "teacher_shard": teacher_shard})
     _require_group()
     rows = _kd_rows(student_shard, teacher_shard, temperature, divergence, beta, group)
-    return _finish(rows, mask, reduction, student_shard.shape[-1], temperature, scale_t2)
+    return _finish(rows, mask, reduction, temperature, scale_t2, None)
 
 
 def _topk_terms(logq, logp, divergence, beta):
@@ -283,7 +278,7 @@ def vocab_parallel_topk_kd_div(student_shard, teacher_indices, teacher_logprobs,
     _require_group()
     rows = _topk_rows(student_shard, teacher_indices, teacher_logprobs, temperature, tail, group,
                       divergence, beta)
-    return _finish(rows, mask, reduction, student_shard.shape[-1], temperature, scale_t2)
+    return _finish(rows, mask, reduction, temperature, scale_t2, None)
 
 
 if _C is not None:
@@ -365,7 +360,7 @@ def dtensor_kd_div(student, teacher, temperature, divergence, beta, dim, mask, r
                                   reduction=reduction, scale_t2=scale_t2), mesh)
     dim %= student.dim()
     rows = _kd_rows(s.movedim(dim, -1), t.movedim(dim, -1), temperature, divergence, beta, group)
-    return _replicated(_finish(rows, mask, reduction, student.shape[dim], temperature, scale_t2), mesh)
+    return _replicated(_finish(rows, mask, reduction, temperature, scale_t2, None), mesh)
 
 
 def dtensor_topk_kd_div(student, indices, logprobs, temperature, tail, mask, reduction, scale_t2, *, divergence="kl",
