@@ -71,7 +71,7 @@ __device__ void mark_top(const TopKProblem& p, int64_t row, unsigned* marks, int
     if (!topk_entry_ok<A>(p, row, j)) continue;
     const int64_t c = p.indices[row * p.k + j];
     const unsigned bit = 1u << (c % 32);
-    if (atomicOr(&marks[c / 32], bit) & bit) *repeated = 1;
+    if (atomicOr(&marks[c / 32], bit) & bit) atomicOr(repeated, 1);  // atomic: two repeats may be marked at once
   }
   __syncthreads();
 }
