@@ -231,20 +231,18 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd(const at::Tensor& grad_div, const std:
 
 namespace {
 
-enum class Reduction { Sum, BatchMean, Mean };
+enum class Reduction { Sum, BatchMean };
 
 Reduction parse_reduction(const std::string& r) {
   if (r == "sum") return Reduction::Sum;
   if (r == "batchmean") return Reduction::BatchMean;
-  if (r == "mean") return Reduction::Mean;
-  TORCH_CHECK_VALUE(false, "kdfast: the reduced kd ops take reduction 'sum', 'batchmean' or 'mean', got '", r, "'");
+  TORCH_CHECK_VALUE(false, "kdfast: the reduced kd ops take reduction 'sum' or 'batchmean', got '", r, "'");
 }
 
 // What the sums of the counted rows are divided by (at least 1: no counted row gives 0).
-double denominator(Reduction red, double count, int64_t classes) {
+double denominator(Reduction red, double count) {
   if (red == Reduction::Sum) return 1.0;
-  const double n = red == Reduction::Mean ? count * double(classes) : count;
-  return n > 1.0 ? n : 1.0;
+  return count > 1.0 ? count : 1.0;
 }
 
 // A reduced op's problem: the rows of logits along dim, the optional row mask, and kd_loss's target (whose
@@ -326,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_reduce_fwd(
   const auto out = acc.dtype(out_dtype(d.r));
   if (div.is_cpu()) {
     const auto [sd, sc, n] = p.acc_double ? host_sums<double>(p) : host_sums<float>(p);
-    const double loss = (kd_weight * sd + (d.y ? ce_weight * sc : 0.0)) / denominator(red, n, p.classes);
+    const double loss = (kd_weight * sd + (d.y ? ce_weight * sc : 0.0)) / denominator(red, n);
     return {host_scalar(loss, out), stats, host_scalar(n, out)};
   }
   // Elsewhere the rows are reduced by ATen ops on the device (no synchronisation).
@@ -335,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_reduce_fwd(
   at::Tensor count = keep.defined() ? keep.sum().to(acc.dtype()) : at::full({}, double(R), acc);
   at::Tensor loss = total(div) * kd_weight;
   if (d.y) loss = loss + total(ce) * ce_weight;
-  if (red != Reduction::Sum) loss = loss / (red == Reduction::Mean ? count * double(p.classes) : count).clamp_min(1);
+  if (red != Reduction::Sum) loss = loss / count.clamp_min(1);
   return {loss.to(out.dtype()), stats, count.to(out.dtype())};
 }
 
@@ -359,14 +357,13 @@ std::tuple<at::Tensor, at::Tensor> kd_reduce_bwd(
   std::array<float, 2> gf{};
   const void* g_ptr = nullptr;
   if (grad_loss.is_cpu()) {
-    const double scale = host_value(grad_loss) / denominator(red, host_value(count), p.classes);
+    const double scale = host_value(grad_loss) / denominator(red, host_value(count));
     gd = {scale * kd_weight, scale * ce_weight};
     gf = {float(gd[0]), float(gd[1])};
     g_ptr = p.acc_double ? static_cast<const void*>(gd.data()) : static_cast<const void*>(gf.data());
   } else {
     const at::Tensor n = count.to(acc.dtype());
-    at::Tensor den = red == Reduction::Sum ? at::ones({}, acc)
-                                           : (red == Reduction::Mean ? n * double(p.classes) : n).clamp_min(1);
+    at::Tensor den = red == Reduction::Sum ? at::ones({}, acc) : n.clamp_min(1);
     g = at::stack({grad_loss.to(acc.dtype()) * kd_weight, grad_loss.to(acc.dtype()) * ce_weight}) / den;
     g_ptr = g.data_ptr();
   }

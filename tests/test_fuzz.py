@@ -296,8 +296,7 @@ def kd_case(rng, gen, with_target):
     acc = torch.float64 if (out_dtype == torch.float64 or T > 16) else torch.float32
     e, a, p, r = kd_scales(s.detach().double(), t.detach().double(), T, d)
     n_kept = int(kept.sum())
-    classes_w = classes if reduction == "mean" else 1
-    per_row = 1.0 / (max(n_kept, 1) * classes_w) if reduction in ("batchmean", "mean") else 1.0
+    per_row = 1.0 / max(n_kept, 1) if reduction == "batchmean" else 1.0
     t2 = T * T if (with_target or kw["scale_t2"]) else 1.0
     kd_w = (alpha if with_target else 1.0) * t2 * per_row
     row_w = kept.double().unsqueeze(d) * kd_w
