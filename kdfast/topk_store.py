@@ -21,11 +21,11 @@ Padding entries (log-probability -inf; count 0) are stored with index 0.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import struct
 
-import numpy as np
 import torch
 
 from ._validate import check_temperature
@@ -176,20 +176,21 @@ class TopKStore:
             raise ValueError("logprobs must be log-probabilities (<= 0; -inf for padding)")
         idx = torch.where(valid, idx, torch.zeros_like(idx)).to(torch.int32)
         n = idx.shape[0]
-        record = np.zeros((n, _record_bytes(self.k, self.kind)), dtype=np.uint8)
-        record[:, :4 * self.k] = idx.numpy().view(np.uint8).reshape(n, 4 * self.k)
-        at = 4 * self.k
+        fields = [idx.view(torch.uint8).reshape(n, 4 * self.k)]  # little-endian bytes, as the format says
         if self.kind == "sampled":
             counts = teacher.counts.detach().reshape(-1, self.k).cpu()
             if counts.numel() and not (0 <= int(counts.min()) and int(counts.max()) <= MAX_COUNT):
                 raise ValueError(f"counts must be in [0, {MAX_COUNT}] to be stored, got [{int(counts.min())}, "
                                  f"{int(counts.max())}]")
-            record[:, at:at + 2 * self.k] = counts.to(torch.int32).numpy().astype(np.uint16).view(np.uint8).reshape(
-                n, 2 * self.k)
-            at += 2 * self.k
-        record[:, at:at + 2 * self.k] = lp.view(torch.int16).numpy().view(np.uint8).reshape(n, 2 * self.k)
+            # uint16: the two low bytes of each count as int32
+            fields.append(counts.to(torch.int32).contiguous().view(torch.uint8).reshape(n, self.k, 4)[..., :2]
+                          .reshape(n, 2 * self.k))
+        fields.append(lp.contiguous().view(torch.uint8).reshape(n, 2 * self.k))
+        width = _record_bytes(self.k, self.kind)  # records are padded to 4 bytes
+        fields.append(torch.zeros(n, width - sum(f.shape[1] for f in fields), dtype=torch.uint8))
         self._file.seek(0, os.SEEK_END)
-        self._file.write(record.tobytes())
+        record = torch.cat(fields, 1).contiguous()
+        self._file.write((ctypes.c_char * record.numel()).from_address(record.data_ptr()))  # no copy
         self._rows += n
         self._file.seek(_ROWS_OFFSET)
         self._file.write(struct.pack("<Q", self._rows))
@@ -212,9 +213,12 @@ class TopKStore:
         return self._rows
 
     def _records(self):
+        """The records, (rows, record bytes) uint8, memory-mapped (private: nothing is written back)."""
         if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r", offset=HEADER_BYTES,
-                                  shape=(self._rows, _record_bytes(self.k, self.kind)))
+            width = _record_bytes(self.k, self.kind)
+            whole = torch.from_file(os.fspath(self.path), shared=False, size=HEADER_BYTES + self._rows * width,
+                                    dtype=torch.uint8)
+            self._map = whole[HEADER_BYTES:].view(self._rows, width)
         return self._map
 
     def read(self, start: int, stop: int):
@@ -225,17 +229,17 @@ class TopKStore:
             raise ValueError(f"{self.path}: open the store with TopKStore.open to read it")
         start, stop, step = slice(start, stop).indices(self._rows)
         n = max(start, stop) - start
-        rec = np.ascontiguousarray(self._records()[start:start + n]) if n else \
-            np.zeros((0, _record_bytes(self.k, self.kind)), dtype=np.uint8)
+        rec = self._records()[start:start + n]
 
-        def field(at, width, dtype):
-            return torch.from_numpy(rec[:, at:at + width * self.k].copy().view(dtype)).reshape(n, self.k)
+        def field(at, width):  # (n, k, width) bytes, copied out of the mapping
+            return rec[:, at:at + width * self.k].reshape(n, self.k, width).clone()
 
-        idx = field(0, 4, np.int32)
-        lp = field(6 * self.k if self.kind == "sampled" else 4 * self.k, 2, np.int16).view(self.logprob_dtype)
+        idx = field(0, 4).view(torch.int32).reshape(n, self.k)
+        lp = field(6 * self.k if self.kind == "sampled" else 4 * self.k, 2).view(self.logprob_dtype).reshape(n, self.k)
         if self.kind == "topk":
             return TopK(idx, lp)
-        return Sampled(idx, field(4 * self.k, 2, np.uint16).to(torch.int32), lp)
+        counts = field(4 * self.k, 2).to(torch.int32)
+        return Sampled(idx, counts[..., 0] + 256 * counts[..., 1], lp)
 
     def __getitem__(self, rows):
         if not isinstance(rows, slice) or rows.step not in (None, 1):

@@ -133,7 +133,8 @@ def check_normwise(name, got, want, dtype, scale=None, rounded=None):
         return
     excess = (g - w).abs() - OUT_ERROR.get(rounded, 0.0) * w.abs()
     err = float(excess.max())
-    assert err <= FEATURE_ERROR[dtype] * size + 1e-30, f"{name}: error (beyond the rounding) {err:.3g} vs size {size:.3g} ({dtype})"
+    assert err <= FEATURE_ERROR[dtype] * size + 1e-30, \
+        f"{name}: error (beyond the rounding) {err:.3g} vs size {size:.3g} ({dtype})"
 
 
 # ---------------------------------------------------------------------------------------------------------------

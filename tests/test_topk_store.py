@@ -1,7 +1,11 @@
 """TopKStore: written batch by batch, read back memory-mapped by row range, top-k or sampled teachers; foreign,
 truncated and mismatched files (shape, kind, temperature) are refused with one error naming the file; version-1
 files are still read."""
+import os
+import pathlib
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -216,3 +220,30 @@ def test_corrupt_kind_is_refused(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(TopKStoreError, match="c.kdtopk: corrupt top-k store header"):
         kdfast.TopKStore.open(path)
+
+
+def test_losses_and_store_need_no_numpy(tmp_path):
+    """torch is kdfast's one requirement: with numpy unimportable, the losses and a store's write and read work."""
+    script = f'''
+import importlib.abc, sys, warnings
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "numpy":
+            raise ModuleNotFoundError("numpy is blocked", name=name)
+sys.meta_path.insert(0, Block())
+warnings.simplefilter("ignore")  # torch warns that numpy is missing
+import torch, kdfast
+s, t = torch.randn(3, 50, requires_grad=True), torch.randn(3, 50)
+kdfast.kd_div(s, t, 2.0).backward()
+path = {str(tmp_path / "t.kdtopk")!r}
+with kdfast.TopKStore.create(path, k=4, vocab_size=50) as store:
+    store.append(kdfast.topk_from_logits(t, 4))
+back = kdfast.TopKStore.open(path).read(0, 3)
+assert torch.equal(back.indices.long(), kdfast.topk_from_logits(t, 4).indices.long())
+assert "numpy" not in sys.modules
+print("ok")
+'''
+    root = pathlib.Path(kdfast.__file__).resolve().parents[1]  # the kdfast this test imported
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
