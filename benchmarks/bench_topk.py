@@ -36,6 +36,14 @@ def user_topk_kd(s, idx, lp):
     return (q * (q.log() - logp)).sum(-1).mean() * (T * T)
 
 
+def user_sampled_kd(s, idx, counts, lp):
+    """The plain PyTorch a user writes for KD on a sampled teacher (the draws' frequencies weigh the log-ratios)."""
+    w = counts.float() / counts.sum(-1, keepdim=True).float()
+    logp = (s.float() / T).log_softmax(-1).gather(-1, idx)
+    terms = torch.where(counts > 0, w * (lp - logp), 0.0)  # padding (count 0, log-probability -inf) adds nothing
+    return terms.sum(-1).mean() * (T * T)
+
+
 def _inputs(rows, V, k, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     s = (torch.randn(rows, V, generator=g) * 3).to(device=device, dtype=dtype).requires_grad_(True)
@@ -71,6 +79,44 @@ def test_topk(benchmark, device, impl, workload):
     measure(benchmark, step, op="topk_kd_div", workload=workload, impl=impl, device=device, bytes_moved=3 * n * elt,
             flops=0, shape=[rows, V], k=k, dtype=str(dtype).replace("torch.", ""), grad_bytes=n * elt,
             rounds=ROUNDS)
+
+
+SAMPLED_DRAWS = 12  # draws a position (the LLM demo's sampled store keeps 12: 96 bytes a token)
+
+
+def _call_sampled(impl):
+    if impl in PEER_IMPLS:
+        if impl == "user":
+            return user_sampled_kd
+        torch._dynamo.reset()
+        return torch.compile(user_sampled_kd, dynamic=False)
+    return make_impl(impl, lambda s, i, c, lp: kdfast.sampled_kd_div(s, kdfast.Sampled(i, c, lp), T),
+                     lambda s, i, c, lp: reference.sampled_kd_div(s, kdfast.Sampled(i, c, lp), T))
+
+
+@pytest.mark.parametrize("impl", [*IMPLS, *PEER_IMPLS])
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_sampled(benchmark, device, impl, workload):
+    """sampled_kd_div on SAMPLED_DRAWS draws a position (kdfast.sample_from_logits at T), forward + backward."""
+    rows, V, _, dtype, devices = WORKLOADS[workload]
+    if device not in devices:
+        pytest.skip(f"{workload} is a {'/'.join(devices)} workload")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    s = (torch.randn(rows, V, generator=g) * 3).to(device=device, dtype=dtype).requires_grad_(True)
+    idx, counts, lp = kdfast.sample_from_logits(torch.randn(rows, V, generator=g) * 3, SAMPLED_DRAWS, T,
+                                                generator=g)
+    idx, counts, lp = idx.to(device), counts.to(device), lp.to(device)
+    call = _call_sampled(impl)
+
+    def step():
+        call(s, idx, counts, lp).backward()
+        s.grad = None
+
+    n, elt = s.numel(), s.element_size()
+    # Must move: as topk_kd_div (forward reads s; backward reads s and writes grad s).
+    measure(benchmark, step, op="sampled_kd_div", workload=workload, impl=impl, device=device,
+            bytes_moved=3 * n * elt, flops=0, shape=[rows, V], k=SAMPLED_DRAWS, dtype=str(dtype).replace("torch.", ""),
+            grad_bytes=n * elt, rounds=ROUNDS)
 
 
 # ---- vocabulary-parallel, 2 gloo ranks on CPU: this process is rank 0, a spawned helper is rank 1 ----
