@@ -174,7 +174,8 @@ DT_CASES = [  # (name, options)
     ("topk", dict(tail="bucket", divergence="reverse_kl", temperature=2.0, masked=True, items=7.0)),
     ("sampled", dict(temperature=2.0, masked=True)),
     ("sampled", dict(temperature=2.0, items=torch.tensor(9.0))),
-    ("fused_dense", dict(temperature=2.0, alpha=0.5, softcap=5.0, logit_scale=0.7, items=torch.tensor(9.0))),
+    ("fused_dense", dict(temperature=2.0, alpha=0.5, softcap=5.0, logit_scale=0.7, items=torch.tensor(9.0),
+                         items_replicated=True)),
     ("fused_head", dict(temperature=1.0, logit_scale=1.5, teacher_softcap=4.0, teacher_logit_scale=1.3)),
     ("fused_topk", dict(temperature=2.0, divergence="jsd", beta=0.3, softcap=6.0, items=5.0)),
     ("fused_sampled", dict(temperature=2.0, alpha=0.5, softcap=5.0)),
@@ -199,6 +200,8 @@ def _dt_case(name, opts, d, make):
     """(loss, gradients) of one case; make(tensor, shard_dim or None) gives the tensor the call takes: the full
     tensor in one process, a DTensor (Shard(shard_dim), or replicated for None) on the mesh."""
     T, items = opts["temperature"], opts.get("items")
+    if opts.get("items_replicated"):  # a replicated DTensor num_items_in_batch
+        items = make(items, None)
     mask = d["mask"] if opts.get("masked") else None
     if name.startswith("kd_div"):
         replicated = name == "kd_div_replicated"
