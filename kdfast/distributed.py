@@ -568,7 +568,7 @@ def dtensor_fused_linear_kd(hidden, weight, teacher, bias, target, temperature, 
     elif isinstance(teacher, TopK):
         form, tensors = "topk", [teacher[0].reshape(n, -1), teacher[1].detach().reshape(n, -1)]
     else:
-        form, tensors = "dense", [teacher.reshape(n, -1)]
+        form, tensors = "dense", [teacher.detach().reshape(n, -1)]  # the teacher is constant, as in one process
     yf = None if y is None else y.reshape(n)
     # "batchmean" over the counted rows, or (num_items_in_batch) the sums, divided by it at the end
     if items is not None:
