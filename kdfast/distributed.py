@@ -1,5 +1,5 @@
 """Vocabulary-parallel distillation losses over torch.distributed (gloo on CPU, nccl on GPU), and the DTensor inputs
-of kd_div, topk_kd_div and fused_linear_kd.
+of kd_div, topk_kd_div, sampled_kd_div and fused_linear_kd.
 
 With tensor parallelism each rank of `group` holds a contiguous slice of the vocabulary, in rank order; slices
 may be uneven (a rank's size is its shard's last dimension). The softmax over the whole vocabulary is assembled
@@ -17,7 +17,9 @@ shards' entries as padding) gives its largest logit M, its log-sum L and its log
 (summed over those classes: the bucket's student tail in log space); one MAX of M and one SUM of the shards' L and
 Loff, relative to the global M, and of the top-k entries' logits (each held by one rank) make the whole
 vocabulary's; the divergence over the (rows, k) categories follows in PyTorch, and topk_kd_bwd, given the whole
-vocabulary's statistics in its layout (csrc/common/topk_kd.h, TopKStat), writes the gradient slice.
+vocabulary's statistics in its layout (csrc/common/topk_kd.h, TopKStat), writes the gradient slice. A sampled
+teacher (vocab_parallel_sampled_kd_div) is the same exchange with its weights c_j / n in place of the teacher's
+softmax, as the kernels' sampled form.
 
 DTensor inputs sharded on the vocabulary (Shard on the class dim of logits, Shard(0) of an lm_head weight) on one
 mesh dimension, replicated on the others, run these functions on that mesh dimension's process group; the loss
@@ -35,7 +37,20 @@ from ._ops import _C, has_kernel
 from ._reduce import check_row_reduction
 from ._validate import acc_dtype
 from .logits import _check_options
-from .topk import TAILS, TopKIndexError, _categories, _check_pair, _eager, _finish, _plogq, _teacher_grad
+from .topk import (
+    TAILS,
+    Sampled,
+    TopKIndexError,
+    _categories,
+    _check_items,
+    _check_pair,
+    _eager,
+    _finish,
+    _kernel_teacher_grad,
+    _plogq,
+    _sample_weights,
+    _teacher_grad,
+)
 
 _MAX_SHARD = 1 << 24  # slice sizes travel in the float32 MAX all-reduce, exact up to 2^24
 
@@ -121,12 +136,15 @@ class _VocabParallelKD(torch.autograd.Function):
         return gs.squeeze(-1) if need_s else None, gt.squeeze(-1) if need_t else None, None, None, None, None
 
 
-def _topk_rows(student, indices, logprobs, temperature, tail, group, divergence="kl", beta=0.5):
-    """The per-row top-k divergence (...,) of the whole vocabulary from this rank's shard (..., V_rank)."""
+def _topk_rows(student, indices, logprobs, temperature, tail, group, divergence="kl", beta=0.5, weights=None):
+    """The per-row top-k divergence (...,) of the whole vocabulary from this rank's shard (..., V_rank); with
+    weights (..., k), the sampled teacher's c_j / n, sampled_kd_div's rows."""
     _require_kernels(student)
     classes, k = student.shape[-1], indices.shape[-1]
+    weights = None if weights is None else weights.reshape(-1, k)
     return _VocabParallelTopK.apply(student.reshape(-1, classes), indices.reshape(-1, k), logprobs.reshape(-1, k),
-                                    temperature, tail, divergence, float(beta), group).reshape(student.shape[:-1])
+                                    weights, temperature, tail, divergence, float(beta), group
+                                    ).reshape(student.shape[:-1])
 
 
 def _kd_rows(student, teacher, temperature, divergence, beta, group):
@@ -155,10 +173,12 @@ def vocab_parallel_kd_div(student_shard, teacher_shard, temperature=1.0, *, dive
     return _finish(rows, mask, reduction, temperature, scale_t2, None)
 
 
-def _topk_terms(logq, logp, divergence, beta):
+def _topk_terms(logq, logp, divergence, beta, q=None):
     """Per category (rows, c): the divergence's term and G = d D / d log P (csrc/common/topk_kd.h, topk_term), and
-    G / P from the log-masses (the bucket's off-top coefficient; P may be below the smallest normal number)."""
-    q, p = logq.exp(), logp.exp()
+    G / P from the log-masses (the bucket's off-top coefficient; P may be below the smallest normal number). q:
+    the sampled teacher's weights in place of exp(logq) (its kl term is then w_j (lp_j - log P_j), G = -w_j)."""
+    q = logq.exp() if q is None else q
+    p = logp.exp()
     if divergence == "kl":
         ratio = torch.where(logq > float("-inf"), -(logq - logp).exp(), torch.zeros_like(q))
         return _plogq(q, logq - logp), -q, ratio
@@ -173,10 +193,10 @@ def _topk_terms(logq, logp, divergence, beta):
 
 class _VocabParallelTopK(torch.autograd.Function):
     """Per-row top-k divergence of the whole vocabulary from this rank's (rows, V_rank) shard, on the top-k
-    kernels."""
+    kernels; with weights (rows, k), the sampled teacher's (the forward KL, "renormalize"), sampled_kd_div's."""
 
     @staticmethod
-    def forward(ctx, student, indices, logprobs, temperature, tail, divergence, beta, group):
+    def forward(ctx, student, indices, logprobs, weights, temperature, tail, divergence, beta, group):
         acc = acc_dtype(student)  # the kernels' accumulator (that of their statistics)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         sizes = torch.zeros(world, device=student.device)
@@ -185,13 +205,13 @@ class _VocabParallelTopK(torch.autograd.Function):
         sizes = [int(s) for s in sizes.tolist()]
         offset, total = sum(sizes[:rank]), sum(sizes)
         lp = logprobs.to(acc)
-        valid = lp > float("-inf")
+        valid = lp > float("-inf") if weights is None else weights > 0  # a sampled teacher's entries drawn
         if _eager(lp):
             bad = valid & ((indices < 0) | (indices >= total))
             if bool(bad.any()):
                 raise TopKIndexError(f"teacher_indices holds {int(indices[bad][0])}, outside [0, {total}) (the "
                                      f"vocabulary of all ranks) on an entry that is not padding")
-            if bool((lp > 0).any()):
+            if bool((valid & (lp > 0)).any()):
                 raise ValueError("teacher_logprobs must be log-probabilities (<= 0; -inf for padding)")
         shifted = indices.long() - offset  # this shard's classes; the other ranks' fall outside [0, V_rank)
         local = valid & (shifted >= 0) & (shifted < student.shape[-1])
@@ -213,9 +233,12 @@ class _VocabParallelTopK(torch.autograd.Function):
         lse, off = sums[:, 0].log(), sums[:, 1].log()  # L and Loff of the whole vocabulary, relative to ref
         x = torch.where(valid, sums[:, 2:], ninf)  # (s[idx] - ref) / T, -inf on padding
         rest = (off - lse).unsqueeze(-1)
-        logq, logp, u = _categories(x - lse.unsqueeze(-1), lp, valid, temperature, tail, divergence, rest)
+        if weights is None:
+            logq, logp, u = _categories(x - lse.unsqueeze(-1), lp, valid, temperature, tail, divergence, rest)
+        else:  # sampled: renormalize kl's categories with Q = w (csrc/common/topk_kd.h)
+            logq, logp, u = lp, x - lse.unsqueeze(-1), None
         cats = torch.cat([valid, torch.ones_like(valid[:, :1])], -1) if tail == "bucket" else valid
-        term, g, ratio = _topk_terms(logq, logp, divergence, beta)
+        term, g, ratio = _topk_terms(logq, logp, divergence, beta, weights)
         zero = torch.zeros_like(term)
         rows = torch.where(cats, term, zero).sum(-1)
         sum_g = torch.where(cats, g, zero).sum(-1)
@@ -233,7 +256,9 @@ class _VocabParallelTopK(torch.autograd.Function):
         t = lp / temperature  # the teacher's log-normaliser over its categories
         tlse = torch.logsumexp(torch.cat([t, u / temperature], -1) if tail == "bucket" else t, -1)
         global_stats = torch.stack([ref, lse, p_ref, tlse, sum_g, coef, off])
-        ctx.save_for_backward(student, li, lp_local, global_stats, x - lse.unsqueeze(-1), lp, valid, rest)
+        w_local = None if weights is None else torch.where(local, weights.to(acc), torch.zeros_like(lp))
+        ctx.save_for_backward(student, li, lp_local, global_stats, x - lse.unsqueeze(-1), lp, valid, rest, w_local,
+                              weights)
         ctx.options = (temperature, tail, divergence, beta)
         ctx.lp_dtype = logprobs.dtype
         return rows
@@ -241,44 +266,71 @@ class _VocabParallelTopK(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        student, li, lp_local, stats, logp_top, lp, valid, rest = ctx.saved_tensors
+        student, li, lp_local, stats, logp_top, lp, valid, rest, w_local, weights = ctx.saved_tensors
         temperature, tail, divergence, beta = ctx.options
         gs = gl = None
         if ctx.needs_input_grad[0]:
             # The kernel with the whole vocabulary's statistics writes this shard's slice: p coef off the top-k and
             # the entries' terms on its top-k classes (the other shards' entries are padding here).
             gs = torch.ops.kdfast.topk_kd_bwd(grad_rows.to(stats.dtype), student, li, lp_local, stats, temperature,
-                                              tail, divergence, beta)
-        if ctx.needs_input_grad[2]:
+                                              tail, divergence, beta, w_local)
+        if ctx.needs_input_grad[2] and weights is not None:
+            gl = _kernel_teacher_grad(grad_rows, student, li, lp, stats, *ctx.options, weights).to(ctx.lp_dtype)
+        elif ctx.needs_input_grad[2]:
             gl = _teacher_grad(grad_rows.to(lp.dtype), logp_top, lp, valid, temperature, tail, divergence, beta,
                                rest).to(ctx.lp_dtype)
-        return gs, None, gl, None, None, None, None, None
+        return gs, None, gl, None, None, None, None, None, None
 
 
 def vocab_parallel_topk_kd_div(student_shard, teacher_indices, teacher_logprobs, temperature=1.0, *,
                                tail="renormalize", divergence="kl", beta=0.5, group=None, mask=None,
-                               reduction="batchmean", scale_t2=True) -> torch.Tensor:
+                               reduction="batchmean", scale_t2=True, num_items_in_batch=None) -> torch.Tensor:
     """topk_kd_div over a vocabulary split across the ranks of `group`: student_shard (..., V_rank) is this
     rank's contiguous slice (in rank order, possibly uneven); teacher_indices (..., k) are global vocabulary
     indices and teacher_logprobs (..., k) the teacher's log-probabilities at T = 1 (-inf = padding), the same on
-    every rank. tail, divergence ("kl", "reverse_kl", "jsd" with beta), mask, reduction and scale_t2 as
-    topk_kd_div. Returns the loss of the whole vocabulary, the same on every rank; the student gradient is this
-    rank's slice (the teacher log-probabilities' gradient is the whole one on every rank)."""
-    temperature = _check_common(student_shard, temperature, mask, reduction, scale_t2, group)
-    if student_shard.shape[-1] > _MAX_SHARD:
-        raise ValueError(f"a vocabulary shard may hold at most 2^24 classes, got {student_shard.shape[-1]}")
-    _check_pair(teacher_indices, teacher_logprobs)
+    every rank. tail, divergence ("kl", "reverse_kl", "jsd" with beta), mask, reduction, scale_t2 and
+    num_items_in_batch as topk_kd_div. Returns the loss of the whole vocabulary, the same on every rank; the student
+    gradient is this rank's slice (the teacher log-probabilities' gradient is the whole one on every rank)."""
+    temperature = _check_sparse(student_shard, teacher_indices, teacher_logprobs, temperature, mask, reduction,
+                                scale_t2, num_items_in_batch, group)
     check.choice(tail, "tail", TAILS)
     _check_options(temperature, divergence, beta)
-    if teacher_indices.shape[:-1] != student_shard.shape[:-1]:
-        raise ValueError(f"teacher_indices {tuple(teacher_indices.shape)} must have the leading dims of "
-                         f"student_shard {tuple(student_shard.shape)}")
-    check.same_device({"student_shard": student_shard, "teacher_indices": teacher_indices,
-                       "teacher_logprobs": teacher_logprobs})
     _require_group()
     rows = _topk_rows(student_shard, teacher_indices, teacher_logprobs, temperature, tail, group,
                       divergence, beta)
-    return _finish(rows, mask, reduction, temperature, scale_t2, None)
+    return _finish(rows, mask, reduction, temperature, scale_t2, num_items_in_batch)
+
+
+def vocab_parallel_sampled_kd_div(student_shard, teacher, temperature=1.0, *, group=None, mask=None,
+                                  reduction="batchmean", scale_t2=True, num_items_in_batch=None) -> torch.Tensor:
+    """sampled_kd_div over a vocabulary split across the ranks of `group`: student_shard (..., V_rank) is this
+    rank's contiguous slice (in rank order, possibly uneven); teacher a kdfast.Sampled (indices, counts, logprobs)
+    (..., n) of global vocabulary indices, the same on every rank. mask, reduction, scale_t2 and num_items_in_batch
+    as sampled_kd_div. Returns the loss of the whole vocabulary, the same on every rank; the student gradient is
+    this rank's slice (the teacher log-probabilities' gradient, c_j / n, is the whole one on every rank)."""
+    if not isinstance(teacher, Sampled):
+        raise TypeError(f"teacher must be a kdfast.Sampled (indices, counts, logprobs), got {type(teacher).__name__}")
+    indices, counts, logprobs = teacher
+    temperature = _check_sparse(student_shard, indices, logprobs, temperature, mask, reduction, scale_t2,
+                                num_items_in_batch, group)
+    _require_group()
+    rows = _topk_rows(student_shard, indices, logprobs, temperature, "renormalize", group,
+                      weights=_sample_weights(counts, acc_dtype(student_shard)))
+    return _finish(rows, mask, reduction, temperature, scale_t2, num_items_in_batch)
+
+
+def _check_sparse(student, indices, logprobs, temperature, mask, reduction, scale_t2, num_items_in_batch, group):
+    """The checks of a top-k or sampled teacher's call that need no other rank; returns the temperature."""
+    temperature = _check_common(student, temperature, mask, reduction, scale_t2, group)
+    _check_items(num_items_in_batch, reduction)
+    if student.shape[-1] > _MAX_SHARD:
+        raise ValueError(f"a vocabulary shard may hold at most 2^24 classes, got {student.shape[-1]}")
+    _check_pair(indices, logprobs)
+    if indices.shape[:-1] != student.shape[:-1]:
+        raise ValueError(f"teacher_indices {tuple(indices.shape)} must have the leading dims of "
+                         f"student_shard {tuple(student.shape)}")
+    check.same_device({"student_shard": student, "teacher_indices": indices, "teacher_logprobs": logprobs})
+    return temperature
 
 
 if _C is not None:
@@ -363,22 +415,39 @@ def dtensor_kd_div(student, teacher, temperature, divergence, beta, dim, mask, r
     return _replicated(_finish(rows, mask, reduction, temperature, scale_t2, None), mesh)
 
 
-def dtensor_topk_kd_div(student, indices, logprobs, temperature, tail, mask, reduction, scale_t2, *, divergence="kl",
-                        beta=0.5):
-    """topk_kd_div of DTensor student logits (..., V) (the teacher's top-k and the mask plain or replicated)."""
-    from .topk import topk_kd_div
+def _sparse_locals(student, mask, num_items_in_batch, **teacher):
+    """(mesh, group, local student, [the teacher tensors' local values], kwargs mask and num_items_in_batch) of a
+    top-k or sampled call with DTensor student logits (..., V): the teacher, the mask and a num_items_in_batch
+    tensor plain or replicated."""
     mesh, group = _layout(student, "student_logits", -1)
-    s = student.to_local()
-    indices = _local(indices, "teacher_indices", mesh)
-    logprobs = _local(logprobs, "teacher_logprobs", mesh)
-    mask = _local(mask, "mask", mesh)
+    tensors = [_local(x, name, mesh) for name, x in teacher.items()]
+    items = _local(num_items_in_batch, "num_items_in_batch", mesh)  # a number passes as it is
+    return mesh, group, student.to_local(), tensors, dict(mask=_local(mask, "mask", mesh), num_items_in_batch=items)
+
+
+def dtensor_topk_kd_div(student, indices, logprobs, temperature, tail, mask, reduction, scale_t2, *, divergence="kl",
+                        beta=0.5, num_items_in_batch=None):
+    """topk_kd_div of DTensor student logits (..., V) (the teacher's top-k, the mask and a num_items_in_batch
+    tensor plain or replicated)."""
+    from .topk import topk_kd_div
+    mesh, group, s, (indices, logprobs), kw = _sparse_locals(student, mask, num_items_in_batch,
+                                                             teacher_indices=indices, teacher_logprobs=logprobs)
+    kw.update(tail=tail, divergence=divergence, beta=beta, reduction=reduction, scale_t2=scale_t2)
     if group is None:
-        loss = topk_kd_div(s, indices, logprobs, temperature, tail=tail, divergence=divergence, beta=beta, mask=mask,
-                           reduction=reduction, scale_t2=scale_t2)
-    else:
-        loss = vocab_parallel_topk_kd_div(s, indices, logprobs, temperature, tail=tail, divergence=divergence,
-                                          beta=beta, group=group, mask=mask, reduction=reduction, scale_t2=scale_t2)
-    return _replicated(loss, mesh)
+        return _replicated(topk_kd_div(s, indices, logprobs, temperature, **kw), mesh)
+    return _replicated(vocab_parallel_topk_kd_div(s, indices, logprobs, temperature, group=group, **kw), mesh)
+
+
+def dtensor_sampled_kd_div(student, teacher, temperature, mask, reduction, scale_t2, num_items_in_batch):
+    """sampled_kd_div of DTensor student logits (..., V) (the Sampled teacher, the mask and a num_items_in_batch
+    tensor plain or replicated)."""
+    from .topk import sampled_kd_div
+    mesh, group, s, tensors, kw = _sparse_locals(student, mask, num_items_in_batch, teacher_indices=teacher[0],
+                                                 teacher_counts=teacher[1], teacher_logprobs=teacher[2])
+    kw.update(reduction=reduction, scale_t2=scale_t2)
+    if group is None:
+        return _replicated(sampled_kd_div(s, Sampled(*tensors), temperature, **kw), mesh)
+    return _replicated(vocab_parallel_sampled_kd_div(s, Sampled(*tensors), temperature, group=group, **kw), mesh)
 
 
 class _SumGradients(torch.autograd.Function):
@@ -397,18 +466,45 @@ class _SumGradients(torch.autograd.Function):
         return grad, None
 
 
+class _SoftCap(torch.autograd.Function):
+    """fused_linear_kd's soft-cap and logit scale of a chunk's logits, in place (softcap_, and softcap_backward_ in
+    the backward): elementwise, so each rank caps its own slice."""
+
+    @staticmethod
+    def forward(ctx, logits, softcap, logit_scale):
+        from .fused_linear import softcap_
+        ctx.mark_dirty(logits)
+        softcap_(logits, softcap, logit_scale)
+        ctx.save_for_backward(logits)
+        ctx.caps = (softcap, logit_scale)
+        return logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        from .fused_linear import softcap_backward_
+        capped, = ctx.saved_tensors  # saved tensors stay as they are: the derivative is formed in copies
+        return softcap_backward_(grad.clone(), capped.clone(), *ctx.caps), None, None
+
+
 def _linear_chunk(hidden, weight, bias, teacher, target, kd_weight, ce_weight, form, options, group):
     """kd_weight * (sum of the chunk's KD rows) + ce_weight * (sum of its cross-entropy rows) from this rank's
-    slice of the chunk's logits. teacher: the chunk's (logits,), (hidden, weight, bias) or (indices, logprobs)."""
-    temperature, divergence, beta, tail, ignore_index, acc = options
-    logits = torch.nn.functional.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
-    if form == "topk":
-        kd = _topk_rows(logits, teacher[0], teacher[1], temperature, tail, group)
+    slice of the chunk's logits, soft-capped and scaled as fused_linear_kd's. teacher: the chunk's (logits,),
+    (hidden, weight, bias), (indices, logprobs) or (indices, logprobs, weights c_j / n)."""
+    from .fused_linear import chunk_logits, softcap_
+    temperature, divergence, beta, tail, ignore_index, acc, caps, teacher_caps = options
+    logits = chunk_logits(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    if caps != (None, 1.0):
+        logits = _SoftCap.apply(logits, *caps)
+    if form in ("topk", "sampled"):
+        weights = teacher[2] if form == "sampled" else None
+        kd = _topk_rows(logits, teacher[0], teacher[1], temperature, tail, group, divergence, beta, weights)
     else:
         if form == "head":
             with torch.no_grad():
                 th, tw, tb = teacher
-                teacher = (torch.nn.functional.linear(th.to(acc), tw.to(acc), None if tb is None else tb.to(acc)),)
+                teacher = (softcap_(chunk_logits(th.to(acc), tw.to(acc), None if tb is None else tb.to(acc)),
+                                    *teacher_caps),)
         kd = _kd_rows(logits, teacher[0], temperature, divergence, beta, group)
     keep = None if target is None else target != ignore_index
     total = (kd if keep is None else torch.where(keep, kd, torch.zeros_like(kd))).sum() * kd_weight
@@ -420,23 +516,28 @@ def _linear_chunk(hidden, weight, bias, teacher, target, kd_weight, ce_weight, f
 
 
 def dtensor_fused_linear_kd(hidden, weight, teacher, bias, target, temperature, alpha, divergence, beta, tail,
-                            ignore_index, scale_t2, chunk_size):
-    """fused_linear_kd with a DTensor lm_head weight (V, H): Shard(0) (the vocabulary) runs the vocabulary-parallel
-    path, replicated runs fused_linear_kd on every rank. student_hidden, target and a TopK teacher are plain
-    (the same on every rank) or replicated; dense teacher logits are Shard(-1) and a TeacherHead's weight (and
-    biases) Shard(0) like the student's weight. Each chunk's slice of the logits is recomputed in the backward
+                            ignore_index, scale_t2, chunk_size, softcap, logit_scale, num_items_in_batch):
+    """fused_linear_kd with a DTensor lm_head weight (V, H) (its scalar options checked by fused_linear_kd):
+    Shard(0) (the vocabulary) runs the vocabulary-parallel path, replicated runs fused_linear_kd on every rank.
+    student_hidden, target, a TopK or Sampled teacher and a num_items_in_batch tensor are plain (the same on every
+    rank) or replicated; dense teacher logits are Shard(-1) and a TeacherHead's weight (and biases) Shard(0) like
+    the student's weight. Each chunk's slice of the logits is recomputed in the backward
     (torch.utils.checkpoint). Returns a replicated DTensor."""
-    from .fused_linear import TeacherHead, default_chunk_size, fused_linear_kd
+    from .fused_linear import TeacherHead, _check_cap, default_chunk_size, fused_linear_kd
     from .topk import TopK
     mesh, group = _layout(weight, "student_weight", 0)
     w = weight.to_local()
     h = _local(hidden, "student_hidden", mesh)
     b = None if bias is None else _local(bias, "student_bias", mesh, weight.placements)
     y = _local(target, "target", mesh)
+    items = _local(num_items_in_batch, "num_items_in_batch", mesh)  # a number passes as it is
     if isinstance(teacher, TeacherHead):
         tb = None if teacher.bias is None else _local(teacher.bias, "teacher.bias", mesh, weight.placements)
-        teacher = TeacherHead(_local(teacher.hidden, "teacher.hidden", mesh),
-                              _local(teacher.weight, "teacher.weight", mesh, weight.placements), tb)
+        teacher = teacher._replace(hidden=_local(teacher.hidden, "teacher.hidden", mesh),
+                                   weight=_local(teacher.weight, "teacher.weight", mesh, weight.placements), bias=tb)
+    elif isinstance(teacher, Sampled):
+        teacher = Sampled(*(_local(x, f"teacher.{name}", mesh)
+                            for name, x in zip(("indices", "counts", "logprobs"), teacher)))
     elif isinstance(teacher, tuple):
         teacher = TopK(_local(teacher[0], "teacher.indices", mesh), _local(teacher[1], "teacher.logprobs", mesh))
     else:
@@ -444,12 +545,10 @@ def dtensor_fused_linear_kd(hidden, weight, teacher, bias, target, temperature, 
         placements = [dt.Shard(teacher.dim() - 1) if p.is_shard() else p for p in weight.placements]
         teacher = _local(teacher, "teacher", mesh, placements)
     kw = dict(student_bias=b, target=y, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-              tail=tail, ignore_index=ignore_index, scale_t2=scale_t2, chunk_size=chunk_size)
+              tail=tail, ignore_index=ignore_index, scale_t2=scale_t2, chunk_size=chunk_size, softcap=softcap,
+              logit_scale=logit_scale, num_items_in_batch=items)
     if group is None:
         return _replicated(fused_linear_kd(h, w, teacher, **kw), mesh)
-    temperature = check.check_temperature(temperature)
-    _check_options(temperature, divergence, beta)
-    alpha = check.in_closed_unit(alpha, "alpha")
     if alpha != 1 and y is None:
         raise ValueError(f"alpha={alpha} mixes in cross-entropy, which needs a target: pass target= or alpha=1")
     if h.dim() not in (2, 3) or w.dim() != 2 or w.shape[1] != h.shape[-1]:
@@ -457,18 +556,28 @@ def dtensor_fused_linear_kd(hidden, weight, teacher, bias, target, temperature, 
                          f"{tuple(h.shape)} and {tuple(weight.shape)}")
     hf = _SumGradients.apply(h.reshape(-1, h.shape[-1]), group)
     n = hf.shape[0]
+    acc = acc_dtype(hf, w)
+    teacher_caps = (None, 1.0)
     if isinstance(teacher, TeacherHead):
         form, tensors = "head", [teacher.hidden.reshape(n, -1), teacher.weight, teacher.bias]
+        teacher_caps = _check_cap(teacher.softcap, teacher.logit_scale, "teacher.")
+    elif isinstance(teacher, Sampled):
+        form = "sampled"
+        tensors = [teacher[0].reshape(n, -1), teacher[2].detach().reshape(n, -1),
+                   _sample_weights(teacher[1].reshape(n, -1), acc)]
     elif isinstance(teacher, TopK):
-        form, tensors = "topk", [teacher[0].reshape(n, -1), teacher[1].reshape(n, -1)]
+        form, tensors = "topk", [teacher[0].reshape(n, -1), teacher[1].detach().reshape(n, -1)]
     else:
-        form, tensors = "dense", [teacher.reshape(n, -1)]
+        form, tensors = "dense", [teacher.detach().reshape(n, -1)]  # the teacher is constant, as in one process
     yf = None if y is None else y.reshape(n)
-    acc = acc_dtype(hf, w)
-    count = max(n, 1) if yf is None else (yf != ignore_index).sum().clamp_min(1)
+    # "batchmean" over the counted rows, or (num_items_in_batch) the sums, divided by it at the end
+    if items is not None:
+        count = 1
+    else:
+        count = max(n, 1) if yf is None else (yf != ignore_index).sum().clamp_min(1)
     kd_weight = alpha * (temperature * temperature if scale_t2 else 1.0) / count
     ce_weight = None if alpha == 1 else (1 - alpha) / count
-    options = (temperature, divergence, beta, tail, ignore_index, acc)
+    options = (temperature, divergence, beta, tail, ignore_index, acc, (softcap, logit_scale), teacher_caps)
     chunk = chunk_size or default_chunk_size(n, w.shape[0], acc, hf.device.type)
     loss = hf.new_zeros((), dtype=acc)
     for lo in range(0, n, chunk):
@@ -477,4 +586,4 @@ def dtensor_fused_linear_kd(hidden, weight, teacher, bias, target, temperature, 
         loss = loss + torch.utils.checkpoint.checkpoint(
             _linear_chunk, hf[rows], w, b, part, None if yf is None else yf[rows], kd_weight, ce_weight, form,
             options, group, use_reentrant=False)
-    return _replicated(loss, mesh)
+    return _replicated(loss if items is None else check.divide_by_items(loss, items), mesh)

@@ -23,7 +23,7 @@ from ._dtensor import any_dtensor
 from ._ops import has_kernel
 from ._validate import acc_dtype
 from .logits import DIVERGENCES, _check_classes
-from .topk import Sampled, TopK
+from .topk import Sampled, TopK, _sample_weights
 from .topk import _check_values as _check_topk_values
 
 TAILS = ("renormalize", "bucket")
@@ -337,10 +337,10 @@ def _check_teacher(teacher, rows, vocab, acc):
     if isinstance(teacher, Sampled):  # its constructor checked the triple's types and shapes
         _check_rows(teacher.indices, "teacher.indices", rows, "n")
         idx = teacher.indices.reshape(torch.Size(rows).numel(), teacher.indices.shape[-1]).long()
-        counts = teacher.counts.reshape(idx.shape).to(acc)
+        weights = _sample_weights(teacher.counts.reshape(idx.shape), acc)
         lp = teacher.logprobs.detach().reshape(idx.shape)
-        _check_topk_values(idx, torch.where(counts > 0, lp, float("-inf")), vocab)  # the entries drawn
-        return "sampled", [idx, lp, counts / counts.sum(-1, keepdim=True).clamp_min(1)]
+        _check_topk_values(idx, torch.where(weights > 0, lp, float("-inf")), vocab)  # the entries drawn
+        return "sampled", [idx, lp, weights]
     raise TypeError("teacher must be a logits tensor, a kdfast.TeacherHead, a kdfast.TopK or a kdfast.Sampled, got "
                     f"{type(teacher).__name__}")
 
@@ -385,22 +385,30 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
     student_hidden or student_weight is float64; a float64 teacher alone does not change it). A DTensor
     student_weight sharded on its rows (the vocabulary) runs the vocabulary-parallel path (kdfast.distributed); the
     loss is then a replicated DTensor."""
+    temperature = check.check_temperature(temperature)
+    alpha = check.in_closed_unit(alpha, "alpha")
+    softcap, logit_scale = _check_cap(softcap, logit_scale)
+    check.num_items(num_items_in_batch)
+    check.choice(divergence, "divergence", DIVERGENCES)
+    beta = check.real(beta, "beta")
+    if divergence == "jsd":
+        check.in_open_unit(beta, "beta")
+    check.choice(tail, "tail", TAILS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(scale_t2, bool):
+        raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if isinstance(teacher, Sampled) and (divergence, tail) != ("kl", "renormalize"):
+        raise ValueError(f"a kdfast.Sampled teacher estimates the forward KL: it takes divergence='kl' and "
+                         f"tail='renormalize' (the defaults), got divergence={divergence!r}, tail={tail!r}")
     teacher_tensors = teacher if isinstance(teacher, tuple) else (teacher,)
     if any_dtensor(student_hidden, student_weight, student_bias, target, *teacher_tensors):
-        unsupported = [name for name, given in [("softcap", softcap is not None), ("logit_scale", logit_scale != 1),
-                                                ("num_items_in_batch", num_items_in_batch is not None),
-                                                ("a Sampled teacher", isinstance(teacher, Sampled)),
-                                                ("a soft-capped or scaled TeacherHead",
-                                                 isinstance(teacher, TeacherHead) and (teacher.softcap is not None
-                                                                                      or teacher.logit_scale != 1))]
-                       if given]
-        if unsupported:
-            raise ValueError(f"fused_linear_kd with DTensor inputs (the vocabulary-parallel path) does not take "
-                             f"{', '.join(unsupported)} yet: pass plain tensors")
         from . import distributed
         return distributed.dtensor_fused_linear_kd(student_hidden, student_weight, teacher, student_bias, target,
                                                    temperature, alpha, divergence, beta, tail, ignore_index, scale_t2,
-                                                   chunk_size)
+                                                   chunk_size, softcap, logit_scale, num_items_in_batch)
 
     check.floating(student_hidden, "student_hidden")
     check.floating(student_weight, "student_weight")
@@ -417,26 +425,8 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
         check.floating(student_bias, "student_bias")
         if tuple(student_bias.shape) != (vocab,):
             raise ValueError(f"student_bias must be ({vocab},), got {tuple(student_bias.shape)}")
-    temperature = check.check_temperature(temperature)
-    alpha = check.in_closed_unit(alpha, "alpha")
-    softcap, logit_scale = _check_cap(softcap, logit_scale)
-    check.num_items(num_items_in_batch)
-    check.choice(divergence, "divergence", DIVERGENCES)
-    beta = check.real(beta, "beta")
-    if divergence == "jsd":
-        check.in_open_unit(beta, "beta")
-    check.choice(tail, "tail", TAILS)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not isinstance(scale_t2, bool):
-        raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     acc = acc_dtype(student_hidden, student_weight)
     form, tensors = _check_teacher(teacher, rows, vocab, acc)
-    if form == "sampled" and (divergence, tail) != ("kl", "renormalize"):
-        raise ValueError(f"a kdfast.Sampled teacher estimates the forward KL: it takes divergence='kl' and "
-                         f"tail='renormalize' (the defaults), got divergence={divergence!r}, tail={tail!r}")
     y = None
     if target is not None:
         y = _check_target(target, rows, vocab, ignore_index)

@@ -57,7 +57,7 @@ def _check_values(indices, logprobs, classes) -> None:
         if bool(bad.any()):
             raise TopKIndexError(f"teacher_indices holds {int(indices[bad][0])}, outside [0, {classes}) (the "
                                  f"student's vocabulary) on an entry that is not padding")
-    top = float(logprobs.max())
+    top = float(logprobs.detach().max())
     if top > 0:
         raise ValueError(f"teacher_logprobs must be log-probabilities (<= 0; -inf for padding), got a maximum of "
                          f"{top}")
@@ -187,11 +187,22 @@ def _check_student(student, indices, mask, reduction, scale_t2, num_items_in_bat
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
     check.row_mask(mask, student.shape[:-1], student, "student_logits")
+    _check_items(num_items_in_batch, reduction)
+
+
+def _check_items(num_items_in_batch, reduction) -> None:
+    """num_items_in_batch None, or (with reduction "batchmean", whose count it replaces) checked by check.num_items."""
     if num_items_in_batch is not None:
         if reduction != "batchmean":
             raise ValueError(f"num_items_in_batch replaces batchmean's count: it takes reduction='batchmean', got "
                              f"reduction={reduction!r}")
         check.num_items(num_items_in_batch)
+
+
+def _sample_weights(counts, acc):
+    """A sampled teacher's weights c_j / n (..., n) in the accumulation dtype, n = sum_j c_j (0 for no draws)."""
+    c = counts.to(acc)
+    return c / c.sum(-1, keepdim=True).clamp_min(1)
 
 
 def _check_call(student, indices, logprobs, temperature, tail, divergence, beta, mask, reduction, scale_t2,
@@ -259,7 +270,8 @@ def topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature=1
     if any_dtensor(student_logits, teacher_indices, teacher_logprobs, mask):
         from . import distributed
         return distributed.dtensor_topk_kd_div(student_logits, teacher_indices, teacher_logprobs, temperature, tail,
-                                               mask, reduction, scale_t2, divergence=divergence, beta=beta)
+                                               mask, reduction, scale_t2, divergence=divergence, beta=beta,
+                                               num_items_in_batch=num_items_in_batch)
     temperature = _check_call(student_logits, teacher_indices, teacher_logprobs, temperature, tail, divergence, beta,
                               mask, reduction, scale_t2, num_items_in_batch)
     if not has_kernel(student_logits.device):
@@ -280,10 +292,15 @@ def sampled_kd_div(student_logits, teacher, temperature=1.0, *, mask=None, reduc
     temperature. Per row sum_j (c_j / n) (lp_j - log_softmax(s / T)[idx_j]), n = sum_j c_j the row's draws (0 for a
     row without draws): an unbiased estimate of KL(p_t || p_s) at T and of its gradient. mask, reduction,
     num_items_in_batch and scale_t2 as topk_kd_div. The loss is float32 (float64 for float64 logits); gradients
-    flow to the student logits and to the teacher's log-probabilities (c_j / n).
+    flow to the student logits and to the teacher's log-probabilities (c_j / n). A DTensor student sharded on the
+    vocabulary runs the vocabulary-parallel path (kdfast.distributed); the loss is a replicated DTensor.
     """
     if not isinstance(teacher, Sampled):
         raise TypeError(f"teacher must be a kdfast.Sampled (indices, counts, logprobs), got {type(teacher).__name__}")
+    if any_dtensor(student_logits, *teacher, mask):
+        from . import distributed
+        return distributed.dtensor_sampled_kd_div(student_logits, teacher, temperature, mask, reduction, scale_t2,
+                                                  num_items_in_batch)
     indices, counts, logprobs = teacher
     _check_student(student_logits, indices, mask, reduction, scale_t2, num_items_in_batch, "sampled_kd_div")
     check.same_device({"student_logits": student_logits, "teacher_indices": indices})
@@ -294,9 +311,7 @@ def sampled_kd_div(student_logits, teacher, temperature=1.0, *, mask=None, reduc
         return reference.sampled_kd_div(student_logits, teacher, temperature, mask=mask, reduction=reduction,
                                         scale_t2=scale_t2, num_items_in_batch=num_items_in_batch)
     s, (idx, c, lp) = _flat(student_logits, indices, counts, logprobs)
-    acc = acc_dtype(student_logits)
-    c = c.to(acc)
-    w = c / c.sum(-1, keepdim=True).clamp_min(1)
+    w = _sample_weights(c, acc_dtype(student_logits))
     rows, _ = torch.ops.kdfast.topk_kd_fwd(s, idx, lp, temperature, "renormalize", "kl", 0.5, w)
     return _finish(rows.reshape(student_logits.shape[:-1]), mask, reduction, temperature, scale_t2,
                    num_items_in_batch)

@@ -170,6 +170,15 @@ DT_CASES = [  # (name, options)
     ("fused_dense", dict(temperature=2.0)),
     ("fused_head", dict(temperature=1.0, divergence="jsd", alpha=0.5)),
     ("fused_topk", dict(temperature=2.0, tail="bucket", alpha=0.25)),
+    # num_items_in_batch, Sampled teachers, soft-capping and logit scales (as number and as tensor)
+    ("topk", dict(tail="bucket", divergence="reverse_kl", temperature=2.0, masked=True, items=7.0)),
+    ("sampled", dict(temperature=2.0, masked=True)),
+    ("sampled", dict(temperature=2.0, items=torch.tensor(9.0))),
+    ("fused_dense", dict(temperature=2.0, alpha=0.5, softcap=5.0, logit_scale=0.7, items=torch.tensor(9.0),
+                         items_replicated=True)),
+    ("fused_head", dict(temperature=1.0, logit_scale=1.5, teacher_softcap=4.0, teacher_logit_scale=1.3)),
+    ("fused_topk", dict(temperature=2.0, divergence="jsd", beta=0.3, softcap=6.0, items=5.0)),
+    ("fused_sampled", dict(temperature=2.0, alpha=0.5, softcap=5.0)),
 ]
 
 
@@ -183,13 +192,16 @@ def _dt_inputs():
                 target=torch.randint(0, DT_V, (DT_ROWS,), generator=g))
     data["target"][2] = -100
     data["idx"], data["lp"] = kdfast.topk_from_logits(data["teacher"], 16)
+    data["sampled"] = kdfast.sample_from_logits(data["teacher"], 8, 2.0, generator=g)  # with padding (repeats)
     return data
 
 
 def _dt_case(name, opts, d, make):
     """(loss, gradients) of one case; make(tensor, shard_dim or None) gives the tensor the call takes: the full
     tensor in one process, a DTensor (Shard(shard_dim), or replicated for None) on the mesh."""
-    T = opts["temperature"]
+    T, items = opts["temperature"], opts.get("items")
+    if opts.get("items_replicated"):  # a replicated DTensor num_items_in_batch
+        items = make(items, None)
     mask = d["mask"] if opts.get("masked") else None
     if name.startswith("kd_div"):
         replicated = name == "kd_div_replicated"
@@ -207,7 +219,13 @@ def _dt_case(name, opts, d, make):
         s = make(d["student"], 1, grad=True)
         lp = d["lp"].clone().requires_grad_(True)
         loss = kdfast.topk_kd_div(s, d["idx"], lp, T, tail=opts["tail"], divergence=opts.get("divergence", "kl"),
-                                  beta=opts.get("beta", 0.5), mask=mask)
+                                  beta=opts.get("beta", 0.5), mask=mask, num_items_in_batch=items)
+        leaves = [s, lp]
+    elif name == "sampled":
+        s = make(d["student"], 1, grad=True)
+        idx, counts, lp = d["sampled"]
+        lp = lp.clone().requires_grad_(True)
+        loss = kdfast.sampled_kd_div(s, kdfast.Sampled(idx, counts, lp), T, mask=mask, num_items_in_batch=items)
         leaves = [s, lp]
     else:
         w = make(d["weight"], 0, grad=True)
@@ -216,13 +234,18 @@ def _dt_case(name, opts, d, make):
         if name == "fused_dense":
             teacher = make(d["teacher"], 1)
         elif name == "fused_head":
-            teacher = kdfast.TeacherHead(d["t_hidden"], make(d["t_weight"], 0))
-        else:
+            teacher = kdfast.TeacherHead(d["t_hidden"], make(d["t_weight"], 0), softcap=opts.get("teacher_softcap"),
+                                         logit_scale=opts.get("teacher_logit_scale", 1.0))
+        elif name == "fused_topk":
             teacher = kdfast.TopK(d["idx"], d["lp"])
+        else:
+            teacher = d["sampled"]
         alpha = opts.get("alpha", 1.0)
         loss = kdfast.fused_linear_kd(h, w, teacher, student_bias=b, target=d["target"] if alpha != 1 else None,
                                       temperature=T, alpha=alpha, divergence=opts.get("divergence", "kl"),
-                                      tail=opts.get("tail", "renormalize"), chunk_size=5)
+                                      beta=opts.get("beta", 0.5), tail=opts.get("tail", "renormalize"), chunk_size=5,
+                                      softcap=opts.get("softcap"), logit_scale=opts.get("logit_scale", 1.0),
+                                      num_items_in_batch=items)
         leaves = [w, b, h]
     loss.backward()
     return loss, [x.grad for x in leaves]
