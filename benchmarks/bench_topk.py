@@ -44,79 +44,57 @@ def user_sampled_kd(s, idx, counts, lp):
     return terms.sum(-1).mean() * (T * T)
 
 
-def _inputs(rows, V, k, dtype, device):
+SAMPLED_DRAWS = 12  # draws a position (the LLM demo's sampled store keeps 12: 96 bytes a token)
+# op: (the plain PyTorch a user writes, kdfast's call, the reference's call), each on (student, *teacher)
+OPS = {
+    "topk_kd_div": (user_topk_kd, lambda s, i, lp: kdfast.topk_kd_div(s, i, lp, T),
+                    lambda s, i, lp: reference.topk_kd_div(s, i, lp, T)),
+    "sampled_kd_div": (user_sampled_kd, lambda s, i, c, lp: kdfast.sampled_kd_div(s, kdfast.Sampled(i, c, lp), T),
+                       lambda s, i, c, lp: reference.sampled_kd_div(s, kdfast.Sampled(i, c, lp), T)),
+}
+
+
+def _inputs(op, rows, V, k, dtype, device):
+    """The student (requires grad) and the teacher's tensors: its top-k, or SAMPLED_DRAWS draws at T."""
     g = torch.Generator(device="cpu").manual_seed(0)
     s = (torch.randn(rows, V, generator=g) * 3).to(device=device, dtype=dtype).requires_grad_(True)
-    idx, lp = kdfast.topk_from_logits(torch.randn(rows, V, generator=g) * 3, k)
-    return s, idx.to(device), lp.to(device)
+    t = torch.randn(rows, V, generator=g) * 3
+    if op == "topk_kd_div":
+        teacher = kdfast.topk_from_logits(t, k)
+    else:
+        teacher = kdfast.sample_from_logits(t, SAMPLED_DRAWS, T, generator=g)
+    return s, [x.to(device) for x in teacher]
 
 
-def _call(impl):
+def _call(op, impl):
+    user, fn, ref = OPS[op]
     if impl in PEER_IMPLS:
         if impl == "user":
-            return user_topk_kd
+            return user
         torch._dynamo.reset()
-        return torch.compile(user_topk_kd, dynamic=False)
-    return make_impl(impl, lambda s, i, lp: kdfast.topk_kd_div(s, i, lp, T),
-                     lambda s, i, lp: reference.topk_kd_div(s, i, lp, T))
+        return torch.compile(user, dynamic=False)
+    return make_impl(impl, fn, ref)
 
 
 @pytest.mark.parametrize("impl", [*IMPLS, *PEER_IMPLS])
 @pytest.mark.parametrize("workload", list(WORKLOADS))
-def test_topk(benchmark, device, impl, workload):
+@pytest.mark.parametrize("op", list(OPS))
+def test_topk(benchmark, device, op, impl, workload):
     rows, V, k, dtype, devices = WORKLOADS[workload]
     if device not in devices:
         pytest.skip(f"{workload} is a {'/'.join(devices)} workload")
-    s, idx, lp = _inputs(rows, V, k, dtype, device)
-    call = _call(impl)
+    s, teacher = _inputs(op, rows, V, k, dtype, device)
+    call = _call(op, impl)
 
     def step():
-        call(s, idx, lp).backward()
+        call(s, *teacher).backward()
         s.grad = None
 
     n, elt = s.numel(), s.element_size()
     # Must move: forward reads s; backward reads s and writes grad s (the k entries are negligible).
-    measure(benchmark, step, op="topk_kd_div", workload=workload, impl=impl, device=device, bytes_moved=3 * n * elt,
-            flops=0, shape=[rows, V], k=k, dtype=str(dtype).replace("torch.", ""), grad_bytes=n * elt,
-            rounds=ROUNDS)
-
-
-SAMPLED_DRAWS = 12  # draws a position (the LLM demo's sampled store keeps 12: 96 bytes a token)
-
-
-def _call_sampled(impl):
-    if impl in PEER_IMPLS:
-        if impl == "user":
-            return user_sampled_kd
-        torch._dynamo.reset()
-        return torch.compile(user_sampled_kd, dynamic=False)
-    return make_impl(impl, lambda s, i, c, lp: kdfast.sampled_kd_div(s, kdfast.Sampled(i, c, lp), T),
-                     lambda s, i, c, lp: reference.sampled_kd_div(s, kdfast.Sampled(i, c, lp), T))
-
-
-@pytest.mark.parametrize("impl", [*IMPLS, *PEER_IMPLS])
-@pytest.mark.parametrize("workload", list(WORKLOADS))
-def test_sampled(benchmark, device, impl, workload):
-    """sampled_kd_div on SAMPLED_DRAWS draws a position (kdfast.sample_from_logits at T), forward + backward."""
-    rows, V, _, dtype, devices = WORKLOADS[workload]
-    if device not in devices:
-        pytest.skip(f"{workload} is a {'/'.join(devices)} workload")
-    g = torch.Generator(device="cpu").manual_seed(0)
-    s = (torch.randn(rows, V, generator=g) * 3).to(device=device, dtype=dtype).requires_grad_(True)
-    idx, counts, lp = kdfast.sample_from_logits(torch.randn(rows, V, generator=g) * 3, SAMPLED_DRAWS, T,
-                                                generator=g)
-    idx, counts, lp = idx.to(device), counts.to(device), lp.to(device)
-    call = _call_sampled(impl)
-
-    def step():
-        call(s, idx, counts, lp).backward()
-        s.grad = None
-
-    n, elt = s.numel(), s.element_size()
-    # Must move: as topk_kd_div (forward reads s; backward reads s and writes grad s).
-    measure(benchmark, step, op="sampled_kd_div", workload=workload, impl=impl, device=device,
-            bytes_moved=3 * n * elt, flops=0, shape=[rows, V], k=SAMPLED_DRAWS, dtype=str(dtype).replace("torch.", ""),
-            grad_bytes=n * elt, rounds=ROUNDS)
+    measure(benchmark, step, op=op, workload=workload, impl=impl, device=device, bytes_moved=3 * n * elt,
+            flops=0, shape=[rows, V], k=k if op == "topk_kd_div" else SAMPLED_DRAWS,
+            dtype=str(dtype).replace("torch.", ""), grad_bytes=n * elt, rounds=ROUNDS)
 
 
 # ---- vocabulary-parallel, 2 gloo ranks on CPU: this process is rank 0, a spawned helper is rank 1 ----
