@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+import kdfast  # noqa: E402
 from kdfast.topk_store import TopKStore  # noqa: E402
 from kdfast.train import hf_data, llm_train, topk_build  # noqa: E402
 
@@ -311,6 +312,20 @@ def test_llm_train_from_a_sampled_store(world, tmp_path, capsys):
     log = losses(out)
     assert np.mean(log[-3:]) < np.mean(log[:3])
     assert held_out_loss(out, world) < held_out_loss(world / "qwen2-student", world) - 0.5
+    # KD alone, one step over every sequence, without --temperature: fused_linear_kd on the store's Sampled rows
+    # at the temperature they were drawn at.
+    argv = train_argv(world, "qwen2", store, tmp_path / "one", "--alpha", "1", "--max-steps", "1", "--batch-size",
+                      "1000")
+    assert llm_train.main(argv[:argv.index("--temperature")] + argv[argv.index("--temperature") + 2:]) == 0
+    meta = hf_data.read_meta(str(store))
+    lengths, token_offsets, _, tokens = hf_data.TokenStream(str(store)).read(meta)
+    student = transformers.AutoModelForCausalLM.from_pretrained(world / "qwen2-student")
+    ids, mask, rows = hf_data.pad_batch([tokens[a:a + n].tolist() for a, n in zip(token_offsets, lengths)], 0)
+    with torch.no_grad():
+        hidden = student.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][rows]
+        expected = kdfast.fused_linear_kd(hidden, student.lm_head.weight, TopKStore.open(store)[0:meta["rows"]],
+                                          temperature=2.0)
+    np.testing.assert_allclose(losses(tmp_path / "one"), [float(expected)], rtol=1e-4)
     capsys.readouterr()
     for extra, words in ((("--divergence", "reverse_kl"), ("reverse_kl", "sampled store", "divergence='kl'")),
                          (("--tail", "bucket"), ("bucket", "sampled store", "tail='renormalize'")),
@@ -324,20 +339,22 @@ def test_llm_train_from_a_sampled_store(world, tmp_path, capsys):
 
 
 def test_llm_train_takes_every_top_k_divergence(world, tmp_path, capsys):
-    """reverse_kl and jsd (with --beta) from a top-k store: each lowers its loss, and each is the loss it names (the
-    first step's losses differ); an unknown divergence is refused in one line naming the choices."""
+    """reverse_kl and jsd (with --beta) from a top-k store, KD alone (--alpha 1): each lowers its loss, and each is
+    the loss it names (the first steps' losses differ: kl ~9.5, reverse_kl ~0.008, jsd ~0.002 at beta 0.5, ~0.001 at
+    0.1); an unknown divergence is refused in one line naming the choices."""
     store = tmp_path / "store.kdtk"
     build(world, "llama", store, "--max-tokens", "400")
-    first = {}
+    first = []
     for divergence, beta in (("kl", "0.5"), ("reverse_kl", "0.5"), ("jsd", "0.5"), ("jsd", "0.1")):
         out = tmp_path / f"{divergence}-{beta}"
+        steps = ("--epochs", "6") if beta == "0.5" else ("--max-steps", "1")
         assert llm_train.main(train_argv(world, "llama", store, out, "--divergence", divergence, "--beta", beta,
-                                         "--epochs", "6" if beta == "0.5" else "1")) == 0
+                                         "--alpha", "1", *steps)) == 0
         log = losses(out)
-        first[divergence, beta] = log[0]
+        first.append(log[0])
         if beta == "0.5":
-            assert np.mean(log[-3:]) < np.mean(log[:3]) - 0.1, (divergence, log)
-    assert len({round(v, 6) for v in first.values()}) == 4, first
+            assert np.mean(log[-3:]) < 0.8 * np.mean(log[:3]), (divergence, log)
+    assert all(a > 1.2 * b for a, b in zip(first, first[1:])), first
     capsys.readouterr()
     assert llm_train.main(train_argv(world, "llama", store, tmp_path / "bad", "--divergence", "kld")) == 2
     err = capsys.readouterr().err.strip()

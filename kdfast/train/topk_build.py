@@ -75,6 +75,8 @@ def _check_args(args) -> None:
         if args.sample_temperature != 1.0:
             raise PipelineError(f"--sample-temperature {args.sample_temperature} needs --sample N (a top-k store "
                                 f"holds log-probabilities at T = 1)")
+    elif args.seed < 0:
+        raise PipelineError(f"--seed must be >= 0, got {args.seed}")
     elif not 1 <= args.sample <= MAX_COUNT:
         raise PipelineError(f"--sample must be in [1, {MAX_COUNT}] (draws a position), got {args.sample}")
     elif not MIN_TEMPERATURE <= args.sample_temperature <= MAX_TEMPERATURE:
@@ -162,7 +164,8 @@ def teacher_rows(teacher, batch, pad_id: int, settings: dict, device, generator=
             rows = topk_from_logits(logits, settings["k"])
         else:
             rows = sample_from_logits(logits, settings["k"], settings["temperature"], generator=generator)
-        parts.append([t.to("cpu", torch.int32) if i < len(rows) - 1 else t.cpu() for i, t in enumerate(rows)])
+        *ints, logprobs = rows  # indices (and counts), then the log-probabilities
+        parts.append([*(t.to("cpu", torch.int32) for t in ints), logprobs.cpu()])
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
