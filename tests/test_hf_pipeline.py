@@ -230,12 +230,30 @@ def topk_build_on_two_processes(world, kind, one, two):
     torch.testing.assert_close(b[0:len(b)].logprobs.float(), a[0:len(a)].logprobs.float(), atol=1e-2, rtol=0)
 
 
+def sampled_build_on_two_processes(world, kind, tmp_path):
+    """A sampled store of 2 processes draws as 1 process: batch b's draws are seeded by (--seed, b) whichever process
+    runs it (rows whose teacher logits differ in the last bits between thread counts may draw otherwise)."""
+    one, two = tmp_path / "sampled-one.kdtk", tmp_path / "sampled-two.kdtk"
+    options = ["--sample", "8", "--seed", "5", "--max-tokens", "600", "--batch-size", "2"]
+    build(world, kind, one, *options)
+    torchrun(2, ["topk-build", "--teacher", str(world / f"{kind}-teacher"), "--data", str(world / "a.txt"),
+                 str(world / "b.jsonl"), "--out", str(two), "--seq-len", "32", "--device", "cpu", *options])
+    a, b = TopKStore.open(one), TopKStore.open(two)
+    a, b = a[0:len(a)], b[0:len(b)]
+    assert b.indices.shape == a.indices.shape
+    same = ((a.indices == b.indices) & (a.counts == b.counts)).all(-1).float().mean()
+    assert same > 0.99, float(same)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_fsdp2_on_two_processes_matches_one(world, tmp_path, kind):
     one, two = tmp_path / "one.kdtk", tmp_path / "two.kdtk"
     build(world, kind, one, "--max-tokens", "600")
-    if kind == "llama":  # topk-build under torchrun once (each launch imports transformers in every process)
+    # topk-build under torchrun once a kind (each launch imports transformers in every process)
+    if kind == "llama":
         topk_build_on_two_processes(world, kind, one, two)
+    else:
+        sampled_build_on_two_processes(world, kind, tmp_path)
 
     # SGD: Adam's update g / sqrt(v) would blow float noise in near-zero gradient entries up to the learning rate.
     single, sharded = tmp_path / "single", tmp_path / "sharded"
