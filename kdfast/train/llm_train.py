@@ -49,8 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, metavar="STORE", help="a store written by python -m kdfast topk-build")
     p.add_argument("--out", required=True, metavar="DIR", help="the run's folder")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term; 1 - alpha on cross-entropy")
-    p.add_argument("--temperature", type=float, default=None, help="softmax temperature of the KD term (default: "
-                   "1 for a top-k store; a sampled store's is the temperature its samples were drawn at)")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature of the KD term (None: 1 "
+                   "for a top-k store, the temperature a sampled store's samples were drawn at)")
     p.add_argument("--tail", choices=["renormalize", "bucket"], default="renormalize",
                    help="the teacher's mass outside its top k: renormalized away, or one bucket (topk_kd_div)")
     p.add_argument("--divergence", default="kl", help=f"the KD divergence: {', '.join(DIVERGENCES)} (a top-k store "

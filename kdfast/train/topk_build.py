@@ -48,8 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="the field holding the text in JSONL lines")
     p.add_argument("--out", required=True, metavar="STORE", help="the store file to write (its companions go beside "
                    "it: STORE.tokens, STORE.lengths, STORE.meta.json)")
-    p.add_argument("--k", type=int, default=None, help="log-probabilities kept a position (a top-k store; 64 "
-                   "unless --sample is given)")
+    p.add_argument("--k", type=int, default=None, help="log-probabilities kept a position, a top-k store (None: 64; "
+                   "not with --sample)")
     p.add_argument("--sample", type=int, default=None, metavar="N", help="instead of the top-k, draw N tokens a "
                    "position from the teacher's softmax at --sample-temperature (a sampled store; not with --k)")
     p.add_argument("--sample-temperature", type=float, default=1.0, metavar="T", help="with --sample: the "
