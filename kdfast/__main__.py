@@ -1,7 +1,7 @@
 """`python -m kdfast COMMAND ...`: train (the trainer's CLI), demo (kdfast's main job), compare (every method
 against cross-entropy), llm-demo (the LLM main job), topk-build and llm-train (distil a Hugging Face causal LM
-through a top-k store), topk-import (other tools' teacher top-k outputs into a store). The benchmarks run with
-`make bench` (benchmarks/)."""
+through a top-k or sampled store), topk-import (other tools' teacher top-k outputs into a store). The benchmarks
+run with `make bench` (benchmarks/)."""
 import importlib
 import importlib.util
 import sys
@@ -11,7 +11,7 @@ COMMANDS = {
     "demo": ("kdfast.train.demo", "kdfast's main job: distillation on digits, table and chart"),
     "compare": ("kdfast.train.compare", "every distillation method against cross-entropy alone (digits, shapes)"),
     "llm-demo": ("kdfast.train.llm_demo", "the LLM main job: small language models distilled on Python source"),
-    "topk-build": ("kdfast.train.topk_build", "run a Hugging Face teacher over text once, keep its top-k in a store"),
+    "topk-build": ("kdfast.train.topk_build", "run a Hugging Face teacher over text once, keep its top-k or samples"),
     "llm-train": ("kdfast.train.llm_train", "distil a Hugging Face student from a topk-build store"),
     "topk-import": ("kdfast.topk_import", "other tools' teacher top-k outputs (axolotl, OpenAI/vLLM) into a store"),
 }

@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+import kdfast  # noqa: E402
 from kdfast.topk_store import TopKStore  # noqa: E402
 from kdfast.train import hf_data, llm_train, topk_build  # noqa: E402
 
@@ -80,9 +81,10 @@ def world(tmp_path_factory):
 
 
 def build(world, kind, out, *extra):
+    """A top-k store of k = 16, or with --sample in extra a sampled store."""
+    k = () if "--sample" in extra else ("--k", "16")
     argv = ["--teacher", str(world / f"{kind}-teacher"), "--data", str(world / "a.txt"), str(world / "b.jsonl"),
-            "--out", str(out), "--k", "16", "--seq-len", "32", "--batch-size", "4", "--device", "cpu",
-            "--no-progress", *extra]
+            "--out", str(out), *k, "--seq-len", "32", "--batch-size", "4", "--device", "cpu", "--no-progress", *extra]
     assert topk_build.main(argv) == 0
 
 
@@ -132,9 +134,11 @@ def test_pipeline_distils_a_student(world, tmp_path, kind):
     assert held_out_loss(out, world) < held_out_loss(world / f"{kind}-student", world) - 0.5
 
 
-def test_topk_build_resumes_after_a_kill(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", [(), ("--sample", "8", "--sample-temperature", "2", "--seed", "3")])
+def test_topk_build_resumes_after_a_kill(world, tmp_path, monkeypatch, options):
+    """A killed build run again gives the files of an unbroken one (a sampled build the same draws)."""
     whole, killed = tmp_path / "whole.kdtk", tmp_path / "killed.kdtk"
-    build(world, "llama", whole, "--max-tokens", "800")
+    build(world, "llama", whole, "--max-tokens", "800", *options)
     calls = {"n": 0}
     write_meta = hf_data.write_meta
 
@@ -146,14 +150,18 @@ def test_topk_build_resumes_after_a_kill(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf_data, "write_meta", dies_on_the_fourth_batch)
     with pytest.raises(KeyboardInterrupt):
-        build(world, "llama", killed, "--max-tokens", "800")
+        build(world, "llama", killed, "--max-tokens", "800", *options)
     monkeypatch.setattr(hf_data, "write_meta", write_meta)
     assert hf_data.read_meta(str(killed))["batches"] == 3
-    assert len(TopKStore.create(killed, 16, hf_data.read_meta(str(killed))["vocab_size"], append=True)) > \
-        hf_data.read_meta(str(killed))["rows"]
-    build(world, "llama", killed, "--max-tokens", "800")
+    assert len(TopKStore.open(killed)) > hf_data.read_meta(str(killed))["rows"]
+    build(world, "llama", killed, "--max-tokens", "800", *options)
     for suffix in ("", ".tokens", ".lengths"):
         assert pathlib.Path(str(killed) + suffix).read_bytes() == pathlib.Path(str(whole) + suffix).read_bytes()
+    if options:  # the draws follow --seed: another seed draws another store
+        other = tmp_path / "other.kdtk"
+        build(world, "llama", other, "--max-tokens", "800", *options[:-1], "4")
+        assert other.read_bytes() != whole.read_bytes()
+        assert TopKStore.open(whole).kind == "sampled" and TopKStore.open(whole).temperature == 2
 
 
 def test_llm_train_resumes_from_its_checkpoint(world, tmp_path, monkeypatch):
@@ -222,12 +230,30 @@ def topk_build_on_two_processes(world, kind, one, two):
     torch.testing.assert_close(b[0:len(b)].logprobs.float(), a[0:len(a)].logprobs.float(), atol=1e-2, rtol=0)
 
 
+def sampled_build_on_two_processes(world, kind, tmp_path):
+    """A sampled store of 2 processes draws as 1 process: batch b's draws are seeded by (--seed, b) whichever process
+    runs it (rows whose teacher logits differ in the last bits between thread counts may draw otherwise)."""
+    one, two = tmp_path / "sampled-one.kdtk", tmp_path / "sampled-two.kdtk"
+    options = ["--sample", "8", "--seed", "5", "--max-tokens", "600", "--batch-size", "2"]
+    build(world, kind, one, *options)
+    torchrun(2, ["topk-build", "--teacher", str(world / f"{kind}-teacher"), "--data", str(world / "a.txt"),
+                 str(world / "b.jsonl"), "--out", str(two), "--seq-len", "32", "--device", "cpu", *options])
+    a, b = TopKStore.open(one), TopKStore.open(two)
+    a, b = a[0:len(a)], b[0:len(b)]
+    assert b.indices.shape == a.indices.shape
+    same = ((a.indices == b.indices) & (a.counts == b.counts)).all(-1).float().mean()
+    assert same > 0.99, float(same)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_fsdp2_on_two_processes_matches_one(world, tmp_path, kind):
     one, two = tmp_path / "one.kdtk", tmp_path / "two.kdtk"
     build(world, kind, one, "--max-tokens", "600")
-    if kind == "llama":  # topk-build under torchrun once (each launch imports transformers in every process)
+    # topk-build under torchrun once a kind (each launch imports transformers in every process)
+    if kind == "llama":
         topk_build_on_two_processes(world, kind, one, two)
+    else:
+        sampled_build_on_two_processes(world, kind, tmp_path)
 
     # SGD: Adam's update g / sqrt(v) would blow float noise in near-zero gradient entries up to the learning rate.
     single, sharded = tmp_path / "single", tmp_path / "sharded"
@@ -254,3 +280,106 @@ def test_without_transformers_the_commands_name_the_extra(monkeypatch, capsys):
         assert cli.main([command, "--help"]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and 'pip install "kdfast[hf]"' in err and command in err
+
+
+def test_sampled_store_follows_the_teacher(world, tmp_path):
+    """--sample N: every position holds N draws from softmax(teacher logits / T) (T = --sample-temperature, in the
+    header), repeats merged into counts, with their log-probabilities at T. Pooled over the positions, the draws'
+    frequencies on the teacher's rank-r tokens match the teacher's probabilities (a chi-square over rank groups)."""
+    n, temperature = 400, 0.5
+    store = tmp_path / "sampled.kdtk"
+    build(world, "llama", store, "--max-tokens", "200", "--sample", str(n), "--sample-temperature", str(temperature))
+    meta = hf_data.read_meta(str(store))
+    opened = TopKStore.open(store)
+    assert (opened.kind, opened.k, opened.temperature, meta["kind"], len(opened)) == \
+        ("sampled", n, temperature, "sampled", meta["rows"])
+    lengths = np.fromfile(str(store) + ".lengths", dtype="<i4")
+    tokens = torch.as_tensor(np.fromfile(str(store) + ".tokens", dtype="<i4"), dtype=torch.long)
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(world / "llama-teacher").eval()
+    with torch.no_grad():
+        logq = torch.cat([torch.log_softmax(teacher(tokens[at:at + length][None]).logits[0, :-1].float() / temperature,
+                                            -1) for at, length in zip(np.cumsum(lengths) - lengths, lengths)])
+    got = opened.read(0, len(opened))
+    drawn = got.counts > 0
+    assert (got.counts.sum(-1) == n).all()
+    torch.testing.assert_close(got.logprobs.float()[drawn], logq.gather(-1, got.indices.long())[drawn],
+                               atol=2e-2, rtol=1e-2)
+    ids = torch.where(drawn, got.indices.long(), -1)
+    assert all(len(set(row[row >= 0].tolist())) == int((row >= 0).sum()) for row in ids)  # repeats merged
+    observed = torch.zeros_like(logq).scatter_add_(-1, got.indices.long(), got.counts.float())
+    assert observed.sum() == n * len(opened)
+
+    def chi2(logp):  # observed against expected draws on the tokens of each rank group of logp, pooled over rows
+        ranks = logp.argsort(-1, descending=True)
+        groups = [(0, 1), (1, 2), (2, 3), (3, 5), (5, 10), (10, 20), (20, 50), (50, 100), (100, logp.shape[1])]
+        expected = torch.stack([n * logp.gather(-1, ranks[:, a:b]).exp().sum() for a, b in groups]).double()
+        seen = torch.stack([observed.gather(-1, ranks[:, a:b]).sum() for a, b in groups]).double()
+        return float(((seen - expected) ** 2 / expected).sum())
+
+    assert chi2(torch.log_softmax(logq * temperature, -1)) > 300  # it tells T = 1 from T (measured: ~1900)
+    assert chi2(logq) < 35  # 8 degrees of freedom: P(chi2 > 35) < 3e-5 (measured: 5.5)
+
+
+def test_llm_train_from_a_sampled_store(world, tmp_path, capsys):
+    """llm-train reads the store's kind from its header: a sampled store trains a student with its Sampled teacher
+    at the temperature its samples were drawn at (the held-out loss falls); what it refuses is named."""
+    store = tmp_path / "sampled.kdtk"
+    build(world, "qwen2", store, "--max-tokens", "1200", "--sample", "16", "--sample-temperature", "2")
+    out = tmp_path / "run"
+    assert llm_train.main(train_argv(world, "qwen2", store, out, "--epochs", "4", "--batch-size", "8")) == 0
+    log = losses(out)
+    assert np.mean(log[-3:]) < np.mean(log[:3])
+    assert held_out_loss(out, world) < held_out_loss(world / "qwen2-student", world) - 0.5
+    # KD alone, one step over every sequence, without --temperature: fused_linear_kd on the store's Sampled rows
+    # at the temperature they were drawn at.
+    argv = train_argv(world, "qwen2", store, tmp_path / "one", "--alpha", "1", "--max-steps", "1", "--batch-size",
+                      "1000")
+    assert llm_train.main(argv[:argv.index("--temperature")] + argv[argv.index("--temperature") + 2:]) == 0
+    meta = hf_data.read_meta(str(store))
+    lengths, token_offsets, _, tokens = hf_data.TokenStream(str(store)).read(meta)
+    student = transformers.AutoModelForCausalLM.from_pretrained(world / "qwen2-student")
+    ids, mask, rows = hf_data.pad_batch([tokens[a:a + n].tolist() for a, n in zip(token_offsets, lengths)], 0)
+    with torch.no_grad():
+        hidden = student.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][rows]
+        expected = kdfast.fused_linear_kd(hidden, student.lm_head.weight, TopKStore.open(store)[0:meta["rows"]],
+                                          temperature=2.0)
+    np.testing.assert_allclose(losses(tmp_path / "one"), [float(expected)], rtol=1e-4)
+    capsys.readouterr()
+    for extra, words in ((("--divergence", "reverse_kl"), ("reverse_kl", "sampled store", "divergence='kl'")),
+                         (("--tail", "bucket"), ("bucket", "sampled store", "tail='renormalize'")),
+                         (("--temperature", "1"), ("--temperature 1", "sampled store", "drawn at T = 2"))):
+        argv = train_argv(world, "qwen2", store, tmp_path / "refused", *extra)
+        if extra[0] == "--temperature":
+            argv = argv[:argv.index("--temperature")] + argv[argv.index("--temperature") + 2:] + list(extra)
+        assert llm_train.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_llm_train_takes_every_top_k_divergence(world, tmp_path, capsys):
+    """reverse_kl and jsd (with --beta) from a top-k store, KD alone (--alpha 1): each lowers its loss, and each is
+    the loss it names (the first steps' losses differ: kl ~9.5, reverse_kl ~0.008, jsd ~0.002 at beta 0.5, ~0.001 at
+    0.1); an unknown divergence is refused in one line naming the choices."""
+    store = tmp_path / "store.kdtk"
+    build(world, "llama", store, "--max-tokens", "400")
+    first = []
+    for divergence, beta in (("kl", "0.5"), ("reverse_kl", "0.5"), ("jsd", "0.5"), ("jsd", "0.1")):
+        out = tmp_path / f"{divergence}-{beta}"
+        steps = ("--epochs", "6") if beta == "0.5" else ("--max-steps", "1")
+        assert llm_train.main(train_argv(world, "llama", store, out, "--divergence", divergence, "--beta", beta,
+                                         "--alpha", "1", *steps)) == 0
+        log = losses(out)
+        first.append(log[0])
+        if beta == "0.5":
+            assert np.mean(log[-3:]) < 0.8 * np.mean(log[:3]), (divergence, log)
+    assert all(a > 1.2 * b for a, b in zip(first, first[1:])), first
+    capsys.readouterr()
+    assert llm_train.main(train_argv(world, "llama", store, tmp_path / "bad", "--divergence", "kld")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--divergence kld" in err and "kl, reverse_kl, jsd" in err
+    assert llm_train.main(train_argv(world, "llama", store, tmp_path / "bad", "--divergence", "jsd", "--beta",
+                                     "1.5")) == 2
+    assert "beta must be strictly inside (0, 1)" in capsys.readouterr().err
+    assert topk_build.main(["--teacher", str(world / "llama-teacher"), "--data", str(world / "a.txt"), "--out",
+                            str(tmp_path / "s.kdtk"), "--k", "8", "--sample", "8"]) == 2
+    assert "--k 8 and --sample 8: give one" in capsys.readouterr().err

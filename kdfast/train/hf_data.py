@@ -5,7 +5,8 @@ A store STORE built by topk-build has three companions:
     STORE.tokens    int32 token ids of every sequence, one after another (raw little-endian)
     STORE.lengths   int32 length of each sequence (raw little-endian)
     STORE.meta.json the tokenizer's identity (a hash of its token -> id map, its length), the vocabulary size, the
-                    teacher, k, the sequence length and the counts of the last complete batch (the resume point)
+                    teacher, the store's kind and k (a sampled store's: the draws a position, their temperature and
+                    seed), the sequence length and the counts of the last complete batch (the resume point)
 A sequence of length L gives the store L - 1 rows, one for each position that has a next token (position j
 predicts token j + 1), so padding and sequence ends never reach the store: the store's rows are exactly the
 positions where llm-train takes a loss, in the same order.

@@ -1,9 +1,11 @@
-"""`python -m kdfast llm-train`: distil a Hugging Face causal LM from a top-k store written by
+"""`python -m kdfast llm-train`: distil a Hugging Face causal LM from a top-k (or sampled) store written by
 `python -m kdfast topk-build`.
 
-Each step reads --batch-size sequences of the store's token stream and their top-k rows, runs the student's body
-(never its logits) and fused_linear_kd on its lm_head weight: alpha * top-k KD + (1 - alpha) * cross-entropy, mean
-over the positions that have a next token (padding and sequence ends take no part, on both sides). The run's folder
+Each step reads --batch-size sequences of the store's token stream and their store rows, runs the student's body
+(never its logits) and fused_linear_kd on its lm_head weight: alpha * KD + (1 - alpha) * cross-entropy, mean over
+the positions that have a next token (padding and sequence ends take no part, on both sides). The store's header
+says its kind: a top-k store gives a kdfast.TopK teacher (every divergence fused_linear_kd takes for it, --tail),
+a sampled store a kdfast.Sampled one, distilled at the temperature its samples were drawn at. The run's folder
 (--out) gets the student (save_pretrained, with its tokenizer) at the end and in checkpoint-STEP/ every
 --save-every steps (--resume continues from the latest), log.jsonl (one line a step) and metrics.json.
 
@@ -27,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from ..fused_linear import fused_linear_kd
-from ..topk import TopK
+from ..logits import DIVERGENCES
+from ..topk import Sampled, TopK
 from ..topk_store import TopKStore
 from . import hf_data
 from .checkpoint import save_checkpoint, write_json, write_json_lines
@@ -46,10 +49,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, metavar="STORE", help="a store written by python -m kdfast topk-build")
     p.add_argument("--out", required=True, metavar="DIR", help="the run's folder")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term; 1 - alpha on cross-entropy")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KD term")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature of the KD term (None: 1 "
+                   "for a top-k store, the temperature a sampled store's samples were drawn at)")
     p.add_argument("--tail", choices=["renormalize", "bucket"], default="renormalize",
                    help="the teacher's mass outside its top k: renormalized away, or one bucket (topk_kd_div)")
-    p.add_argument("--divergence", default="kl", help="the KD divergence (a top-k store gives kl)")
+    p.add_argument("--divergence", default="kl", help=f"the KD divergence: {', '.join(DIVERGENCES)} (a top-k store "
+                   f"takes each, a sampled store kl)")
+    p.add_argument("--beta", type=float, default=0.5, help="jsd's weight: beta KL(q || m) + (1 - beta) KL(p || m)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences a step (all processes together)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the store")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (before --epochs end)")
@@ -70,10 +76,10 @@ def parser() -> argparse.ArgumentParser:
 def _check_args(args) -> None:
     if not 0 <= args.alpha <= 1:
         raise PipelineError(f"--alpha must be in [0, 1], got {args.alpha}")
-    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+    if args.temperature is not None and not (args.temperature > 0 and math.isfinite(args.temperature)):
         raise PipelineError(f"--temperature must be > 0 and finite, got {args.temperature}")
-    if args.divergence != "kl":
-        raise PipelineError(f"--divergence {args.divergence}: a top-k store gives kl only (topk_kd_div)")
+    if args.divergence not in DIVERGENCES:
+        raise PipelineError(f"--divergence {args.divergence}: choose one of {', '.join(DIVERGENCES)}")
     for name in ("batch_size", "epochs", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -98,22 +104,44 @@ def check_store(meta: dict, store: str, student, tokenizer, student_dir: str) ->
         raise PipelineError(f"--store {store}: topk-build has not finished it (run topk-build again to complete it)")
 
 
+def teacher_options(args, store: TopKStore, path: str) -> dict:
+    """fused_linear_kd's teacher options for this store: temperature (a sampled store's own unless --temperature
+    names the same), divergence, beta, tail. Checked by fused_linear_kd itself on a one-row teacher of the store's
+    form, so what it refuses (a divergence a Sampled teacher does not take) is named here in one line."""
+    what = "a top-k store (kdfast.TopK teacher)" if store.kind == "topk" else \
+        f"a sampled store (kdfast.Sampled teacher, drawn at T = {store.temperature:g})"
+    temperature = args.temperature if args.temperature is not None else store.temperature
+    if store.kind == "sampled" and temperature != store.temperature:
+        raise PipelineError(f"--temperature {temperature:g}: --store {path} is {what}; kdfast's sampled loss is the "
+                            f"KL at the temperature the samples were drawn at (topk-build --sample-temperature)")
+    options = dict(temperature=temperature, divergence=args.divergence, beta=args.beta, tail=args.tail)
+    one = torch.zeros(1, 1, dtype=torch.int32)
+    probe = TopK(one, one.float()) if store.kind == "topk" else Sampled(one, one + 1, one.float())
+    try:
+        with torch.no_grad():
+            fused_linear_kd(torch.zeros(1, 1), torch.zeros(1, 1), probe, **options)
+    except ValueError as e:
+        raise PipelineError(f"--divergence {args.divergence} --tail {args.tail} --beta {args.beta:g} --temperature "
+                            f"{temperature:g}: --store {path} is {what}, and fused_linear_kd refuses it: {e}") from None
+    return options
+
+
 class StudentWithLoss(torch.nn.Module):
     """The student and its loss in one forward: the body's last hidden states at the positions with a next token,
     then fused_linear_kd on the lm_head weight. Under FSDP2 this module is the root, so its forward sees the
     lm_head weight (tied or not) unsharded, and its backward reduce-scatters the weight's gradient."""
 
-    def __init__(self, model, alpha: float, temperature: float, tail: str):
+    def __init__(self, model, alpha: float, options: dict):
         super().__init__()
-        self.model, self.alpha, self.temperature, self.tail = model, alpha, temperature, tail
+        self.model, self.alpha, self.options = model, alpha, options
 
-    def forward(self, input_ids, attention_mask, rows, target, teacher: TopK, total_rows: int):
+    def forward(self, input_ids, attention_mask, rows, target, teacher, total_rows: int):
         hidden = hf_data.body(self.model)(input_ids=input_ids, attention_mask=attention_mask,
                                           use_cache=False).last_hidden_state
         hidden = hidden[:, :-1][rows]
         head = self.model.get_output_embeddings()
-        loss = fused_linear_kd(hidden, head.weight, teacher, student_bias=head.bias, target=target,
-                               temperature=self.temperature, alpha=self.alpha, tail=self.tail)
+        loss = fused_linear_kd(hidden, head.weight, teacher, student_bias=head.bias, target=target, alpha=self.alpha,
+                               **self.options)
         return loss * (hidden.shape[0] / total_rows)  # this process's share of the global batch's mean
 
 
@@ -191,12 +219,13 @@ def run(args) -> dict:
     source = checkpoint or args.student
     student, tokenizer = hf_data.load_model(source, "--student", DTYPES[args.dtype])
     check_store(meta, args.store, student, tokenizer, args.student)
-    store = TopKStore.open(args.store, k=meta["k"], vocab_size=meta["vocab_size"])
+    store = TopKStore.open(args.store, k=meta["k"], vocab_size=meta["vocab_size"], kind=meta["kind"])
     if len(store) != meta["rows"]:
         raise PipelineError(f"--store {args.store}: {len(store)} rows, its meta file records {meta['rows']}")
+    options = teacher_options(args, store, args.store)
     lengths, token_offsets, row_offsets, tokens = hf_data.TokenStream(args.store).read(meta)
 
-    wrapper = StudentWithLoss(student.to(device), args.alpha, args.temperature, args.tail)
+    wrapper = StudentWithLoss(student.to(device), args.alpha, options)
     wrapper.train()
     if world > 1:
         shard(wrapper, device, world)
@@ -233,8 +262,7 @@ def run(args) -> dict:
             batch = [tokens[token_offsets[s]:token_offsets[s] + lengths[s]].tolist() for s in mine]
             ids, mask, rows = hf_data.pad_batch(batch, pad_id)
             parts = [store.read(int(row_offsets[s]), int(row_offsets[s] + lengths[s] - 1)) for s in mine]
-            teacher = TopK(torch.cat([p.indices for p in parts]).to(device),
-                           torch.cat([p.logprobs for p in parts]).to(device))
+            teacher = type(parts[0])(*(torch.cat(column).to(device) for column in zip(*parts)))
             target = ids[:, 1:][rows].to(device)
             total_rows = int((lengths[chosen] - 1).sum())
             share = wrapper(ids.to(device), mask.to(device), rows.to(device), target, teacher, total_rows)
