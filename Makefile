@@ -4,7 +4,7 @@ JOBS ?= 2
 OUT ?= gpu-results
 
 .PHONY: setup build test qemu-test fuzz demo llm-demo bench bench-run cuda-compile cuda-build cuda-emulation \
-	cuda-emulation-drivers gpu-check clean
+	cuda-emulation-drivers gpu-check install-check clean
 
 # Installs what is missing (torch only if absent: on a GPU machine the installed CUDA torch is kept; then the test
 # extra, requirements-dev.txt: the trainer's and the LLM demo's packages, pytest, pytest-benchmark, ruff) and builds the extension in
@@ -100,6 +100,21 @@ cuda-emulation-drivers:
 CALL ?= all
 gpu-check:
 	$(PY) benchmarks/gpu_check.py $(CALL) --out $(OUT) $(if $(DRY),--dry-run)
+
+# The README's install, as a newcomer does it: a fresh clone into a new virtual environment (INSTALL_VENV, made anew),
+# torch, `pip install --no-build-isolation .`, the losses with numpy absent, then each extra and `pip check`. It
+# compiles the extension from scratch (about 11 minutes on 2 loaded cores), so it is not part of CI.
+INSTALL_VENV ?= /tmp/kdfast-install-check
+install-check:
+	rm -rf $(INSTALL_VENV) && $(PY) -m venv $(INSTALL_VENV) && git clone -q . $(INSTALL_VENV)/src
+	$(INSTALL_VENV)/bin/pip install -q torch==2.13.0
+	cd $(INSTALL_VENV)/src && MAX_JOBS=$(JOBS) $(INSTALL_VENV)/bin/pip install -q --no-build-isolation .
+	cd $(INSTALL_VENV) && bin/python -c "import importlib.util, torch, kdfast; \
+		assert importlib.util.find_spec('numpy') is None, 'numpy came with the losses'; \
+		s = torch.randn(4, 10, requires_grad=True); kdfast.kd_div(s, torch.randn(4, 10)).backward(); print('losses: ok')"
+	cd $(INSTALL_VENV)/src && for e in train llm hf parquet test; do \
+		$(INSTALL_VENV)/bin/pip install -q --no-build-isolation ".[$$e]" || exit 1; done
+	$(INSTALL_VENV)/bin/pip check && cd $(INSTALL_VENV) && bin/python -m kdfast --help
 
 clean:
 	rm -rf build cmake-build kdfast/*.so

@@ -31,7 +31,8 @@ def missing_train_packages() -> list:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "\n".join(f"  {name:10s}{help_}" for name, (_, help_) in COMMANDS.items())
+        width = max(map(len, COMMANDS)) + 2
+        usage = "\n".join(f"  {name:{width}s}{help_}" for name, (_, help_) in COMMANDS.items())
         print(f"usage: python -m kdfast COMMAND [args]\n\ncommands:\n{usage}", file=sys.stdout if argv else sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
