@@ -116,19 +116,17 @@ KdProblem base_problem(const Rows& r, const std::optional<at::Tensor>& target, d
   return p;
 }
 
-// Runs the forward launcher; with one class the divergence is exactly 0 (see launch_backward).
-void launch_forward(const KdProblem& p, at::Tensor& div, const KdLauncher& launch) {
+// Runs the forward launcher. With one class the divergence of a row from its own statistics is exactly 0, and so
+// are the divergence's row statistics (kAux0, kAux1), which the backward reads: its gradients are then exactly 0
+// too (exp(0) = 1 on both sides), where the kernels would leave a rounding residue if the compiler fused
+// s / T - logsumexp into one rounding (nvcc contracts a * b + c). A row holding NaN or inf keeps its NaN, forward
+// and backward. Statistics given by the caller (one shard of a vocabulary, kdfast.distributed) are not the row's
+// own: nothing is zeroed there.
+void launch_forward(const KdProblem& p, at::Tensor& div, at::Tensor& stats, const KdLauncher& launch) {
   launch(p);
-  if (p.classes == 1) div.zero_();
-}
-
-// Runs the backward launcher, but for one class, where every gradient is exactly 0 (the divergence of two one-point
-// distributions and the cross-entropy of one class are the constant 0; the kernels would leave a rounding residue
-// where the compiler fuses s / T - logsumexp into one rounding).
-void launch_backward(const KdProblem& p, at::Tensor& gs, at::Tensor& gt, const KdLauncher& launch) {
-  if (p.classes > 1) return launch(p);
-  if (p.grad_student) gs.zero_();
-  if (p.grad_teacher) gt.zero_();
+  if (p.classes > 1 || p.stats_given) return;
+  const int64_t aux = p.divergence == Divergence::JSD ? 2 : 1;
+  for (at::Tensor x : {div, stats.narrow(0, kAux0, aux)}) x.masked_fill_(x.isnan().logical_not(), 0);
 }
 
 std::optional<at::Tensor> long_target(const std::optional<at::Tensor>& target) {
@@ -162,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd(const at::Tensor& student,
     p.div = div.data_ptr();
     p.ce = y ? ce.data_ptr() : nullptr;
     p.stats = stats.data_ptr();
-    launch_forward(p, div, launch);
+    launch_forward(p, div, stats, launch);
   }
   // The rows come back in the inputs' dtype (row-sized conversions); the statistics stay in the accumulator's.
   return {div.to(out_dtype(r)), ce.to(out_dtype(r)), stats};
@@ -191,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> kd_partial_fwd(const at::Tensor& student, con
     p.div = div.data_ptr();
     p.stats = stats.data_ptr();
     p.stats_given = true;
-    launch_forward(p, div, launch);
+    launch_forward(p, div, stats, launch);
   }
   return {div, stats};
 }
@@ -224,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd(const at::Tensor& grad_div, const std:
     p.grad_ce_stride = gc_stride;
     p.grad_student = student_grad ? gs.data_ptr() : nullptr;
     p.grad_teacher = teacher_grad ? gt.data_ptr() : nullptr;
-    launch_backward(p, gs, gt, launch);
+    launch(p);
   }
   return {student_grad ? to_caller(gs, r) : gs, teacher_grad ? to_caller(gt, r) : gt};
 }
@@ -320,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_reduce_fwd(
   p.div = div.data_ptr();
   p.ce = d.y ? ce.data_ptr() : nullptr;
   p.stats = stats.data_ptr();
-  if (R > 0) launch_forward(p, div, launch);
+  if (R > 0) launch_forward(p, div, stats, launch);
   const auto out = acc.dtype(out_dtype(d.r));
   if (div.is_cpu()) {
     const auto [sd, sc, n] = p.acc_double ? host_sums<double>(p) : host_sums<float>(p);
@@ -377,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor> kd_reduce_bwd(
     p.grad_div_stride = p.grad_ce_stride = 0;
     p.grad_student = student_grad ? gs.data_ptr() : nullptr;
     p.grad_teacher = teacher_grad ? gt.data_ptr() : nullptr;
-    launch_backward(p, gs, gt, launch);
+    launch(p);
   }
   return {student_grad ? to_caller(gs, d.r) : gs, teacher_grad ? to_caller(gt, d.r) : gt};
 }

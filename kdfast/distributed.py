@@ -14,8 +14,8 @@ need the global logsumexps: kd_partial_fwd makes a second pass with them, and on
 given the global statistics, writes the gradient slice. Sparse teacher (vocab_parallel_topk_kd_div; every
 divergence, both tails), on the top-k kernels: one MAX of the slice sizes; topk_kd_fwd on the shard (the other
 shards' entries as padding) gives its largest logit M, its log-sum L and its log-sum off the top-k classes Loff
-(summed over those classes: the bucket's student tail in log space); one MAX of M and one SUM of the shards' L and
-Loff, relative to the global M, and of the top-k entries' logits (each held by one rank) make the whole
+(summed over those classes: the bucket's student tail in log space); one MAX of M and of M + T Loff and one SUM
+of the shards' L and Loff, relative to those, and of the top-k entries' logits (each held by one rank) make the whole
 vocabulary's; the divergence over the (rows, k) categories follows in PyTorch, and topk_kd_bwd, given the whole
 vocabulary's statistics in its layout (csrc/common/topk_kd.h, TopKStat), writes the gradient slice. A sampled
 teacher (vocab_parallel_sampled_kd_div) is the same exchange with its weights c_j / n in place of the teacher's
@@ -174,21 +174,19 @@ def vocab_parallel_kd_div(student_shard, teacher_shard, temperature=1.0, *, dive
 
 
 def _topk_terms(logq, logp, divergence, beta, q=None):
-    """Per category (rows, c): the divergence's term and G = d D / d log P (csrc/common/topk_kd.h, topk_term), and
-    G / P from the log-masses (the bucket's off-top coefficient; P may be below the smallest normal number). q:
+    """Per category (rows, c): the divergence's term and G = d D / d log P (csrc/common/topk_kd.h, topk_term). q:
     the sampled teacher's weights in place of exp(logq) (its kl term is then w_j (lp_j - log P_j), G = -w_j)."""
     q = logq.exp() if q is None else q
     p = logp.exp()
     if divergence == "kl":
-        ratio = torch.where(logq > float("-inf"), -(logq - logp).exp(), torch.zeros_like(q))
-        return _plogq(q, logq - logp), -q, ratio
+        return _plogq(q, logq - logp), -q
     if divergence == "reverse_kl":
         term = _plogq(p, logp - logq)
-        return term, term, logp - logq
+        return term, term
     m = beta * q + (1 - beta) * p
     lm = torch.where(logp == logq, logp, torch.log(m))
     gs = (1 - beta) * _plogq(p, logp - lm)
-    return beta * _plogq(q, logq - lm) + gs, gs, (1 - beta) * (logp - lm)
+    return beta * _plogq(q, logq - lm) + gs, gs
 
 
 class _VocabParallelTopK(torch.autograd.Function):
@@ -222,29 +220,38 @@ class _VocabParallelTopK(torch.autograd.Function):
         # log-sum Loff over the classes off the top-k (summed over those classes, never 1 - sum p[idx]), in units
         # of (s - M) / T. One read of the shard, no copy.
         stats = torch.ops.kdfast.topk_kd_fwd(student, li, lp_local, temperature, "renormalize")[1]
-        big = stats[0].clone()
-        dist.all_reduce(big, op=dist.ReduceOp.MAX, group=group)
-        ref = _reference_point(big)
-        shift = (stats[0] - ref) / temperature
+        # One MAX of M and of the shards' log-sums off the top-k in logit units, M + T Loff (float64: its difference
+        # with M is divided by T), the reference of Loff's SUM: against M it would underflow where the student's
+        # mass off the top-k is below exp(-87) (a small T: an infinite kl).
+        m64, off64 = stats[0].double(), stats[6].double()
+        peaks = torch.stack([m64, m64 + temperature * off64])
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=group)
+        ref64, off_ref = _reference_point(peaks[0]), _reference_point(peaks[1])
+        shift = ((m64 - ref64) / temperature).to(acc)
+        off_shift = ((m64 - off_ref) / temperature + off64).to(acc)
+        ref = ref64.to(acc)
         top = (student.gather(-1, li).to(acc) - ref.unsqueeze(-1)) / temperature
-        sums = torch.cat([(shift + stats[1]).exp().unsqueeze(-1), (shift + stats[6]).exp().unsqueeze(-1),
+        sums = torch.cat([(shift + stats[1]).exp().unsqueeze(-1), off_shift.exp().unsqueeze(-1),
                           torch.where(local, top, torch.zeros_like(top))], dim=-1)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)  # each top-k entry's logit is held by one rank
-        lse, off = sums[:, 0].log(), sums[:, 1].log()  # L and Loff of the whole vocabulary, relative to ref
+        # L and Loff of the whole vocabulary, relative to ref
+        lse, off = sums[:, 0].log(), ((off_ref - ref64) / temperature).to(acc) + sums[:, 1].log()
         x = torch.where(valid, sums[:, 2:], ninf)  # (s[idx] - ref) / T, -inf on padding
         rest = (off - lse).unsqueeze(-1)
         if weights is None:
-            logq, logp, u = _categories(x - lse.unsqueeze(-1), lp, valid, temperature, tail, divergence, rest)
+            logq, logp, u = _categories(x - lse.unsqueeze(-1), lp, valid, temperature, tail, divergence, rest,
+                                        classes=total)
         else:  # sampled: renormalize kl's categories with Q = w (csrc/common/topk_kd.h)
             logq, logp, u = lp, x - lse.unsqueeze(-1), None
         cats = torch.cat([valid, torch.ones_like(valid[:, :1])], -1) if tail == "bucket" else valid
-        term, g, ratio = _topk_terms(logq, logp, divergence, beta, weights)
+        term, g = _topk_terms(logq, logp, divergence, beta, weights)
         zero = torch.zeros_like(term)
         rows = torch.where(cats, term, zero).sum(-1)
         sum_g = torch.where(cats, g, zero).sum(-1)
         any_valid = valid.any(-1)
         if tail == "bucket":
-            coef = torch.where(off > float("-inf"), ratio[:, -1] - sum_g, torch.zeros_like(sum_g))
+            # relative to Loff, G_tail - S_G P_tail (csrc/common/topk_kd.h: no 1 / P_tail is formed)
+            coef = torch.where(off > float("-inf"), g[:, -1] - sum_g * rest.squeeze(-1).exp(), torch.zeros_like(sum_g))
         else:
             rows = torch.where(any_valid, rows, torch.zeros_like(rows))
             coef = -sum_g if divergence == "kl" else torch.zeros_like(sum_g)
@@ -260,7 +267,7 @@ class _VocabParallelTopK(torch.autograd.Function):
         ctx.save_for_backward(student, li, lp_local, global_stats, x - lse.unsqueeze(-1), lp, valid, rest, w_local,
                               weights)
         ctx.options = (temperature, tail, divergence, beta)
-        ctx.lp_dtype = logprobs.dtype
+        ctx.lp_dtype, ctx.classes = logprobs.dtype, total
         return rows
 
     @staticmethod
@@ -278,7 +285,7 @@ class _VocabParallelTopK(torch.autograd.Function):
             gl = _kernel_teacher_grad(grad_rows, student, li, lp, stats, *ctx.options, weights).to(ctx.lp_dtype)
         elif ctx.needs_input_grad[2]:
             gl = _teacher_grad(grad_rows.to(lp.dtype), logp_top, lp, valid, temperature, tail, divergence, beta,
-                               rest).to(ctx.lp_dtype)
+                               rest, classes=ctx.classes).to(ctx.lp_dtype)
         return gs, None, gl, None, None, None, None, None, None
 
 

@@ -203,9 +203,10 @@ def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=
     """The unscaled divergence of every row (..., V) from a sparse teacher (..., k): log-probabilities at T = 1,
     -inf = padding (its index is not read), in float32 (float64 for float64 logits: the student's accumulation
     dtype). Teacher Q = softmax(lp / T) over the entries (and, for "bucket", the mass it did not return, taken as 0
-    within (valid + 1) eps of 0). Student P: "renormalize" p[idx] (kl) or p[idx] / sum p[idx] (reverse_kl, jsd);
-    "bucket" p[idx] and the mass of the classes off the top-k, summed over those classes. D(Q || P) with kd_div's
-    divergence and beta. A row without a valid entry gives 0 with "renormalize"."""
+    within (valid + 1) eps of 0, and where the valid entries are all V classes). Student P: "renormalize" p[idx]
+    (kl) or p[idx] / sum p[idx] (reverse_kl, jsd); "bucket" p[idx] and the mass of the classes off the top-k, summed
+    over those classes. D(Q || P) with kd_div's divergence and beta. A row without a valid entry gives 0 with
+    "renormalize"."""
     acc = acc_dtype(student_logits)
     logp = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
     lp = teacher_logprobs.to(acc)
@@ -218,7 +219,8 @@ def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=
         eps = torch.finfo(acc).eps
         mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
         tail_mass = 1 - mass
-        u = torch.where(tail_mass > (valid.sum(-1, keepdim=True) + 1) * eps, tail_mass, 0).log()
+        entries = valid.sum(-1, keepdim=True)
+        u = torch.where((tail_mass > (entries + 1) * eps) & (entries < classes), tail_mass, 0).log()
         t = torch.cat([t, u / temperature], dim=-1)
         # The student's mass off the top-k classes, summed over those classes (1 - sum p[idx] would cancel).
         slot = torch.where(valid, teacher_indices.long(), classes)

@@ -317,19 +317,21 @@ def sampled_kd_div(student_logits, teacher, temperature=1.0, *, mask=None, reduc
                    num_items_in_batch)
 
 
-def _categories(logp_top, lp, valid, temperature, tail, divergence="kl", rest=None):
+def _categories(logp_top, lp, valid, temperature, tail, divergence="kl", rest=None, *, classes):
     """(log Q, log P, u) over the k categories (+ the tail for "bucket") of a sparse teacher: logp_top = log p[idx]
-    of the student at T (-inf on padding), lp the teacher's log-probabilities, u the tail log-mass (or None);
+    of the student at T (-inf on padding), lp the teacher's log-probabilities, u the tail log-mass (or None; none
+    where the valid entries are all `classes` classes of the vocabulary);
     rest (bucket): the student's log-mass off the top-k classes, computed from those classes (rows, 1) (None:
     from 1 - sum p[idx], floored at eps, which cancels when that mass is small). For "renormalize" with reverse_kl
     or jsd, P is renormalised over the valid entries."""
     t = lp / temperature
     u = None
     if tail == "bucket":
-        # Within rounding of 0 (csrc/common/topk_kd.h, topk_eps): the teacher's tail is 0.
+        # Within rounding of 0, or with every class among the entries (csrc/common/topk_kd.h, topk_eps): no tail.
         eps = torch.finfo(lp.dtype).eps
         tail_mass = 1 - torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
-        u = torch.where(tail_mass > (valid.sum(-1, keepdim=True) + 1) * eps, tail_mass, 0).log()
+        entries = valid.sum(-1, keepdim=True)
+        u = torch.where((tail_mass > (entries + 1) * eps) & (entries < classes), tail_mass, 0).log()
         t = torch.cat([t, u / temperature], dim=-1)
         if rest is None:
             rest = (1 - torch.where(valid, logp_top.exp(), torch.zeros_like(logp_top)).sum(-1, keepdim=True))
@@ -345,11 +347,12 @@ def _plogq(q, log_ratio):
     return torch.where(q == 0, torch.zeros_like(q), q * log_ratio)
 
 
-def _teacher_grad(grad_rows, logp_top, lp, valid, temperature, tail, divergence="kl", beta=0.5, rest=None):
+def _teacher_grad(grad_rows, logp_top, lp, valid, temperature, tail, divergence="kl", beta=0.5, rest=None, *,
+                  classes):
     """d loss / d lp (rows, k) from (rows, k) tensors only: with F = d D / d log Q, d D / d b_c = F_c - q_c sum F
     (b the teacher's scaled categories), through b = lp / T and, for the bucket, the tail u = log(1 - sum exp(lp)).
     F: kl q (log q - log P), reverse_kl -P, jsd beta q (log q - log m) (constant terms cancel)."""
-    logq, logp, u = _categories(logp_top, lp, valid, temperature, tail, divergence, rest)
+    logq, logp, u = _categories(logp_top, lp, valid, temperature, tail, divergence, rest, classes=classes)
     q, p = logq.exp(), logp.exp()
     if divergence == "kl":
         f = _plogq(q, logq - logp)
@@ -381,7 +384,8 @@ def _kernel_teacher_grad(grad_rows, student, indices, logprobs, stats, temperatu
     logp = (student.gather(-1, idx).to(acc) - big) / temperature - lse
     logp = torch.where(valid, logp, torch.full_like(logp, float("-inf")))
     rest = off - lse if tail == "bucket" else None
-    return _teacher_grad(g.squeeze(-1), logp, lp, valid, temperature, tail, divergence, beta, rest).to(logprobs.dtype)
+    return _teacher_grad(g.squeeze(-1), logp, lp, valid, temperature, tail, divergence, beta, rest,
+                         classes=student.shape[-1]).to(logprobs.dtype)
 
 
 if _C is not None:

@@ -1,11 +1,13 @@
 """kd_div / kd_loss / KDDiv / KDLoss at the edges of every argument: each case gives a correct value or a clear
 error, never a plausible wrong number (double backward, transforms, compiled target checks, extreme temperatures,
 masked logits, one class, identical rows, empty, non-contiguous, wrong dtypes and devices)."""
+import os
 import pathlib
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import assert_close
 
 import kdfast
@@ -354,6 +356,38 @@ def test_nan_in_a_counted_row_gives_nan_and_in_a_masked_row_nothing():
     assert kdfast.kd_loss(s, t, torch.tensor([0, 1, 1, 2])).isnan()
 
 
+@pytest.mark.parametrize("T", [1e-6, 1.0])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_one_class_row_with_nan_or_inf_gives_nan(divergence, T):
+    """One class gives exactly 0, but a one-class row holding NaN or +inf gives NaN, value and both gradients, and
+    only in its row (the op zeroed every one-class output, NaN included: fuzz seed 1796535862, kd_div case 23)."""
+    s = torch.tensor([[float("nan")], [INF], [0.3]], requires_grad=True)
+    t = torch.tensor([[-7.0177e-05], [0.5], [0.2]], requires_grad=True)
+    for reduction in ("none", "sum", "batchmean"):
+        out = kdfast.kd_div(s, t, T, divergence=divergence, reduction=reduction)
+        gs, gt = torch.autograd.grad(out.sum(), (s, t))
+        if reduction == "none":
+            assert out[:2].isnan().all() and out[2].item() == 0
+        else:
+            assert out.isnan()
+        for g in (gs, gt):
+            assert g[:2].isnan().all() and g[2].item() == 0
+    # the fuzz case: one value along dim=0, a 0-dim mask
+    x = torch.tensor([float("nan")])
+    one = torch.tensor([-7.0177e-05])
+    assert kdfast.kd_div(x, one, T, dim=0, mask=torch.tensor(True), divergence=divergence).isnan()
+    # a masked row adds nothing, NaN or not
+    out = kdfast.kd_div(s, t, T, divergence=divergence, mask=torch.tensor([False, False, True]))
+    gs, gt = torch.autograd.grad(out, (s, t))
+    assert out.item() == 0 and torch.count_nonzero(gs) == 0 and torch.count_nonzero(gt) == 0
+    y = torch.tensor([0, -100, 0])
+    assert kdfast.kd_loss(s, t, y, T, 0.5, divergence=divergence).isnan()
+    y = torch.tensor([-100, -100, 0])
+    out = kdfast.kd_loss(s, t, y, T, 0.5, divergence=divergence)
+    gs, = torch.autograd.grad(out, (s,))
+    assert out.item() == 0 and torch.count_nonzero(gs) == 0
+
+
 def test_positive_infinite_logit_gives_nan_not_a_number():
     s, t = logits((2, 5), requires_grad=False)
     s[0, 1] = INF
@@ -538,3 +572,85 @@ def test_topk_k_zero_gives_zero(tail):
     assert fused.item() == 0
     fused.backward()
     assert (x.grad == 0).all()
+
+
+def full_vocabulary_float32_teacher():
+    """A float64 student (3, 2), a teacher of k = V = 2 float32 log-probabilities and T (fuzz seed 1796535862,
+    topk_kd_div case 84)."""
+    s = torch.tensor([[24.35679100016657372, 0.0], [-6.60076346227483768, 0.0], [-31.52626683558812459, 0.0]],
+                     dtype=torch.float64)
+    idx = torch.tensor([[0, 1], [0, 1], [1, 0]])
+    lp = torch.tensor([[-0.34727364778518677, -1.22625911235809326], [-0.14257101714611053, -2.01835370063781738],
+                       [-0.52549958229064941, -0.89467579126358032]])
+    return s, idx, lp, 2.2396196367933894
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_topk_full_vocabulary_float32_teacher_float64_student(tail, divergence):
+    """k = V from float32 log-probabilities (they sum to 1 only within float32's rounding: 1 - 1.9e-9 here) and a
+    float64 student: no tail, the loss is kd_div's (the float64 eps took the rounding for a tail that no class of the
+    student holds: an infinite kl, and gradients 1.8e-4 apart between kernel and reference; fuzz seed 1796535862,
+    topk_kd_div case 84). The same through fused_linear_kd."""
+    s, idx, lp, T = full_vocabulary_float32_teacher()
+    assert (1 - lp.double().exp().sum(-1)).abs().max() > 1e-9  # rounding, far above float64's 3 eps
+    teacher = torch.zeros_like(s).scatter(-1, idx, lp.double())  # the teacher's logits: its log-probabilities
+    kw = dict(tail=tail, divergence=divergence, beta=0.3)
+    out, g, ref, gref = _topk_both(s, idx, lp, T, **kw)
+    x = s.clone().requires_grad_(True)
+    want = kdfast.kd_div(x, teacher, T, divergence=divergence, beta=0.3, reduction="sum")
+    want.backward()
+    assert want.isfinite()
+    for got in (out, ref):
+        torch.testing.assert_close(got, want)
+    for got in (g, gref):
+        torch.testing.assert_close(got, x.grad)
+    h = s.clone().requires_grad_(True)  # hidden (3, 2) @ an identity weight: the logits s
+    fused = kdfast.fused_linear_kd(h, torch.eye(2, dtype=torch.float64), kdfast.TopK(idx, lp), temperature=T, **kw)
+    z = s.clone().requires_grad_(True)
+    want = kdfast.kd_div(z, teacher, T, divergence=divergence, beta=0.3)
+    torch.testing.assert_close(fused, want)
+    torch.testing.assert_close(*(torch.autograd.grad(f, (a,))[0] for f, a in ((fused, h), (want, z))))
+
+
+def tiny_temperature_bucket():
+    """Logits (1, 5) whose top-k class leads the rest by 0.1 and a teacher whose tail (0.8) outweighs its entry."""
+    s = torch.tensor([[1.0, 0.9, 0.0, -1.0, 0.5]], dtype=torch.float64)
+    return s, torch.tensor([[0]]), torch.log(torch.tensor([[0.2]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_topk_bucket_tiny_temperature_student_tail_underflows(divergence, dtype, tmp_path):
+    """T = 1e-5: Q_tail = 1 and the student's mass off the top-k exp(-1e4). kl's off-top gradient (G_tail / P_tail
+    - S_G) p was -inf * 0 = NaN; it is G_tail exp(x - Loff) - S_G p, with no 1 / P_tail (fuzz seed 1796535862,
+    fused_linear_kd case 138). On topk_kd_div, fused_linear_kd's chunks and the vocabulary-parallel path, whose
+    off-top log-sum underflowed against the row maximum (an infinite kl)."""
+    s, idx, lp = tiny_temperature_bucket()
+    T, kw = 1e-5, dict(tail="bucket", divergence=divergence, beta=0.3)
+    y = s.clone().requires_grad_(True)
+    want = reference.topk_kd_div(y, idx, lp, T, reduction="sum", scale_t2=False, **kw)
+    gref, = torch.autograd.grad(want, (y,))
+    assert gref.isfinite().all() and (divergence != "kl" or gref.abs().max() > 1e4)  # of order 1 / T
+
+    def close(got, grad):
+        assert got.isfinite() and grad.isfinite().all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.double(), gref, rtol=1e-4, atol=1e-4 / T)  # 1 / T: the gradient's size
+
+    x = s.to(dtype).requires_grad_(True)
+    out = kdfast.topk_kd_div(x, idx, lp.to(dtype), T, reduction="sum", scale_t2=False, **kw)
+    close(out, torch.autograd.grad(out, (x,))[0])
+    w = s.to(dtype).T.contiguous().requires_grad_(True)  # hidden [[1]] @ weight.T = the logits
+    h = torch.ones(1, 1, dtype=dtype)
+    fused = kdfast.fused_linear_kd(h, w, kdfast.TopK(idx, lp.to(dtype)), temperature=T, scale_t2=False, **kw)
+    close(fused, torch.autograd.grad(fused, (w,))[0].T)
+    os.environ.pop("WORLD_SIZE", None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        x = s.to(dtype).requires_grad_(True)
+        out = kdfast.distributed.vocab_parallel_topk_kd_div(x, idx, lp.to(dtype), T, reduction="sum",
+                                                            scale_t2=False, **kw)
+        close(out, torch.autograd.grad(out, (x,))[0])
+    finally:
+        dist.destroy_process_group()

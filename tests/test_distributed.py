@@ -326,6 +326,25 @@ def test_kd_partial_fwd_with_the_rows_own_statistics_is_kd_fwd(shape, dtype):
 
 
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_kd_bwd_writes_a_one_class_shard(divergence):
+    """kd_bwd given the whole vocabulary's statistics writes a shard's slice of the gradients, also for a shard of
+    one class (V_rank = 1: uneven shards), which the op zeroed as if that class were the whole row."""
+    if not kdfast.backends()["cpu"]:
+        pytest.skip("needs the extension")
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(2, 3, 5, 1, generator=g, dtype=torch.float64) * 2).unbind(0)
+    _, _, stats = torch.ops.kdfast.kd_fwd(s, t, None, 2.0, divergence, 0.3, -100)
+    ones = torch.ones(3, 1, dtype=torch.float64)
+    full = torch.ops.kdfast.kd_bwd(ones, None, s, t, None, stats, 2.0, divergence, 0.3, -100, True, True)
+    assert all(x.abs().min() > 0 for x in full)
+    for c in range(5):
+        part = torch.ops.kdfast.kd_bwd(ones, None, s[:, c:c + 1], t[:, c:c + 1], None, stats, 2.0, divergence, 0.3,
+                                       -100, True, True)
+        for p, f in zip(part, full):
+            torch.testing.assert_close(p, f[:, c:c + 1])
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 def test_bucket_tail_is_formed_in_log_space(tmp_path, divergence):
     """A float32 student whose top-k hold all but ~3e-10 of its mass: the bucket's student tail comes from the
     classes off the top-k (1 - sum p[idx] would round to 0 and be floored at eps, off by 0.3 here): the loss and

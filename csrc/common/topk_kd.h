@@ -9,15 +9,18 @@
 //   renormalize: the k entries, Q = softmax(lp / T); P_j = p[idx_j] for kl (the full-vocabulary log-probabilities:
 //                DistillKit's "zero"), P_j = p[idx_j] / sum_l p[idx_l] for reverse_kl and jsd. A row without a valid
 //                entry has loss 0 and gradient 0.
-//   bucket:      one more category, the tail: Q from u = log(1 - sum_j exp(lp_j)) (taken as 0 within rounding, see
-//                topk_eps), P_tail = exp(Loff - L), Loff the log-sum over the classes that are NOT top-k classes:
-//                computed from those classes, never as 1 - sum p[idx] (that cancels when the student's mass off
-//                the top-k is small, the usual case for a trained student).
+//   bucket:      one more category, the tail: Q from u = log(1 - sum_j exp(lp_j)) (taken as 0 within rounding,
+//                and where the valid entries are all V classes: see topk_eps), P_tail = exp(Loff - L), Loff the
+//                log-sum over the classes that are NOT top-k classes: computed from those classes, never as
+//                1 - sum p[idx] (that cancels when the student's mass off the top-k is small, the usual case for a
+//                trained student).
 //   sampled:     weights w_j >= 0 given per entry (counts / draws) and lp_j the teacher's log-probabilities at T:
 //                loss = sum_j w_j (lp_j - log p[idx_j]), kl only; its gradient is renormalize kl's with Q = w.
 // With G_c = d D / d log P_c and S_G = sum_c G_c, the gradient with respect to x is, on a top-k class i,
-// sum_{j: idx_j = i} G_j - S_G * (p_i, or sum_{j: idx_j = i} P_j for renormalized categories), and p_i * coef on
-// every other class, coef = G_tail / P_tail - S_G (bucket), -S_G (renormalize kl, sampled) or 0 (renormalized
+// sum_{j: idx_j = i} G_j - S_G * (p_i, or sum_{j: idx_j = i} P_j for renormalized categories), and on every other
+// class p_i (G_tail / P_tail - S_G) = exp(x_i - Loff) coef with coef = G_tail - S_G P_tail (bucket: relative to
+// the classes off the top-k, so that no 1 / P_tail is formed: kl's G_tail / P_tail = -Q_tail / P_tail overflows
+// where P_tail is tiny), exp(x_i - L) coef with coef = -S_G (renormalize kl, sampled), or 0 (renormalized
 // categories: the other classes take no part).
 #pragma once
 
@@ -38,7 +41,7 @@ enum TopKStat : int {
   kTopKRef = 2,      // the log-normaliser of P on the top-k classes: L, or log sum_j exp(x[idx_j]) (renormalized)
   kTopKTeacher = 3,  // the teacher's log-normaliser over its categories (unused when sampled)
   kTopKSumG = 4,     // S_G
-  kTopKCoef = 5,     // the off-top coefficient
+  kTopKCoef = 5,     // the off-top coefficient (of exp(x - Loff) for the bucket, of exp(x - L) otherwise)
   kTopKOff = 6,      // Loff = log sum exp((s - M) / T) over the classes off the top-k (the teacher gradient's)
   kTopKPlanes = 7,
 };
@@ -72,8 +75,10 @@ struct TopKProblem {
 KDFAST_ISA_BEGIN
 
 // The accumulator's machine epsilon. A sum of k probabilities carries a rounding error of about k eps: a teacher
-// tail 1 - sum exp(lp) at or below (valid + 1) eps is taken as 0 (with k = V the tail is exactly 0, not rounding
-// noise).
+// tail 1 - sum exp(lp) at or below (valid + 1) eps is taken as 0. A row whose valid entries are all V classes (valid
+// indices are distinct) has no tail at all, whatever the rounding of its log-probabilities left: float32
+// log-probabilities of k = V classes sum to 1 within about 1e-8, which a float64 accumulator's eps would take for
+// a tail that no class of the student can hold (an infinite kl).
 template <class S> KDFAST_HD constexpr S topk_eps();
 template <> KDFAST_HD constexpr float topk_eps<float>() { return 1.1920929e-07f; }
 template <> KDFAST_HD constexpr double topk_eps<double>() { return 2.220446049250313e-16; }
@@ -191,7 +196,7 @@ KDFAST_HD inline TopKRow<S> topk_row(const TopKProblem& p, TopKSum<S> off, TopKS
   r.tmax = e.tmax;
   if (p.tail == TopKTail::Bucket) {
     const S rest = S(1) - e.mass;
-    r.u = rest > S(e.valid + 1) * topk_eps<S>() ? M::log(rest) : S(-INFINITY);
+    r.u = e.valid < p.classes && rest > S(e.valid + 1) * topk_eps<S>() ? M::log(rest) : S(-INFINITY);
     r.tmax = r.u * inv_T > r.tmax ? r.u * inv_T : r.tmax;
   }
   r.tlse = S(-INFINITY);
@@ -254,19 +259,8 @@ KDFAST_HD inline void topk_finish_row(const TopKProblem& p, int64_t row, const T
     const TopKTerm<S> t = topk_term<S>(p.divergence, S(p.beta), logP, logQ, M::exp(logQ));
     loss += t.loss;
     sum_g += t.G;
-    // G_tail / P_tail, from the log-masses (P_tail may be below the smallest normal number); no class is off the
-    // top-k with mass where Loff = -inf.
-    S ratio = S(0);
-    if (r.Loff > S(-INFINITY)) {
-      if (p.divergence == Divergence::KL) {
-        ratio = logQ > S(-INFINITY) ? -M::exp(logQ - logP) : S(0);
-      } else if (p.divergence == Divergence::ReverseKL) {
-        ratio = logP - logQ;
-      } else {
-        ratio = (S(1) - S(p.beta)) * (logP - jsd_log_mixture<S, S>(S(p.beta), logP, logQ));
-      }
-    }
-    coef = r.Loff > S(-INFINITY) ? ratio - sum_g : S(0);
+    // Relative to Loff (see the top of this file); no class is off the top-k with mass where Loff = -inf.
+    coef = r.Loff > S(-INFINITY) ? t.G - sum_g * M::exp(logP) : S(0);
   } else if (r.valid == 0) {
     loss = S(0);
   }
@@ -289,6 +283,7 @@ template <class S> KDFAST_HD inline TopKRow<S> topk_row_of_stats(const TopKProbl
   r.L = st[kTopKLse * p.rows + row];
   r.ref = st[kTopKRef * p.rows + row];
   r.tlse = st[kTopKTeacher * p.rows + row];
+  r.Loff = st[kTopKOff * p.rows + row];
   r.inv_T = S(1) / S(p.temperature);
   return r;
 }
@@ -301,10 +296,15 @@ KDFAST_HD inline S topk_top_grad(const TopKProblem& p, const TopKRow<S>& r, S x_
   return sum_g_class - sum_g * (p.entries_ref() ? S(entries) : S(1)) * P;
 }
 
-// d D / d x on a class off the top-k: p coef (exactly 0 where coef is 0: then p is not needed, and may be inf
-// against a renormalized reference).
-template <class S> KDFAST_HD inline S topk_off_grad(const TopKRow<S>& r, S x, S coef) {
-  return coef == S(0) ? S(0) : coef * VMath<S>::exp(x - r.L);
+// The log-sum that the off-top coefficient is relative to: Loff for the bucket, L otherwise.
+template <class S> KDFAST_HD inline S topk_off_ref(const TopKProblem& p, const TopKRow<S>& r) {
+  return p.tail == TopKTail::Bucket ? r.Loff : r.L;
+}
+
+// d D / d x on a class off the top-k: exp(x - topk_off_ref) coef (exactly 0 where coef is 0: then the exponential
+// is not needed, and may be inf against a renormalized reference).
+template <class S> KDFAST_HD inline S topk_off_grad(const TopKProblem& p, const TopKRow<S>& r, S x, S coef) {
+  return coef == S(0) ? S(0) : coef * VMath<S>::exp(x - topk_off_ref(p, r));
 }
 
 KDFAST_ISA_END

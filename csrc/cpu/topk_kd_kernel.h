@@ -153,7 +153,7 @@ struct TopKKernel {
     const TopKRow<A> r = topk_row_of_stats<A>(p, row);
     sorted_targets(row, r, targets);
     size_t next = 0;
-    const V gc(g * coef), vm(r.M), vl(r.L), inv(inv_T);
+    const V gc(g * coef), vm(r.M), vl(topk_off_ref(p, r)), inv(inv_T);
     row_blocks(row, buf, [&](int64_t c0, int64_t n, int nvec, const A* x) {
       A* out = obuf;
       if constexpr (kInPlace) if (n == kRowBlock) out = reinterpret_cast<A*>(grow + c0);

@@ -7,8 +7,8 @@
 // is looked up among the k entries). Forward: each thread folds its strided classes into two online states, the
 // marked classes and the others (the student's tail is the second, never 1 minus the top-k mass), and the threads
 // share the k entries for the teacher's and the categories' sums; every sum is merged across the block in a fixed
-// order (warp butterfly, then the warps in order: no atomics, deterministic). Backward: every thread writes p * coef
-// on its unmarked classes and, one thread per entry, each top-k class gets its value; a class repeated among the
+// order (warp butterfly, then the warps in order: no atomics, deterministic). Backward: every thread writes the
+// off-top gradient (topk_off_grad) on its unmarked classes and, one thread per entry, each top-k class gets its value; a class repeated among the
 // entries (seen while marking) is written by its first entry, with the G of all its entries, in a fixed order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) topk_bwd_kernel(TopKProblem p) {
     mark_top<A>(p, row, marks, &repeated);
     for (int64_t c = threadIdx.x; c < p.classes; c += kThreads) {
       if (g == A(0)) grow[c] = from_acc<TS>(A(0));  // a masked-out row (also where its logits hold inf or NaN)
-      else if (!is_top<A>(p, row, c, marks)) grow[c] = from_acc<TS>(g * topk_off_grad(r, x_at(c), coef));
+      else if (!is_top<A>(p, row, c, marks)) grow[c] = from_acc<TS>(g * topk_off_grad(p, r, x_at(c), coef));
     }
     if (g != A(0)) {
       for (int64_t j = threadIdx.x; j < p.k; j += kThreads) {
