@@ -382,3 +382,21 @@ def test_manifold_small_loss_keeps_its_relative_accuracy(rank):
     assert ((got.double() - want).abs() <= 5e-4 * want).all(), (got, want)
     for a, b in zip(torch.autograd.grad(got.sum(), (s, t)), torch.autograd.grad(want.sum(), (s64, t64))):
         assert (a.double() - b).abs().max() <= 5e-4 * b.abs().max()
+
+
+def test_affinity_gradient_of_a_zero_node_past_float16_range():
+    # Fuzz seed 1796535862, affinity case 11091: "avg" pooling makes a node of exactly 0 (-1.0312 and 1.0312); its
+    # norm is clamped at 1e-8, so its gradient is dk / 1e-8 = -1.9e8 (the float64 reference too), beyond float16's
+    # range: -inf in a float16 gradient, the same finite value in float32.
+    s = torch.tensor([-1.0312, 1.0312, 0.1296, 0.7056, -0.5806, -1.4023, 0.5903, -0.4639]).view(1, 1, 8, 1)
+    t = randn(1, 5, 8, 1, seed=5)
+    kw = dict(pool_size=(2, 3), pool="avg", reduction="sum")
+    ref = s.to(torch.float16).double().requires_grad_()
+    reference.pairwise_affinity_loss(ref, t, **kw).backward()
+    assert ref.grad.abs().max() > 1e7 and ref.grad.isfinite().all()
+    for dtype in (torch.float16, torch.float32):
+        x = s.to(torch.float16).to(dtype).requires_grad_()
+        kdfast.pairwise_affinity_loss(x, t.to(dtype), **kw).backward()
+        big = ref.grad.abs() > torch.finfo(dtype).max
+        assert torch.equal(x.grad[big].double(), ref.grad[big].sign() * float("inf"))
+        assert ((x.grad[~big].double() - ref.grad[~big]).abs() <= 5e-4 * ref.grad.abs().max()).all()
