@@ -36,9 +36,9 @@ def affinity_nodes(features, pool_size=None, pool="max"):
 def affinity_graph(features, *, pool_size=None, pool="max", acc=None):
     """a_ij = cosine similarity of nodes i and j of a (B, C, H, W) map (norms clamped at 1e-8), (B, n, n), in acc
     (default float32, float64 for float64 features)."""
-    nodes = affinity_nodes(features, pool_size, pool)
-    f = F.normalize(nodes.to(acc or (torch.float64 if nodes.dtype == torch.float64 else torch.float32)), dim=1,
-                    eps=1e-8)
+    acc = acc or (torch.float64 if features.dtype == torch.float64 else torch.float32)
+    # pooled in acc: a half-precision map's average would be rounded to half precision, forward and backward
+    f = F.normalize(affinity_nodes(features.to(acc), pool_size, pool), dim=1, eps=1e-8)
     return f.transpose(1, 2) @ f
 
 

@@ -400,3 +400,15 @@ def test_affinity_gradient_of_a_zero_node_past_float16_range():
         big = ref.grad.abs() > torch.finfo(dtype).max
         assert torch.equal(x.grad[big].double(), ref.grad[big].sign() * float("inf"))
         assert ((x.grad[~big].double() - ref.grad[~big]).abs() <= 5e-4 * ref.grad.abs().max()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_affinity_graph_pools_half_precision_in_float32(dtype):
+    # Fuzz seed 1796535862, affinity case 19110: affinity_graph averaged a bfloat16 map in bfloat16, so its gradient
+    # was 2 bfloat16 steps off (-2.953 for -2.984). Pooled in float32, the gradient is the float32 one rounded once.
+    x = randn(1, 2, 9, 9, seed=6).to(dtype).requires_grad_()
+    x32 = x.detach().float().requires_grad_()
+    w = randn(1, 25, 25, seed=7)
+    for a in (x, x32):
+        (kdfast.affinity_graph(a, pool_size=2, pool="avg").double() * w).sum().backward()
+    assert torch.equal(x.grad, x32.grad.to(dtype))
