@@ -1,6 +1,6 @@
 """Input shaping of the feature losses, shared by the kernel path and the reference (neither owns it): the spatial
 matching of attention pairs, the nodes and the explicit graph of pairwise affinity (which has no kernel), the point
-sets of manifold distillation and the closing formula of the manifold loss."""
+sets of manifold distillation."""
 from __future__ import annotations
 
 import torch
@@ -36,9 +36,9 @@ def affinity_nodes(features, pool_size=None, pool="max"):
 def affinity_graph(features, *, pool_size=None, pool="max", acc=None):
     """a_ij = cosine similarity of nodes i and j of a (B, C, H, W) map (norms clamped at 1e-8), (B, n, n), in acc
     (default float32, float64 for float64 features)."""
-    nodes = affinity_nodes(features, pool_size, pool)
-    f = F.normalize(nodes.to(acc or (torch.float64 if nodes.dtype == torch.float64 else torch.float32)), dim=1,
-                    eps=1e-8)
+    acc = acc or (torch.float64 if features.dtype == torch.float64 else torch.float32)
+    # pooled in acc: a half-precision map's average would be rounded to half precision, forward and backward
+    f = F.normalize(affinity_nodes(features.to(acc), pool_size, pool), dim=1, eps=1e-8)
     return f.transpose(1, 2) @ f
 
 
@@ -50,12 +50,3 @@ def manifold_points(x):
     if x.dim() == 2:
         return x.unsqueeze(0)
     return x
-
-
-def manifold_combine(ns2, nt2, cross):
-    """||P_s - P_t||_F^2 = ||P_s||^2 + ||P_t||^2 - 2 <P_s, P_t> from ns2 = ||Ys^T Ys||_F^2, nt2 = ||Yt^T Yt||_F^2
-    and cross = ||Ys^T Yt||_F^2; a side with Y = 0 has P = 0 (and a finite gradient: no sqrt at 0)."""
-    ps, pt = ns2 > 0, nt2 > 0
-    ns = torch.where(ps, ns2, torch.ones_like(ns2)).sqrt()
-    nt = torch.where(pt, nt2, torch.ones_like(nt2)).sqrt()
-    return ps.to(ns.dtype) + pt.to(nt.dtype) - 2 * cross / (ns * nt)

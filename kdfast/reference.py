@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._features import affinity_graph, affinity_nodes, manifold_combine, manifold_points, match_spatial  # noqa: F401
+from ._features import affinity_graph, affinity_nodes, manifold_points, match_spatial  # noqa: F401
 from ._reduce import reduce_rows, reduce_samples
 from ._validate import acc_dtype, kd_acc_dtype
 
@@ -161,6 +161,15 @@ def manifold_set_loss(student, teacher, rank):
     Yt = manifold_projection(teacher.to(acc), rank)
     return manifold_combine((Ys.mT @ Ys).square().sum((-2, -1)), (Yt.mT @ Yt).square().sum((-2, -1)),
                             (Ys.mT @ Yt).square().sum((-2, -1)))
+
+
+def manifold_combine(ns2, nt2, cross):
+    """||P_s - P_t||_F^2 = ||P_s||^2 + ||P_t||^2 - 2 <P_s, P_t> from ns2 = ||Ys^T Ys||_F^2, nt2 = ||Yt^T Yt||_F^2
+    and cross = ||Ys^T Yt||_F^2; a side with Y = 0 has P = 0 (and a finite gradient: no sqrt at 0)."""
+    ps, pt = ns2 > 0, nt2 > 0
+    ns = torch.where(ps, ns2, torch.ones_like(ns2)).sqrt()
+    nt = torch.where(pt, nt2, torch.ones_like(nt2)).sqrt()
+    return ps.to(ns.dtype) + pt.to(nt.dtype) - 2 * cross / (ns * nt)
 
 
 def manifold_distillation_loss(student_features, teacher_features, rank, weights=None, reduction="mean"):

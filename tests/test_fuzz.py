@@ -22,6 +22,7 @@ import torch
 
 import kdfast
 from kdfast import reference
+from kdfast._features import affinity_nodes
 
 SEED = int(os.environ.get("KDFAST_FUZZ_SEED", "0"))
 SECONDS = float(os.environ.get("KDFAST_FUZZ_SECONDS", "0"))
@@ -125,16 +126,19 @@ def check_normwise(name, got, want, dtype, scale=None, rounded=None):
     finite = want.isfinite()
     assert torch.equal(got.isfinite(), finite) or not finite.all(), f"{name}: non-finite where the reference is not"
     assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN where the reference has none (or the reverse)"
+    assert torch.equal(got[want.isinf()], want[want.isinf()]), f"{name}: finite where the reference is infinite"
     if not finite.any():
         return
     g, w = got[finite], want[finite]
-    size = max(float(w.abs().max()) if w.numel() else 0.0, scale or 0.0)
     if not w.numel():
         return
-    excess = (g - w).abs() - OUT_ERROR.get(rounded, 0.0) * w.abs()
-    err = float(excess.max())
-    assert err <= FEATURE_ERROR[dtype] * size + 1e-30, \
-        f"{name}: error (beyond the rounding) {err:.3g} vs size {size:.3g} ({dtype})"
+    # scale: a number, or a tensor of want's shape (a floor per entry)
+    scale = torch.as_tensor(0.0 if scale is None else scale, dtype=torch.float64).expand(want.shape)[finite]
+    size = scale.clamp_min(float(w.abs().max()))
+    excess = (g - w).abs() - OUT_ERROR.get(rounded, 0.0) * w.abs() - FEATURE_ERROR[dtype] * size - 1e-30
+    k = int(excess.argmax())
+    err = float(excess[k] + FEATURE_ERROR[dtype] * size[k])
+    assert excess[k] <= 0, f"{name}: error (beyond the rounding) {err:.3g} vs size {float(size[k]):.3g} ({dtype})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,12 +206,16 @@ def kd_scales(s64, t64, T, dim):
     return e, e.sum(dim, keepdim=True), p, torch.where(r.isfinite(), r, torch.ones_like(r))
 
 
+def in_range(want, dtype):
+    """A reference value beyond dtype's range is an infinity of its sign in dtype."""
+    big = torch.finfo(dtype).max
+    return torch.where(want.abs() > big, want.sign() * INF, want)
+
+
 def check_kd(name, got, want, bound, dtype=torch.float64):
     """|got - want| <= bound elementwise, with NaN and inf where the reference has them. A reference beyond dtype's
     range is an infinity of its sign in dtype."""
-    got, want = got.double(), want.double()
-    big = torch.finfo(dtype).max
-    want = torch.where(want.abs() > big, want.sign() * INF, want)
+    got, want = got.double(), in_range(want.double(), dtype)
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert torch.equal(got.isnan(), want.isnan()), \
         f"{name}: NaN pattern differs (got {int(got.isnan().sum())}, reference {int(want.isnan().sum())})"
@@ -530,14 +538,29 @@ def feature_case(rng, gen, op):
     rms = max([float(a.detach().double().square().mean().sqrt()) for a in args if a.numel()] + [1e-30])
     degree0 = op in ("attention", "affinity", "similarity_preserving") or (op == "manifold" and len(args) == 2)
     value_floor, grad_floor = (1e-4, 1e-2 / rms) if degree0 else (1e-4 * rms, 1e-3)
+    # The affinity graph normalises each node on its own: a node's gradient goes as 1 / |node|, which a node of
+    # small norm among larger ones makes much larger than 1 / rms.
+    grad_floors = [torch.clamp_min(1e-2 / node_norms(a, ps, pool), grad_floor) if op == "affinity" else grad_floor
+                   for a in args if a.requires_grad]
     outs = out if isinstance(out, (list, tuple)) else [out]
     wants = want if isinstance(want, (list, tuple)) else [want]
     for o, w in zip(outs, wants):
         check_normwise(f"{op} value", o.detach(), w.detach(), worst, value_floor)
-    for a, gx, gw in zip([a for a in args if a.requires_grad], g, wg):
+    for a, gx, gw, floor in zip([a for a in args if a.requires_grad], g, wg, grad_floors):
         assert gx is None or gx.dtype == a.dtype, f"{op}: gradient dtype {gx.dtype} for a {a.dtype} input"
-        if gx is not None:
-            check_normwise(f"{op} gradient", gx, gw, worst, grad_floor)
+        if gx is not None:  # a node clamped at norm 1e-8 has gradients of order 1e8, past float16's range
+            check_normwise(f"{op} gradient", gx, in_range(gw, gx.dtype), worst, floor)
+
+
+def node_norms(x, pool_size, pool):
+    """At each entry of a (B, C, H, W) map, the norm of the affinity node it belongs to (clamped at the op's 1e-8),
+    times the pooling window's size for "avg" (an entry's share of the node's gradient)."""
+    k = (1, 1) if pool_size is None else (pool_size, pool_size) if isinstance(pool_size, int) else pool_size
+    h, w = x.shape[2:]
+    norms = affinity_nodes(x.detach().double(), pool_size, pool).norm(dim=1).clamp_min(1e-8)
+    norms = norms.view(x.shape[0], 1, -(-h // k[0]), -(-w // k[1]))
+    norms = norms.repeat_interleave(k[0], 2).repeat_interleave(k[1], 3)[:, :, :h, :w]
+    return norms * (k[0] * k[1] if pool == "avg" else 1)
 
 
 def _svd_invariants(usv):
