@@ -196,12 +196,14 @@ def subnormal(dtype):
 
 
 def kd_scales(s64, t64, T, dim):
-    """Per element E = (p_s + p_t)(1 + |log p_s - log p_t|) (log-probabilities clamped at -1e3, 0 where both
-    probabilities are 0), per row A = sum of E, p_s + p_t and 1 + |log p_s - log p_t| (1 where infinite), from the
-    float64 inputs."""
+    """Per element E = (p_s + p_t)(1 + |log p_s - log p_t|) (a -inf log-probability taken as -1e3, 0 where both
+    probabilities are 0; finite ones as they are: a teacher log-probability of -4000 where the student has mass
+    makes a divergence of thousands), per row A = sum of E, p_s + p_t and 1 + |log p_s - log p_t| (1 where
+    infinite), from the float64 inputs."""
     ls, lt = torch.log_softmax(s64 / T, dim), torch.log_softmax(t64 / T, dim)
     p = ls.exp() + lt.exp()
-    e = torch.where(p > 0, p * (1 + (ls.clamp_min(-1e3) - lt.clamp_min(-1e3)).abs()), torch.zeros_like(p))
+    ls_f, lt_f = (torch.where(x == -INF, torch.full_like(x, -1e3), x) for x in (ls, lt))
+    e = torch.where(p > 0, p * (1 + (ls_f - lt_f).abs()), torch.zeros_like(p))
     r = 1 + (ls - lt).abs()
     return e, e.sum(dim, keepdim=True), p, torch.where(r.isfinite(), r, torch.ones_like(r))
 
