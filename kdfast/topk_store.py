@@ -176,16 +176,14 @@ class TopKStore:
             raise ValueError("logprobs must be log-probabilities (<= 0; -inf for padding)")
         idx = torch.where(valid, idx, torch.zeros_like(idx)).to(torch.int32)
         n = idx.shape[0]
-        fields = [idx.view(torch.uint8).reshape(n, 4 * self.k)]  # little-endian bytes, as the format says
+        fields = [idx.view(torch.uint8)]  # (n, 4k): each field's little-endian bytes, as the format says
         if self.kind == "sampled":
             counts = teacher.counts.detach().reshape(-1, self.k).cpu()
             if counts.numel() and not (0 <= int(counts.min()) and int(counts.max()) <= MAX_COUNT):
                 raise ValueError(f"counts must be in [0, {MAX_COUNT}] to be stored, got [{int(counts.min())}, "
                                  f"{int(counts.max())}]")
-            # uint16: the two low bytes of each count as int32
-            fields.append(counts.to(torch.int32).contiguous().view(torch.uint8).reshape(n, self.k, 4)[..., :2]
-                          .reshape(n, 2 * self.k))
-        fields.append(lp.contiguous().view(torch.uint8).reshape(n, 2 * self.k))
+            fields.append(counts.to(torch.uint16).view(torch.uint8))
+        fields.append(lp.contiguous().view(torch.uint8))
         width = _record_bytes(self.k, self.kind)  # records are padded to 4 bytes
         fields.append(torch.zeros(n, width - sum(f.shape[1] for f in fields), dtype=torch.uint8))
         self._file.seek(0, os.SEEK_END)
@@ -231,15 +229,14 @@ class TopKStore:
         n = max(start, stop) - start
         rec = self._records()[start:start + n]
 
-        def field(at, width):  # (n, k, width) bytes, copied out of the mapping
-            return rec[:, at:at + width * self.k].reshape(n, self.k, width).clone()
+        def field(at, dtype):  # (n, k) of dtype from the records' bytes at offset `at`, copied out of the mapping
+            return rec[:, at:at + dtype.itemsize * self.k].clone().view(dtype)
 
-        idx = field(0, 4).view(torch.int32).reshape(n, self.k)
-        lp = field(6 * self.k if self.kind == "sampled" else 4 * self.k, 2).view(self.logprob_dtype).reshape(n, self.k)
+        idx = field(0, torch.int32)
+        lp = field(6 * self.k if self.kind == "sampled" else 4 * self.k, self.logprob_dtype)
         if self.kind == "topk":
             return TopK(idx, lp)
-        counts = field(4 * self.k, 2).to(torch.int32)
-        return Sampled(idx, counts[..., 0] + 256 * counts[..., 1], lp)
+        return Sampled(idx, field(4 * self.k, torch.uint16).to(torch.int32), lp)
 
     def __getitem__(self, rows):
         if not isinstance(rows, slice) or rows.step not in (None, 1):
