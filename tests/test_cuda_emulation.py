@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_close
-from test_adversarial_logits import full_vocabulary_float32_teacher, tiny_temperature_bucket
+from test_adversarial_logits import (
+    check_offset_logits,
+    full_vocabulary_float32_teacher,
+    offset_logits,
+    tiny_temperature_bucket,
+)
 from test_affinity import assert_grad_close
 from test_affinity import make as affinity_make
 from test_attention import feats, grads_of
@@ -153,6 +158,16 @@ def test_kd_grid_stride_loops(emu, shape, dim):
     target = torch.arange(rows).remainder(3).reshape(shape[:dim % len(shape)] + shape[dim % len(shape) + 1:])
     run_kd(emu, s, t, None, 2.0, "jsd", dim, grid_cap=1, reduction="none")
     run_kd(emu, s, t, target, 2.0, "kl", dim, grid_cap=1)
+
+
+@pytest.mark.parametrize("classes,layout", [(64, "rows"), (3000, "rows"), (150, "pixels")],
+                         ids=["warp-per-row", "block-per-row", "pixels"])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+def test_kd_student_and_teacher_at_different_offsets(emu, classes, layout, divergence):
+    """The weighted sum of kl and reverse_kl against both sides' running maxima, merged across threads."""
+    s, t, dim = offset_logits(classes, layout)
+    with emulated(emu):
+        check_offset_logits(s, t, 14.6, divergence, dim)
 
 
 def topk_case(dtype, pad, duplicate):

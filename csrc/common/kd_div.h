@@ -170,46 +170,65 @@ KDFAST_HD inline void jsd_terms(S beta, V a, V b, S ls_s, S ls_t, V& kl_t, V& kl
 }
 
 // Online softmax state of one stream of raw logits x: running max m (of x, not x / T) and sum z of
-// exp((x - m) / T). A second weighted sum w (sum of exp((x - m) / T) * y) rides along for the KL terms.
+// exp((x - m) / T).
 template <class S> struct OnlineSum {
-  S m, z, w;
+  S m, z;
 };
 
-// Merge two partial states (of disjoint element sets) into one. An empty state has m = -inf, z = w = 0. A part
-// whose scale factor underflows to 0 adds nothing to w, also where its w is infinite (a class of the other side at
-// -inf whose own probability underflows: 0 * inf would make the row NaN). inv_T = 1 for sums of exp(x - m).
+// Merge two partial states (of disjoint element sets) into one. An empty state has m = -inf, z = 0.
+// inv_T = 1 for sums of exp(x - m).
 template <class S>
 KDFAST_HD inline OnlineSum<S> merge(OnlineSum<S> x, OnlineSum<S> y, S inv_T = S(1)) {
   using M = VMath<S>;
-  if (x.m != x.m || y.m != y.m) return {NAN, NAN, NAN};  // NaN seen: keep it
+  if (x.m != x.m || y.m != y.m) return {NAN, NAN};  // NaN seen: keep it
   const S m = x.m > y.m ? x.m : y.m;
-  if (m == -INFINITY) return {m, x.z + y.z, x.w + y.w};  // both empty (or all -inf)
-  const S fx = M::exp((x.m - m) * inv_T), fy = M::exp((y.m - m) * inv_T);
-  return {m, x.z * fx + y.z * fy, M::mul_nonzero(fx, x.w) + M::mul_nonzero(fy, y.w)};
+  if (m == -INFINITY) return {m, x.z + y.z};  // both empty (or all -inf)
+  return {m, x.z * M::exp((x.m - m) * inv_T) + y.z * M::exp((y.m - m) * inv_T)};
 }
 
-// logsumexp of the values of a state built with inv_T = 1.
+// The reference point of a row's exponents: its maximum, or 0 where it has seen only -inf (so that exp gives 0,
+// not NaN).
 template <class S>
-KDFAST_HD inline S lse_of(const OnlineSum<S>& x) { return x.m + VMath<S>::log(x.z); }
+KDFAST_HD inline S kd_ref_point(S m) { return m == S(-INFINITY) ? S(0) : m; }
 
-// A row's forward accumulators: online sums of the student s and the teacher t. The weighted sum w rides on the
-// teacher for kl (sum exp((t - m_t) / T) (t - s) / T) and on the student for reverse_kl
-// (sum exp((s - m_s) / T) (s - t) / T). z1 = sum exp(s - m_s) gives the log-sum of s at T = 1 for cross-entropy;
-// sy = s[target].
+// A row's forward accumulators: online sums of the student s and the teacher t; the weighted sum w of kl
+// (sum exp(b) (b - a), b = (t - ref_t) / T, a = (s - ref_s) / T, ref the running maxima) or of reverse_kl (sum
+// exp(a) (a - b)). w is kept against both sides' running maxima, so that the logits' distance from 0 never enters
+// it: a sum over the raw t - s cancels against (max_t - max_s) / T where the two sides sit at different offsets
+// (student logits around 1.2e5 against a teacher around 0 lost 3 digits in float32). z1 = sum exp(s - m_s) gives
+// the log-sum of s at T = 1 for cross-entropy; sy = s[target].
 template <class S> struct KdRowState {
   OnlineSum<S> s, t;
-  S z1, sy;
+  S w, z1, sy;
 };
 
-// Merge the accumulators of two disjoint parts of one row (lanes on CPU, threads on CUDA). z1 is relative to m_s
-// at T = 1.
+// w of a part moved from its reference points to new ones (o: old, n: new; x the side whose probabilities weigh
+// the terms, y the other): every term gains ((o_x - n_x) - (o_y - n_y)) / T and its weight the factor
+// f_x = exp((o_x - n_x) / T). z_x: the part's sum of exp against o_x. An underflowed factor drops the part's terms,
+// an infinite w included (a class of y at -inf whose own probability underflows: 0 * inf would make the row NaN).
+template <class V>
+KDFAST_HD inline V kd_w_moved(V w, V z_x, V f_x, V o_x, V n_x, V o_y, V n_y, V inv_T) {
+  using M = VMath<V>;
+  return M::mul_nonzero(f_x, w + M::mul_nonzero(z_x, ((o_x - n_x) - (o_y - n_y)) * inv_T));
+}
+
+// Merge the accumulators of two disjoint parts of one row (lanes on CPU, threads on CUDA). w_on_teacher: kl's w
+// (weighted by the teacher); reverse_kl's otherwise (jsd has none: w = 0 stays 0). z1 is relative to m_s at T = 1.
 template <class S>
-KDFAST_HD inline KdRowState<S> merge(const KdRowState<S>& x, const KdRowState<S>& y, S inv_T) {
+KDFAST_HD inline KdRowState<S> merge(const KdRowState<S>& x, const KdRowState<S>& y, S inv_T, bool w_on_teacher) {
+  using M = VMath<S>;
   KdRowState<S> r;
   r.s = merge(x.s, y.s, inv_T);
   r.t = merge(x.t, y.t, inv_T);
-  const S ref = r.s.m == -INFINITY ? S(0) : r.s.m;
-  r.z1 = x.z1 * VMath<S>::exp(x.s.m - ref) + y.z1 * VMath<S>::exp(y.s.m - ref);
+  const S rs = kd_ref_point(r.s.m), rt = kd_ref_point(r.t.m);
+  const auto moved = [&](const KdRowState<S>& q) {
+    const OnlineSum<S>& qx = w_on_teacher ? q.t : q.s;
+    const S ox = kd_ref_point(qx.m), nx = w_on_teacher ? rt : rs;
+    const S oy = kd_ref_point(w_on_teacher ? q.s.m : q.t.m), ny = w_on_teacher ? rs : rt;
+    return kd_w_moved(q.w, qx.z, M::exp((qx.m - nx) * inv_T), ox, nx, oy, ny, inv_T);
+  };
+  r.w = r.s.m != r.s.m || r.t.m != r.t.m ? S(NAN) : moved(x) + moved(y);
+  r.z1 = x.z1 * M::exp(x.s.m - rs) + y.z1 * M::exp(y.s.m - rs);
   r.sy = x.sy + y.sy;
   return r;
 }
@@ -231,13 +250,11 @@ KDFAST_HD inline void kd_finish_row(const KdProblem& p, int64_t row, const KdRow
   stats[kLogSumStudent * rows + row] = ls_s;
   stats[kLogSumTeacher * rows + row] = ls_t;
   if (p.divergence != Divergence::JSD) {
-    // KL(p || q) = E_p[x - y] - (m_x - m_y) / T - log z_x + log z_y for rows x, y with maxima m and sums z relative
-    // to them: each bracket is exactly 0 for one class and for identical rows, where the form with the logsumexps
-    // leaves a rounding residue (-4.8e-7 per row for one float32 class).
+    // KL(p || q) = E_p[a - b] - log z_p + log z_q with a, b the rows against their maxima (KdRowState::w): each
+    // part is exactly 0 for one class and for identical rows, where the form with the logsumexps leaves a rounding
+    // residue (-4.8e-7 per row for one float32 class).
     const bool kl = p.divergence == Divergence::KL;
-    const OnlineSum<S>& x = kl ? st.t : st.s;
-    const OnlineSum<S>& y = kl ? st.s : st.t;
-    const S div = (x.w / x.z - (x.m - y.m) * (S(1) / S(p.temperature))) + ((kl ? ls_s : ls_t) - (kl ? ls_t : ls_s));
+    const S div = st.w / (kl ? st.t.z : st.s.z) + ((kl ? ls_s : ls_t) - (kl ? ls_t : ls_s));
     stats[kAux0 * rows + row] = div;
     static_cast<S*>(p.div)[row] = kd_nonnegative(div);
   }

@@ -38,8 +38,7 @@ template <class A> struct KdLanes {
   KdRowState<A> lane(int l) const {
     alignas(64) A b[7][W];
     ms.store(b[0]); zs.store(b[1]); mt.store(b[2]); zt.store(b[3]); w.store(b[4]); z1.store(b[5]); sy.store(b[6]);
-    // w belongs to the teacher's sums for kl and to the student's otherwise; the other copy goes unused.
-    return {{b[0][l], b[1][l], b[4][l]}, {b[2][l], b[3][l], b[4][l]}, b[5][l], b[6][l]};
+    return {{b[0][l], b[1][l]}, {b[2][l], b[3][l]}, b[4][l], b[5][l], b[6][l]};
   }
 };
 
@@ -78,18 +77,20 @@ inline void fwd_block(const KdConsts<A>& k, const A* s, const A* t, const Vector
   const V nms = at::vec::maximum(L.ms, bms), nmt = at::vec::maximum(L.mt, bmt);
   const V rs = ref_point(nms), rt = ref_point(nmt);
   const V fs = M::exp((L.ms - rs) * inv), ft = M::exp((L.mt - rt) * inv);
+  // w follows the maxima (KdRowState in common/kd_div.h).
+  if (k.div == Divergence::KL) L.w = kd_w_moved(L.w, L.zt, ft, ref_point(L.mt), rt, ref_point(L.ms), rs, inv);
+  else if (k.div == Divergence::ReverseKL) L.w = kd_w_moved(L.w, L.zs, fs, ref_point(L.ms), rs, ref_point(L.mt), rt, inv);
   L.zs = L.zs * fs;
   L.zt = L.zt * ft;
-  // An underflowed factor drops the lane's past terms, an infinite w included (see merge in common/kd_div.h).
-  L.w = M::mul_nonzero(k.div == Divergence::KL ? ft : fs, L.w);
   if (k.ce_rescale) L.z1 = L.z1 * M::exp(L.ms - rs);
   for (int j = 0; j < nvec; ++j) {
     const V sv = V::loadu(s + j * W), tv = V::loadu(t + j * W);
-    const V es = M::exp((sv - rs) * inv), et = M::exp((tv - rt) * inv);
+    const V a = (sv - rs) * inv, b = (tv - rt) * inv;
+    const V es = M::exp(a), et = M::exp(b);
     L.zs = L.zs + es;
     L.zt = L.zt + et;
-    if (k.div == Divergence::KL) L.w = L.w + M::mul_nonzero(et, (tv - sv) * inv);
-    else if (k.div == Divergence::ReverseKL) L.w = L.w + M::mul_nonzero(es, (sv - tv) * inv);
+    if (k.div == Divergence::KL) L.w = L.w + M::mul_nonzero(et, b - a);
+    else if (k.div == Divergence::ReverseKL) L.w = L.w + M::mul_nonzero(es, a - b);
     if (k.target) {
       if (k.ce_rescale) L.z1 = L.z1 + M::exp(sv - rs);
       L.sy = L.sy + V::blendv(zero, sv, cls[j] == y);
@@ -201,7 +202,7 @@ struct KdKernel {
         fwd_block(k, sp, tp, cls, y, nvec, L);
       });
       KdRowState<A> st = L.lane(0);
-      for (int l = 1; l < W; ++l) st = merge(st, L.lane(l), k.inv_T);
+      for (int l = 1; l < W; ++l) st = merge(st, L.lane(l), k.inv_T, k.div == Divergence::KL);
       kd_finish_row(p, row, st);
     }
     if (k.div == Divergence::JSD) {
@@ -346,16 +347,16 @@ struct KdKernel {
     V zs(A(0)), zt(A(0)), w(A(0)), z1(A(0));
     for (int64_t c = 0; c < C; c += W) {
       const V sv = R.at(sp, c), tv = R.at(tp, c);
-      const V es = M::exp((sv - rs) * inv), et = M::exp((tv - rt) * inv);
+      const V a = (sv - rs) * inv, b = (tv - rt) * inv;
+      const V es = M::exp(a), et = M::exp(b);
       zs = zs + es;
       zt = zt + et;
-      if (k.div == Divergence::KL) w = w + M::mul_nonzero(et, (tv - sv) * inv);
-      else if (k.div == Divergence::ReverseKL) w = w + M::mul_nonzero(es, (sv - tv) * inv);
+      if (k.div == Divergence::KL) w = w + M::mul_nonzero(et, b - a);
+      else if (k.div == Divergence::ReverseKL) w = w + M::mul_nonzero(es, a - b);
       if (k.ce_rescale) z1 = z1 + M::exp(sv - rs);
     }
-    const A sw = at::vec::vec_reduce_all<A>(vsum, w);
-    KdRowState<A> st{{ms, at::vec::vec_reduce_all<A>(vsum, zs), sw}, {mt, at::vec::vec_reduce_all<A>(vsum, zt), sw},
-                     k.ce_rescale ? at::vec::vec_reduce_all<A>(vsum, z1) : A(0), A(0)};
+    KdRowState<A> st{{ms, at::vec::vec_reduce_all<A>(vsum, zs)}, {mt, at::vec::vec_reduce_all<A>(vsum, zt)},
+                     at::vec::vec_reduce_all<A>(vsum, w), k.ce_rescale ? at::vec::vec_reduce_all<A>(vsum, z1) : A(0), A(0)};
     if (k.target) {
       const int64_t y = p.target[row];
       if (y >= 0 && y < C) st.sy = sp[y];

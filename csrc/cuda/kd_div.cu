@@ -79,8 +79,6 @@ template <class A> Consts<A> consts_of(const KdProblem& p) {
           p.target != nullptr && p.temperature != 1.0};
 }
 
-// The reference point of a row's exponents: its maximum (of the raw logits), or 0 where it has seen only -inf.
-template <class A> __device__ __forceinline__ A ref_point(A m) { return m == A(-INFINITY) ? A(0) : m; }
 
 // One chunk of raw logits (s, t) of classes c0 .. c0 + n folded into a thread's online state. Maxima are of the raw
 // logits: every exponent is (x - max) / T (see csrc/cpu/kd_div_kernel.h).
@@ -97,22 +95,23 @@ __device__ __forceinline__ void fwd_chunk(const Consts<A>& k, const A (&s)[VEC],
     bmt = nan_max(bmt, b[j]);
   }
   const A nms = nan_max(st.s.m, bms), nmt = nan_max(st.t.m, bmt);
-  const A rs = ref_point(nms), rt = ref_point(nmt);
+  const A rs = kd_ref_point(nms), rt = kd_ref_point(nmt);
   const A fs = VMath<A>::exp((st.s.m - rs) * k.inv_T), ft = VMath<A>::exp((st.t.m - rt) * k.inv_T);
+  // w follows the maxima (KdRowState in common/kd_div.h).
+  const A os = kd_ref_point(st.s.m), ot = kd_ref_point(st.t.m);
+  if (k.div == Divergence::KL) st.w = kd_w_moved(st.w, st.t.z, ft, ot, rt, os, rs, k.inv_T);
+  else if (k.div == Divergence::ReverseKL) st.w = kd_w_moved(st.w, st.s.z, fs, os, rs, ot, rt, k.inv_T);
   st.s.z *= fs;
   st.t.z *= ft;
-  // reverse_kl's weighted sum rides on the student, kl's on the teacher (each thread keeps the one its divergence
-  // needs); an underflowed factor drops past terms, an infinite w included (see merge in common/kd_div.h).
-  st.s.w = VMath<A>::mul_nonzero(fs, st.s.w);
-  st.t.w = VMath<A>::mul_nonzero(ft, st.t.w);
   if (k.ce_rescale) st.z1 *= VMath<A>::exp(st.s.m - rs);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    const A es = VMath<A>::exp((a[j] - rs) * k.inv_T), et = VMath<A>::exp((b[j] - rt) * k.inv_T);
+    const A da = (a[j] - rs) * k.inv_T, db = (b[j] - rt) * k.inv_T;
+    const A es = VMath<A>::exp(da), et = VMath<A>::exp(db);
     st.s.z += es;
     st.t.z += et;
-    if (k.div == Divergence::KL) st.t.w += VMath<A>::mul_nonzero(et, (b[j] - a[j]) * k.inv_T);
-    else if (k.div == Divergence::ReverseKL) st.s.w += VMath<A>::mul_nonzero(es, (a[j] - b[j]) * k.inv_T);
+    if (k.div == Divergence::KL) st.w += VMath<A>::mul_nonzero(et, db - da);
+    else if (k.div == Divergence::ReverseKL) st.w += VMath<A>::mul_nonzero(es, da - db);
     if (k.target && j < n) {
       if (k.ce_rescale) st.z1 += VMath<A>::exp(a[j] - rs);
       if (c0 + j == y) st.sy += s[j];
@@ -126,14 +125,12 @@ template <class A> __device__ __forceinline__ A shfl_xor(A v, int mask) { return
 template <class A> __device__ __forceinline__ A shfl0(A v, int width) { return __shfl_sync(0xffffffffu, v, 0, width); }
 
 template <class A> __device__ __forceinline__ KdRowState<A> shfl_xor(const KdRowState<A>& x, int mask) {
-  return {{shfl_xor(x.s.m, mask), shfl_xor(x.s.z, mask), shfl_xor(x.s.w, mask)},
-          {shfl_xor(x.t.m, mask), shfl_xor(x.t.z, mask), shfl_xor(x.t.w, mask)},
-          shfl_xor(x.z1, mask), shfl_xor(x.sy, mask)};
+  return {{shfl_xor(x.s.m, mask), shfl_xor(x.s.z, mask)}, {shfl_xor(x.t.m, mask), shfl_xor(x.t.z, mask)},
+          shfl_xor(x.w, mask), shfl_xor(x.z1, mask), shfl_xor(x.sy, mask)};
 }
 template <class A> __device__ __forceinline__ KdRowState<A> shfl0(const KdRowState<A>& x, int width) {
-  return {{shfl0(x.s.m, width), shfl0(x.s.z, width), shfl0(x.s.w, width)},
-          {shfl0(x.t.m, width), shfl0(x.t.z, width), shfl0(x.t.w, width)},
-          shfl0(x.z1, width), shfl0(x.sy, width)};
+  return {{shfl0(x.s.m, width), shfl0(x.s.z, width)}, {shfl0(x.t.m, width), shfl0(x.t.z, width)},
+          shfl0(x.w, width), shfl0(x.z1, width), shfl0(x.sy, width)};
 }
 
 // Deterministic all-reduce of a value over a group of GROUP threads (a warp's lanes, or the whole block): a
@@ -166,10 +163,10 @@ template <class A> struct SoftmaxStats {
 
 template <class A>
 __device__ __forceinline__ SoftmaxStats<A> softmax_stats(const KdProblem& p, const KdRowState<A>& st, int64_t row) {
-  if (!p.stats_given) return {ref_point(st.s.m), ref_point(st.t.m), VMath<A>::log(st.s.z), VMath<A>::log(st.t.z)};
+  if (!p.stats_given) return {kd_ref_point(st.s.m), kd_ref_point(st.t.m), VMath<A>::log(st.s.z), VMath<A>::log(st.t.z)};
   const A* g = static_cast<const A*>(p.stats);
   const int64_t R = p.rows();
-  return {ref_point(g[kMaxStudent * R + row]), ref_point(g[kMaxTeacher * R + row]), g[kLogSumStudent * R + row],
+  return {kd_ref_point(g[kMaxStudent * R + row]), kd_ref_point(g[kMaxTeacher * R + row]), g[kLogSumStudent * R + row],
           g[kLogSumTeacher * R + row]};
 }
 
@@ -187,7 +184,7 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_rows(KdProblem p, Consts<A> k
     const int64_t row = base + threadIdx.x / GROUP;
     const bool live = row < rows;
     const int64_t y = live && k.target ? p.target[row] : -1;
-    KdRowState<A> st{{A(-INFINITY), A(0), A(0)}, {A(-INFINITY), A(0), A(0)}, A(0), A(0)};
+    KdRowState<A> st{{A(-INFINITY), A(0)}, {A(-INFINITY), A(0)}, A(0), A(0), A(0)};
     // Calls f(c0, n, s, t) on this thread's chunks of the row.
     auto for_chunks = [&](auto&& f) {
       if (!live) return;
@@ -203,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_rows(KdProblem p, Consts<A> k
       for_chunks([&](int64_t c0, int n, const A(&sv)[VEC], const A(&tv)[VEC]) {
         fwd_chunk<VEC>(k, sv, tv, c0, n, y, st);
       });
-      st = group_reduce<GROUP>(st, [&](const KdRowState<A>& x, const KdRowState<A>& z) { return merge(x, z, k.inv_T); },
+      st = group_reduce<GROUP>(st, [&](const KdRowState<A>& x, const KdRowState<A>& z) { return merge(x, z, k.inv_T, k.div == Divergence::KL); },
                                smem_state);
       if (live && lane == 0) kd_finish_row(p, row, st);
     }
@@ -239,8 +236,8 @@ template <class A> __device__ __forceinline__ RowGrad<A> row_grad(const KdProble
   const A* st = static_cast<const A*>(p.stats);
   const int64_t R = p.rows();
   RowGrad<A> r;
-  r.ms = ref_point(st[kMaxStudent * R + row]);
-  r.mt = ref_point(st[kMaxTeacher * R + row]);
+  r.ms = kd_ref_point(st[kMaxStudent * R + row]);
+  r.mt = kd_ref_point(st[kMaxTeacher * R + row]);
   r.ls_s = st[kLogSumStudent * R + row];
   r.ls_t = st[kLogSumTeacher * R + row];
   r.aux0 = st[kAux0 * R + row];
@@ -306,7 +303,7 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_pixels(KdProblem p, Consts<A>
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < rows; row += int64_t(gridDim.x) * blockDim.x) {
     const int64_t o = row / I, i = row % I, base = o * C * I + i;
     const int64_t y = k.target ? p.target[row] : -1;
-    KdRowState<A> st{{A(-INFINITY), A(0), A(0)}, {A(-INFINITY), A(0), A(0)}, A(0), A(0)};
+    KdRowState<A> st{{A(-INFINITY), A(0)}, {A(-INFINITY), A(0)}, A(0), A(0), A(0)};
     for (int64_t c0 = 0; c0 < C && !p.stats_given; c0 += kPixelChunk) {
       const int n = int(C - c0 < kPixelChunk ? C - c0 : kPixelChunk);
       A sv[kPixelChunk], tv[kPixelChunk];
