@@ -540,10 +540,11 @@ def feature_case(rng, gen, op):
     rms = max([float(a.detach().double().square().mean().sqrt()) for a in args if a.numel()] + [1e-30])
     degree0 = op in ("attention", "affinity", "similarity_preserving") or (op == "manifold" and len(args) == 2)
     value_floor, grad_floor = (1e-4, 1e-2 / rms) if degree0 else (1e-4 * rms, 1e-3)
-    # The affinity graph normalises each node on its own: a node's gradient goes as 1 / |node|, which a node of
-    # small norm among larger ones makes much larger than 1 / rms.
-    grad_floors = [torch.clamp_min(1e-2 / node_norms(a, ps, pool), grad_floor) if op == "affinity" else grad_floor
-                   for a in args if a.requires_grad]
+    # The affinity graph normalises each node on its own: a node's gradient goes as |g| / |node| (g the gradient
+    # reaching the normalised node), which a node of small norm among larger ones, or many nodes, makes much larger
+    # than 1 / rms.
+    grad_floors = (affinity_grad_floors(args, ps, pool, None if len(args) == 1 else red, seed, grad_floor)
+                   if op == "affinity" else [grad_floor for a in args if a.requires_grad])
     outs = out if isinstance(out, (list, tuple)) else [out]
     wants = want if isinstance(want, (list, tuple)) else [want]
     for o, w in zip(outs, wants):
@@ -554,14 +555,39 @@ def feature_case(rng, gen, op):
             check_normwise(f"{op} gradient", gx, in_range(gw, gx.dtype), worst, floor)
 
 
+def affinity_grad_floors(args, pool_size, pool, reduction, seed, least):
+    """The affinity ops' gradient floor at each entry of each map that requires grad: 1% of |g| / |node| (at least
+    `least`), g the gradient of the fuzz's random functional with respect to the normalised node the entry belongs
+    to (at least 1) and |node| as node_norms. Projecting g onto the node's tangent space rounds at eps |g| / |node|,
+    and |g| grows with the number of nodes (a one-channel graph of 63 nodes: |g| of 100)."""
+    nodes = [torch.nn.functional.normalize(affinity_nodes(a.detach().double(), pool_size, pool), dim=1, eps=1e-8)
+             .requires_grad_() for a in args]
+    graphs = [u.transpose(1, 2) @ u for u in nodes]
+    if reduction is None:  # affinity_graph
+        out = graphs[0]
+    else:  # pairwise_affinity_loss, as the reference forms it from the graphs
+        squares = (graphs[0] - graphs[1]).square()
+        out = squares.sum() if reduction == "sum" else reference.reduce_samples(squares.mean((1, 2)), reduction)
+    if not out.requires_grad:  # an empty batch
+        return [least for a in args if a.requires_grad]
+    up = torch.autograd.grad(weighted_sum(out, torch.Generator().manual_seed(seed)), nodes)
+    return [torch.clamp_min(1e-2 * per_entry(g.norm(dim=1).clamp_min(1), a, pool_size) / node_norms(a, pool_size, pool),
+                            least) for a, g in zip(args, up) if a.requires_grad]
+
+
+def per_entry(values, x, pool_size):
+    """(B, n) values of the affinity nodes of a (B, C, H, W) map, at each entry of the map: (B, 1, H, W)."""
+    k = (1, 1) if pool_size is None else (pool_size, pool_size) if isinstance(pool_size, int) else pool_size
+    h, w = x.shape[2:]
+    values = values.view(x.shape[0], 1, -(-h // k[0]), -(-w // k[1]))
+    return values.repeat_interleave(k[0], 2).repeat_interleave(k[1], 3)[:, :, :h, :w]
+
+
 def node_norms(x, pool_size, pool):
     """At each entry of a (B, C, H, W) map, the norm of the affinity node it belongs to (clamped at the op's 1e-8),
     times the pooling window's size for "avg" (an entry's share of the node's gradient)."""
     k = (1, 1) if pool_size is None else (pool_size, pool_size) if isinstance(pool_size, int) else pool_size
-    h, w = x.shape[2:]
-    norms = affinity_nodes(x.detach().double(), pool_size, pool).norm(dim=1).clamp_min(1e-8)
-    norms = norms.view(x.shape[0], 1, -(-h // k[0]), -(-w // k[1]))
-    norms = norms.repeat_interleave(k[0], 2).repeat_interleave(k[1], 3)[:, :, :h, :w]
+    norms = per_entry(affinity_nodes(x.detach().double(), pool_size, pool).norm(dim=1).clamp_min(1e-8), x, pool_size)
     return norms * (k[0] * k[1] if pool == "avg" else 1)
 
 
