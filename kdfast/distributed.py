@@ -104,10 +104,12 @@ class _VocabParallelKD(torch.autograd.Function):
         if jsd:
             sums = mass
         else:
-            # The shard's divergence is E[x - y] / T - lse_x + lse_y over its classes: its mean E[x - y] / T under
-            # the shard's p_x rides in the SUM, weighted by the shard's mass, and gives the whole vocabulary's.
-            lse = local[2:4] + local[:2] / temperature
-            mean = local[4] + (lse[x] - lse[1 - x])
+            # The shard's divergence is E[a_x - a_y] - ls_x + ls_y over its classes, a = (logit - max) / T against
+            # its own maxima: its mean E[a_x - a_y] under the shard's p_x, moved to the maxima over the ranks, rides
+            # in the SUM weighted by the shard's mass and gives the whole vocabulary's. Against maxima, never raw
+            # logits: a student at 1e5 and a teacher at 0 would cancel (as csrc/common/kd_div.h, KdRowState).
+            shift = (_reference_point(local[:2]) - ref) / temperature
+            mean = local[4] + (local[2 + x] - local[3 - x]) + (shift[x] - shift[1 - x])
             share = torch.where(mass[x] == 0, torch.zeros_like(mean), mass[x] * mean)
             sums = torch.cat([mass, share.unsqueeze(0)])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
@@ -118,8 +120,7 @@ class _VocabParallelKD(torch.autograd.Function):
             dist.all_reduce(aux, op=dist.ReduceOp.SUM, group=group)
             rows = beta * aux[0] + (1 - beta) * aux[1]
         else:
-            dlse = (ref[x] - ref[1 - x]) / temperature + given[2 + x] - given[3 - x]
-            aux = (sums[2] / sums[x] - dlse).unsqueeze(0)
+            aux = (sums[2] / sums[x] - (given[2 + x] - given[3 - x])).unsqueeze(0)
             rows = aux[0]
         ctx.save_for_backward(student, teacher, torch.cat([given, aux]).unsqueeze(-1))
         ctx.options = (temperature, divergence, beta)
