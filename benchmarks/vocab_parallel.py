@@ -3,7 +3,7 @@ measured side by side: each rank times, in interleaved rounds, one forward + bac
 loss over its shard and one of kd_div / topk_kd_div on that shard alone (both ranks busy in both), and its extra
 peak resident memory (VmHWM after `echo 5 > /proc/self/clear_refs`, less the resident size before the step).
 
-    python benchmarks/vocab_parallel.py [--rows 1024] [--shard 16000] [--rounds 7] [--out FILE.md]
+    python -m benchmarks.vocab_parallel [--rows 1024] [--shard 16000] [--rounds 7] [--out FILE.md]
 
 Targets: extra peak per rank <= 1.25x its gradient shard; time per rank <= 1.2x kd_div on the shard.
 """
@@ -53,6 +53,8 @@ def _steps(rank, rows, shard):
     idx = torch.randint(0, 2 * shard, (rows, K), generator=torch.Generator().manual_seed(9))
     lp = torch.randn(rows, K, generator=torch.Generator().manual_seed(8)).log_softmax(-1) - 1.0
     local_idx = idx % shard  # the shard-sized problem of the single-process row
+    counts = torch.randint(0, 4, (rows, K), generator=torch.Generator().manual_seed(7))  # 0: padding
+    sampled, local_sampled = kdfast.Sampled(idx, counts, lp), kdfast.Sampled(local_idx, counts, lp)
 
     def run(loss):
         loss.backward()
@@ -67,6 +69,8 @@ def _steps(rank, rows, shard):
         "vocab_parallel_topk_kd_div (bucket)": lambda: run(vp.vocab_parallel_topk_kd_div(s, idx, lp, T,
                                                                                          tail="bucket")),
         "topk_kd_div on the shard (bucket)": lambda: run(kdfast.topk_kd_div(s, local_idx, lp, T, tail="bucket")),
+        "vocab_parallel_sampled_kd_div": lambda: run(vp.vocab_parallel_sampled_kd_div(s, sampled, T)),
+        "sampled_kd_div on the shard": lambda: run(kdfast.sampled_kd_div(s, local_sampled, T)),
     }
 
 
