@@ -12,10 +12,9 @@
 //   bucket:      one more category, the tail: Q from u = log(1 - sum_j exp(lp_j)), which the op forms per row in
 //                float64 from the log-probabilities as given (TopKProblem::tail_log, csrc/topk_kd.cpp: taken as 0
 //                within their dtype's rounding, and where the valid entries are all V classes; docs/guarantees.md),
-//                P_tail = exp(Loff - L), Loff the
-//                log-sum over the classes that are NOT top-k classes: computed from those classes, never as
-//                1 - sum p[idx] (that cancels when the student's mass off the top-k is small, the usual case for a
-//                trained student).
+//                P_tail = exp(Loff - L), Loff the log-sum over the classes that are NOT top-k classes: computed
+//                from those classes, never as 1 - sum p[idx] (that cancels when the student's mass off the top-k is
+//                small, the usual case for a trained student).
 //   sampled:     weights w_j >= 0 given per entry (counts / draws) and lp_j the teacher's log-probabilities at T:
 //                loss = sum_j w_j (lp_j - log p[idx_j]), kl only; its gradient is renormalize kl's with Q = w.
 // With G_c = d D / d log P_c and S_G = sum_c G_c, the gradient with respect to x is, on a top-k class i,
@@ -105,8 +104,8 @@ template <class S> KDFAST_HD inline TopKSum<S> topk_sum_merge(TopKSum<S> a, TopK
 }
 
 // Per-entry accumulators of a row's first pass over its k entries (merged across lanes or threads in any fixed
-// order): the teacher's largest scaled log-probability, the valid entries, flags, and the
-// log-sum of the student's x over the valid entries (for renormalized categories).
+// order): the teacher's largest scaled log-probability, the valid entries, flags, and the log-sum of the student's
+// x over the valid entries (for renormalized categories).
 template <class S> struct TopKEntrySums {
   S tmax;
   int valid;
