@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <cmath>
 
 #include "cpu/dispatch.h"
@@ -28,11 +29,30 @@ Divergence parse_divergence(const std::string& d) {
 
 // The problem's inputs as the kernels read them: contiguous student rows in their own dtype (no copy when they
 // already are; the accumulator follows the student: float64 for float64 logits, float32 otherwise), int64 indices
-// and accumulator-typed log-probs and weights (all (rows, k): small next to the logits).
+// and accumulator-typed log-probs and weights (all (rows, k): small next to the logits), and the bucket's teacher
+// tail (rows).
 struct TopKInputs {
-  at::Tensor student, indices, logprobs, weights;
+  at::Tensor student, indices, logprobs, weights, tail_log;
   TopKProblem p;
 };
+
+// The teacher's tail per row, u = log(1 - sum_j exp(lp_j)) over the valid entries (those whose accumulator-typed
+// log-probability is above -inf), formed in float64 from the log-probabilities as given (a (rows, k) float64
+// temporary, k values a row): in the accumulator a float32 rounding of 1 - sum exp(lp), which cancels when the
+// entries hold almost all of the mass, grows by the tempered tail's exp(u / T). The tail is taken as 0 (u = -inf)
+// at or below (valid + 1) eps, eps that of the log-probabilities' own precision (float64's for float64, float32's
+// otherwise): below it the sum is rounding of the given log-probabilities, not mass; and where the valid entries
+// are all V classes (valid indices are distinct): float32 log-probabilities of k = V classes sum to 1 within about
+// 1e-8, a tail that no class of the student can hold (an infinite kl). kdfast/reference.py (topk_tail) is the
+// same rule.
+at::Tensor teacher_tail_log(const at::Tensor& logprobs, const at::Tensor& valid, int64_t classes) {
+  const at::Tensor lp = logprobs.to(at::kDouble);
+  const at::Tensor rest = 1 - at::where(valid, lp.exp(), 0.0).sum(-1);
+  const at::Tensor entries = valid.sum({-1}, false, at::kDouble);
+  const double eps = logprobs.scalar_type() == at::kDouble ? DBL_EPSILON : FLT_EPSILON;
+  const at::Tensor keep = (rest > (entries + 1) * eps) & (entries < classes);
+  return at::where(keep, rest.log(), -INFINITY);
+}
 
 TopKInputs prepare(const at::Tensor& student, const at::Tensor& indices, const at::Tensor& logprobs,
                    double temperature, const std::string& tail, const std::string& divergence, double beta,
@@ -91,6 +111,10 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_fwd(const at::Tensor& student, const 
                                                const TopKLauncher& launch) {
   TopKInputs in = prepare(student, indices, logprobs, temperature, tail, divergence, beta, weights);
   const auto acc = in.student.options().dtype(in.p.acc_double ? at::kDouble : at::kFloat);
+  if (in.p.tail == TopKTail::Bucket) {
+    in.tail_log = teacher_tail_log(logprobs, in.logprobs > -INFINITY, in.p.classes).to(acc).contiguous();
+    in.p.tail_log = in.tail_log.data_ptr();
+  }
   at::Tensor loss = at::empty({in.p.rows}, acc);
   at::Tensor stats = at::empty({kTopKPlanes, in.p.rows}, acc);
   if (in.p.rows > 0) {

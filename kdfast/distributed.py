@@ -33,6 +33,7 @@ import torch.utils.checkpoint
 from torch.autograd.function import once_differentiable
 
 from . import _validate as check
+from . import reference
 from ._ops import _C, has_kernel
 from ._reduce import check_row_reduction
 from ._validate import acc_dtype
@@ -239,11 +240,12 @@ class _VocabParallelTopK(torch.autograd.Function):
         lse, off = sums[:, 0].log(), ((off_ref - ref64) / temperature).to(acc) + sums[:, 1].log()
         x = torch.where(valid, sums[:, 2:], ninf)  # (s[idx] - ref) / T, -inf on padding
         rest = (off - lse).unsqueeze(-1)
+        # the teacher's tail (bucket), by the kernels' rule: from the log-probabilities as given
+        u = reference.topk_tail(logprobs, valid, total).to(acc) if tail == "bucket" else None
         if weights is None:
-            logq, logp, u = _categories(x - lse.unsqueeze(-1), lp, valid, temperature, tail, divergence, rest,
-                                        classes=total)
+            logq, logp = _categories(x - lse.unsqueeze(-1), lp, valid, temperature, tail, divergence, rest, u=u)
         else:  # sampled: renormalize kl's categories with Q = w (csrc/common/topk_kd.h)
-            logq, logp, u = lp, x - lse.unsqueeze(-1), None
+            logq, logp = lp, x - lse.unsqueeze(-1)
         cats = torch.cat([valid, torch.ones_like(valid[:, :1])], -1) if tail == "bucket" else valid
         term, g = _topk_terms(logq, logp, divergence, beta, weights)
         zero = torch.zeros_like(term)
@@ -265,16 +267,16 @@ class _VocabParallelTopK(torch.autograd.Function):
         tlse = torch.logsumexp(torch.cat([t, u / temperature], -1) if tail == "bucket" else t, -1)
         global_stats = torch.stack([ref, lse, p_ref, tlse, sum_g, coef, off])
         w_local = None if weights is None else torch.where(local, weights.to(acc), torch.zeros_like(lp))
-        ctx.save_for_backward(student, li, lp_local, global_stats, x - lse.unsqueeze(-1), lp, valid, rest, w_local,
+        ctx.save_for_backward(student, li, lp_local, global_stats, x - lse.unsqueeze(-1), lp, valid, rest, u, w_local,
                               weights)
         ctx.options = (temperature, tail, divergence, beta)
-        ctx.lp_dtype, ctx.classes = logprobs.dtype, total
+        ctx.lp_dtype = logprobs.dtype
         return rows
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        student, li, lp_local, stats, logp_top, lp, valid, rest, w_local, weights = ctx.saved_tensors
+        student, li, lp_local, stats, logp_top, lp, valid, rest, u, w_local, weights = ctx.saved_tensors
         temperature, tail, divergence, beta = ctx.options
         gs = gl = None
         if ctx.needs_input_grad[0]:
@@ -286,7 +288,7 @@ class _VocabParallelTopK(torch.autograd.Function):
             gl = _kernel_teacher_grad(grad_rows, student, li, lp, stats, *ctx.options, weights).to(ctx.lp_dtype)
         elif ctx.needs_input_grad[2]:
             gl = _teacher_grad(grad_rows.to(lp.dtype), logp_top, lp, valid, temperature, tail, divergence, beta,
-                               rest, classes=ctx.classes).to(ctx.lp_dtype)
+                               rest, u=u).to(ctx.lp_dtype)
         return gs, None, gl, None, None, None, None, None, None
 
 

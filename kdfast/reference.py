@@ -207,12 +207,26 @@ def _logsumexp_or_ninf(x):
     return torch.where(any_finite, lse, torch.full_like(lse, float("-inf")))
 
 
+def topk_tail(teacher_logprobs, valid, classes):
+    """The log-mass u = log(1 - sum_j exp(lp_j)) (..., 1) that a sparse teacher did not return, over its valid
+    entries, formed in float64 from the log-probabilities as given (in float32 that sum cancels where the entries
+    hold almost all of the mass, and the tempered tail exp(u / T) magnifies the error). -inf (no tail) at or below
+    (valid + 1) eps, eps that of the log-probabilities' precision (float64's for float64, float32's otherwise: below
+    it the sum is their rounding), and where the valid entries are all `classes` classes. The kernels' rule
+    (csrc/topk_kd.cpp, teacher_tail_log)."""
+    eps = torch.finfo(torch.float64 if teacher_logprobs.dtype == torch.float64 else torch.float32).eps
+    lp = teacher_logprobs.double()
+    tail_mass = 1 - torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
+    entries = valid.sum(-1, keepdim=True)
+    return torch.where((tail_mass > (entries + 1) * eps) & (entries < classes), tail_mass, 0).log()
+
+
 def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=1.0, tail="renormalize",
                  divergence="kl", beta=0.5):
     """The unscaled divergence of every row (..., V) from a sparse teacher (..., k): log-probabilities at T = 1,
     -inf = padding (its index is not read), in float32 (float64 for float64 logits: the student's accumulation
-    dtype). Teacher Q = softmax(lp / T) over the entries (and, for "bucket", the mass it did not return, taken as 0
-    within (valid + 1) eps of 0, and where the valid entries are all V classes). Student P: "renormalize" p[idx]
+    dtype). Teacher Q = softmax(lp / T) over the entries (and, for "bucket", the mass it did not return: topk_tail).
+    Student P: "renormalize" p[idx]
     (kl) or p[idx] / sum p[idx] (reverse_kl, jsd); "bucket" p[idx] and the mass of the classes off the top-k, summed
     over those classes. D(Q || P) with kd_div's divergence and beta. A row without a valid entry gives 0 with
     "renormalize"."""
@@ -225,12 +239,7 @@ def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=
     logp_top = torch.where(valid, logp_top, torch.full_like(logp_top, float("-inf")))
     t = lp / temperature
     if tail == "bucket":
-        eps = torch.finfo(acc).eps
-        mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
-        tail_mass = 1 - mass
-        entries = valid.sum(-1, keepdim=True)
-        u = torch.where((tail_mass > (entries + 1) * eps) & (entries < classes), tail_mass, 0).log()
-        t = torch.cat([t, u / temperature], dim=-1)
+        t = torch.cat([t, topk_tail(teacher_logprobs, valid, classes).to(acc) / temperature], dim=-1)
         # The student's mass off the top-k classes, summed over those classes (1 - sum p[idx] would cancel).
         slot = torch.where(valid, teacher_indices.long(), classes)
         top = torch.zeros(*logp.shape[:-1], classes + 1, dtype=torch.bool, device=logp.device)
@@ -307,13 +316,14 @@ def fused_linear_kd(student_hidden, student_weight, teacher, *, student_bias=Non
     * CE over the rows whose target is not ignore_index (all rows without a target), each "batchmean", or summed
     and divided by num_items_in_batch. teacher: logits, a TeacherHead (hidden, weight, bias, softcap,
     logit_scale), a TopK (indices, logprobs) or a Sampled (indices, counts, logprobs); the teacher gets no gradient
-    and is taken in the student's accumulation dtype. chunk_size is ignored."""
+    and is taken in the student's accumulation dtype (a sparse teacher's tail as topk_kd_rows forms it). chunk_size
+    is ignored."""
     acc = acc_dtype(student_hidden, student_weight)
     logits = capped_logits(student_hidden, student_weight, student_bias, softcap, logit_scale, acc)
     keep = None if target is None else target != ignore_index
     reduction = "batchmean" if num_items_in_batch is None else "sum"
     if not isinstance(teacher, torch.Tensor) and hasattr(teacher, "logprobs"):  # TopK or Sampled
-        lp = teacher.logprobs.detach().to(acc)
+        lp = teacher.logprobs.detach()  # as given: the bucket's tail rule reads its dtype (topk_tail)
         if hasattr(teacher, "counts"):  # Sampled
             rows = sampled_kd_rows(logits, teacher.indices, teacher.counts, lp, temperature)
         else:

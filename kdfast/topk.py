@@ -317,30 +317,24 @@ def sampled_kd_div(student_logits, teacher, temperature=1.0, *, mask=None, reduc
                    num_items_in_batch)
 
 
-def _categories(logp_top, lp, valid, temperature, tail, divergence="kl", rest=None, *, classes):
-    """(log Q, log P, u) over the k categories (+ the tail for "bucket") of a sparse teacher: logp_top = log p[idx]
-    of the student at T (-inf on padding), lp the teacher's log-probabilities, u the tail log-mass (or None; none
-    where the valid entries are all `classes` classes of the vocabulary);
+def _categories(logp_top, lp, valid, temperature, tail, divergence="kl", rest=None, *, u=None):
+    """(log Q, log P) over the k categories (+ the tail for "bucket") of a sparse teacher: logp_top = log p[idx]
+    of the student at T (-inf on padding), lp the teacher's log-probabilities, u (bucket) the teacher's tail
+    log-mass (rows, 1) in lp's dtype, from reference.topk_tail on the log-probabilities as given;
     rest (bucket): the student's log-mass off the top-k classes, computed from those classes (rows, 1) (None:
     from 1 - sum p[idx], floored at eps, which cancels when that mass is small). For "renormalize" with reverse_kl
     or jsd, P is renormalised over the valid entries."""
     t = lp / temperature
-    u = None
     if tail == "bucket":
-        # Within rounding of 0, or with every class among the entries (csrc/common/topk_kd.h, topk_eps): no tail.
-        eps = torch.finfo(lp.dtype).eps
-        tail_mass = 1 - torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1, keepdim=True)
-        entries = valid.sum(-1, keepdim=True)
-        u = torch.where((tail_mass > (entries + 1) * eps) & (entries < classes), tail_mass, 0).log()
         t = torch.cat([t, u / temperature], dim=-1)
         if rest is None:
             rest = (1 - torch.where(valid, logp_top.exp(), torch.zeros_like(logp_top)).sum(-1, keepdim=True))
-            rest = rest.clamp_min(eps).log()
+            rest = rest.clamp_min(torch.finfo(lp.dtype).eps).log()
         logp_top = torch.cat([logp_top, rest], dim=-1)
     elif divergence != "kl":
         norm = torch.logsumexp(torch.where(valid, logp_top, torch.full_like(logp_top, float("-inf"))), -1, True)
         logp_top = torch.where(valid, logp_top - norm, logp_top)
-    return torch.log_softmax(t, dim=-1), logp_top, u
+    return torch.log_softmax(t, dim=-1), logp_top
 
 
 def _plogq(q, log_ratio):
@@ -348,11 +342,12 @@ def _plogq(q, log_ratio):
 
 
 def _teacher_grad(grad_rows, logp_top, lp, valid, temperature, tail, divergence="kl", beta=0.5, rest=None, *,
-                  classes):
+                  u=None):
     """d loss / d lp (rows, k) from (rows, k) tensors only: with F = d D / d log Q, d D / d b_c = F_c - q_c sum F
-    (b the teacher's scaled categories), through b = lp / T and, for the bucket, the tail u = log(1 - sum exp(lp)).
+    (b the teacher's scaled categories), through b = lp / T and, for the bucket, the tail u = log(1 - sum exp(lp))
+    (_categories).
     F: kl q (log q - log P), reverse_kl -P, jsd beta q (log q - log m) (constant terms cancel)."""
-    logq, logp, u = _categories(logp_top, lp, valid, temperature, tail, divergence, rest, classes=classes)
+    logq, logp = _categories(logp_top, lp, valid, temperature, tail, divergence, rest, u=u)
     q, p = logq.exp(), logp.exp()
     if divergence == "kl":
         f = _plogq(q, logq - logp)
@@ -383,9 +378,11 @@ def _kernel_teacher_grad(grad_rows, student, indices, logprobs, stats, temperatu
     big, lse, off = stats[0].unsqueeze(-1), stats[1].unsqueeze(-1), stats[6].unsqueeze(-1)
     logp = (student.gather(-1, idx).to(acc) - big) / temperature - lse
     logp = torch.where(valid, logp, torch.full_like(logp, float("-inf")))
-    rest = off - lse if tail == "bucket" else None
+    rest = u = None
+    if tail == "bucket":
+        rest, u = off - lse, reference.topk_tail(logprobs, valid, student.shape[-1]).to(acc)
     return _teacher_grad(g.squeeze(-1), logp, lp, valid, temperature, tail, divergence, beta, rest,
-                         classes=student.shape[-1]).to(logprobs.dtype)
+                         u=u).to(logprobs.dtype)
 
 
 if _C is not None:

@@ -541,7 +541,7 @@ def _topk_both(s, idx, lp, T=1.0, **kw):
     out = kdfast.topk_kd_div(x, idx, lp, T, reduction="sum", **kw)
     out.backward()
     y = s.detach().double().requires_grad_(True)
-    ref = reference.topk_kd_div(y, idx, lp.double(), T, reduction="sum", **kw)
+    ref = reference.topk_kd_div(y, idx, lp, T, reduction="sum", **kw)  # lp as given (its tail rule)
     ref.backward()
     return out, x.grad, ref, y.grad
 
@@ -690,3 +690,71 @@ def test_topk_bucket_tiny_temperature_student_tail_underflows(divergence, dtype,
         close(out, torch.autograd.grad(out, (x,))[0])
     finally:
         dist.destroy_process_group()
+
+
+def tempered_tail_teacher():
+    """A float32 teacher of k = 40 entries over V = 50 classes that holds all but 1e-5 of the mass: one entry near 1
+    and 39 of 2.9e-8, each below half an ulp of a float32 sum near 1 (a float32 running sum drops them all), and a
+    student whose mass off the top-k is exp(-600 / T)."""
+    k = 40
+    small = torch.full((k - 1,), 2.9e-8, dtype=torch.float64)
+    lp = torch.cat([(1 - 1e-5 - small.sum()).reshape(1), small]).log().float().unsqueeze(0)
+    s = torch.zeros(1, 50)
+    s[0, k:] = -600.0
+    return s, torch.arange(k).unsqueeze(0), lp
+
+
+@pytest.mark.parametrize("T", [2.0, 4.0, 16.0])
+def test_topk_bucket_teacher_tail_formed_in_float64(T, tmp_path):
+    """The teacher's tail 1 - sum exp(lp) cancels in float32 when the entries hold almost all of the mass (1.11e-5
+    for 1.00e-5 here), and the tempered tail exp(u / T) carries the error into the loss: 1.1%, 2.0% and 0.66% at
+    T = 2, 4 and 16 before (fuzz seed 20261206, topk_kd_div case 753; seed 1796535862, case 406 and fused_linear_kd
+    case 850). It is formed in float64 from the log-probabilities as given, on topk_kd_div, fused_linear_kd's
+    chunks and the vocabulary-parallel path."""
+    s, idx, lp = tempered_tail_teacher()
+    f32 = torch.zeros((), dtype=torch.float32)
+    for p in lp[0].exp():
+        f32 = f32 + p
+    tail = 1 - lp.double().exp().sum()
+    assert abs(tail - 1e-5) < 1e-10 and abs((1 - f32.item()) / tail - 1) > 0.1
+    y = s.double().requires_grad_(True)
+    want = reference.topk_kd_div(y, idx, lp, T, tail="bucket", reduction="sum")
+    gref, = torch.autograd.grad(want, (y,))
+
+    def close(got, grad):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad.double(), gref, rtol=0, atol=1e-5 * gref.abs().max().item())
+
+    x = s.clone().requires_grad_(True)
+    out = kdfast.topk_kd_div(x, idx, lp, T, tail="bucket", reduction="sum")
+    close(out, torch.autograd.grad(out, (x,))[0])
+    w = s.T.contiguous().requires_grad_(True)  # hidden [[1]] @ weight.T = the logits
+    fused = kdfast.fused_linear_kd(torch.ones(1, 1), w, kdfast.TopK(idx, lp), temperature=T, tail="bucket")
+    close(fused, torch.autograd.grad(fused, (w,))[0].T)
+    os.environ.pop("WORLD_SIZE", None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        x = s.clone().requires_grad_(True)
+        out = kdfast.distributed.vocab_parallel_topk_kd_div(x, idx, lp, T, tail="bucket", reduction="sum")
+        close(out, torch.autograd.grad(out, (x,))[0])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_bucket_tail_cutoff_follows_the_teacher_dtype(dtype):
+    """A tail of 2e-6 over 40 entries: within float32 log-probabilities' rounding (41 eps = 4.9e-6) it is none, in
+    float64 ones a tail; the rule reads the log-probabilities' dtype, not the accumulator's (a float64 student)."""
+    s, idx, lp = tempered_tail_teacher()
+    small = torch.full((39,), 2.9e-8, dtype=torch.float64)
+    lp = torch.cat([(1 - 2e-6 - small.sum()).reshape(1), small]).log().unsqueeze(0).to(dtype)
+    u = reference.topk_tail(lp, lp > float("-inf"), 50)
+    assert (u == float("-inf")).item() == (dtype == torch.float32)
+    for student in (s, s.double()):
+        x = student.clone().requires_grad_(True)
+        out = kdfast.topk_kd_div(x, idx, lp, 4.0, tail="bucket", reduction="sum")
+        y = s.double().requires_grad_(True)
+        want = reference.topk_kd_div(y, idx, lp, 4.0, tail="bucket", reduction="sum")
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)
+        torch.testing.assert_close(*(torch.autograd.grad(f, (a,))[0].double() for f, a in ((out, x), (want, y))),
+                                   rtol=0, atol=1e-5 * want.item())

@@ -9,11 +9,12 @@
 //   renormalize: the k entries, Q = softmax(lp / T); P_j = p[idx_j] for kl (the full-vocabulary log-probabilities:
 //                DistillKit's "zero"), P_j = p[idx_j] / sum_l p[idx_l] for reverse_kl and jsd. A row without a valid
 //                entry has loss 0 and gradient 0.
-//   bucket:      one more category, the tail: Q from u = log(1 - sum_j exp(lp_j)) (taken as 0 within rounding,
-//                and where the valid entries are all V classes: see topk_eps), P_tail = exp(Loff - L), Loff the
-//                log-sum over the classes that are NOT top-k classes: computed from those classes, never as
-//                1 - sum p[idx] (that cancels when the student's mass off the top-k is small, the usual case for a
-//                trained student).
+//   bucket:      one more category, the tail: Q from u = log(1 - sum_j exp(lp_j)), which the op forms per row in
+//                float64 from the log-probabilities as given (TopKProblem::tail_log, csrc/topk_kd.cpp: taken as 0
+//                within their dtype's rounding, and where the valid entries are all V classes; docs/guarantees.md),
+//                P_tail = exp(Loff - L), Loff the log-sum over the classes that are NOT top-k classes: computed
+//                from those classes, never as 1 - sum p[idx] (that cancels when the student's mass off the top-k is
+//                small, the usual case for a trained student).
 //   sampled:     weights w_j >= 0 given per entry (counts / draws) and lp_j the teacher's log-probabilities at T:
 //                loss = sum_j w_j (lp_j - log p[idx_j]), kl only; its gradient is renormalize kl's with Q = w.
 // With G_c = d D / d log P_c and S_G = sum_c G_c, the gradient with respect to x is, on a top-k class i,
@@ -54,6 +55,7 @@ struct TopKProblem {
   const int64_t* indices;
   const void* logprobs;
   const void* weights;  // sampled teacher: the weight of each entry (null: top-k teacher, Q = softmax(lp / T))
+  const void* tail_log;  // bucket forward: rows accumulators, the teacher's tail u (-inf: none), formed by the op
   int64_t rows, classes, k;
   double temperature;
   TopKTail tail;
@@ -73,15 +75,6 @@ struct TopKProblem {
 };
 
 KDFAST_ISA_BEGIN
-
-// The accumulator's machine epsilon. A sum of k probabilities carries a rounding error of about k eps: a teacher
-// tail 1 - sum exp(lp) at or below (valid + 1) eps is taken as 0. A row whose valid entries are all V classes (valid
-// indices are distinct) has no tail at all, whatever the rounding of its log-probabilities left: float32
-// log-probabilities of k = V classes sum to 1 within about 1e-8, which a float64 accumulator's eps would take for
-// a tail that no class of the student can hold (an infinite kl).
-template <class S> KDFAST_HD constexpr S topk_eps();
-template <> KDFAST_HD constexpr float topk_eps<float>() { return 1.1920929e-07f; }
-template <> KDFAST_HD constexpr double topk_eps<double>() { return 2.220446049250313e-16; }
 
 KDFAST_HD inline bool topk_index_ok(int64_t i, int64_t classes) { return i >= 0 && i < classes; }
 
@@ -111,17 +104,17 @@ template <class S> KDFAST_HD inline TopKSum<S> topk_sum_merge(TopKSum<S> a, TopK
 }
 
 // Per-entry accumulators of a row's first pass over its k entries (merged across lanes or threads in any fixed
-// order): the teacher's largest scaled log-probability, its returned mass, the valid entries, flags, and the
-// log-sum of the student's x over the valid entries (for renormalized categories).
+// order): the teacher's largest scaled log-probability, the valid entries, flags, and the log-sum of the student's
+// x over the valid entries (for renormalized categories).
 template <class S> struct TopKEntrySums {
-  S tmax, mass;
+  S tmax;
   int valid;
   bool bad;        // a NaN or positive log-probability, a NaN weight, an index out of range on a valid entry
   TopKSum<S> top;  // of the raw logits s[idx_j], valid entries with repeats
 };
 
 template <class S> KDFAST_HD inline TopKEntrySums<S> topk_entry_sums_empty() {
-  return {S(-INFINITY), S(0), 0, false, topk_sum_empty<S>()};
+  return {S(-INFINITY), 0, false, topk_sum_empty<S>()};
 }
 
 // Whether entry j of a row takes part: a log-probability above -inf (top-k teacher), a positive weight (sampled),
@@ -152,7 +145,6 @@ KDFAST_HD inline void topk_entry_sums_add(const TopKProblem& p, TopKEntrySums<S>
     return;
   }
   ++e.valid;
-  e.mass += VMath<S>::exp(lp);
   e.tmax = lp * inv_T > e.tmax ? lp * inv_T : e.tmax;
   topk_sum_add(e.top, S(s_at(c)), inv_T);
 }
@@ -160,7 +152,7 @@ KDFAST_HD inline void topk_entry_sums_add(const TopKProblem& p, TopKEntrySums<S>
 template <class S>
 KDFAST_HD inline TopKEntrySums<S> topk_entry_sums_merge(const TopKEntrySums<S>& a, const TopKEntrySums<S>& b,
                                                         S inv_T) {
-  return {a.tmax > b.tmax ? a.tmax : b.tmax, a.mass + b.mass, a.valid + b.valid, a.bad || b.bad,
+  return {a.tmax > b.tmax ? a.tmax : b.tmax, a.valid + b.valid, a.bad || b.bad,
           topk_sum_merge(a.top, b.top, inv_T)};
 }
 
@@ -176,10 +168,10 @@ template <class S> struct TopKRow {
   int valid;
 };
 
-// The row from the student's online sums over the classes off the top-k (off) and on them (top, each class once),
-// and the first entry pass.
+// Row `row` from the student's online sums over the classes off the top-k (off) and on them (top, each class
+// once), and the first entry pass.
 template <class S>
-KDFAST_HD inline TopKRow<S> topk_row(const TopKProblem& p, TopKSum<S> off, TopKSum<S> top,
+KDFAST_HD inline TopKRow<S> topk_row(const TopKProblem& p, int64_t row, TopKSum<S> off, TopKSum<S> top,
                                      const TopKEntrySums<S>& e) {
   using M = VMath<S>;
   const S inv_T = S(1) / S(p.temperature);
@@ -195,8 +187,7 @@ KDFAST_HD inline TopKRow<S> topk_row(const TopKProblem& p, TopKSum<S> off, TopKS
   r.u = S(-INFINITY);
   r.tmax = e.tmax;
   if (p.tail == TopKTail::Bucket) {
-    const S rest = S(1) - e.mass;
-    r.u = e.valid < p.classes && rest > S(e.valid + 1) * topk_eps<S>() ? M::log(rest) : S(-INFINITY);
+    r.u = static_cast<const S*>(p.tail_log)[row];
     r.tmax = r.u * inv_T > r.tmax ? r.u * inv_T : r.tmax;
   }
   r.tlse = S(-INFINITY);

@@ -105,7 +105,7 @@ struct TopKKernel {
     TopKEntrySums<A> e = topk_entry_sums_empty<A>();
     for (int64_t j = 0; j < p.k; ++j)
       topk_entry_sums_add(p, e, row, j, inv_T, [&](int64_t c) { return logit(row, c); });
-    TopKRow<A> r = topk_row(p, off, on, e);
+    TopKRow<A> r = topk_row(p, row, off, on, e);
     A z = A(0);
     for (int64_t j = 0; j < p.k; ++j) z += topk_teacher_term(p, r, row, j);
     topk_teacher_lse(p, r, z);

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) topk_fwd_kernel(TopKProblem p) {
     e = block_merge(e, [inv_T](const TopKEntrySums<A>& a, const TopKEntrySums<A>& b) {
       return topk_entry_sums_merge(a, b, inv_T);
     });
-    TopKRow<A> r = topk_row(p, off, top, e);
+    TopKRow<A> r = topk_row(p, row, off, top, e);
     A z = A(0);
     for (int64_t j = threadIdx.x; j < p.k; j += kThreads) z += topk_teacher_term(p, r, row, j);
     z = block_merge(z, [](A a, A b) { return a + b; });

@@ -257,14 +257,18 @@ template <class TS> void run_topk(TopKTail tail, Divergence div = Divergence::KL
   Buf<TS> s(rows * C), gs(rows * C);
   fill(s, 4.0);
   Buf<int64_t> idx(rows * k);
-  Buf<A> lp(rows * k), w(rows * k), stats(kTopKPlanes * rows), loss(rows), g(rows);
+  Buf<A> lp(rows * k), w(rows * k), stats(kTopKPlanes * rows), loss(rows), g(rows), tail_log(rows);
   const int64_t ids[3][5] = {{3, 299, 17, 0, 150}, {8, 8, 42, -1, 42}, {-1, -1, -1, -1, -1}};  // duplicates, padding
-  for (int64_t r = 0; r < rows; ++r)
+  for (int64_t r = 0; r < rows; ++r) {
+    double mass = 0;  // the teacher's tail as the op forms it (csrc/topk_kd.cpp): well above rounding here
     for (int64_t j = 0; j < k; ++j) {
       idx.p[r * k + j] = ids[r][j];
       lp.p[r * k + j] = ids[r][j] < 0 ? A(-INFINITY) : A(-1.0 - 0.5 * double(j));
       w.p[r * k + j] = ids[r][j] < 0 ? A(0) : A(0.2);
+      mass += std::exp(double(lp.p[r * k + j]));
     }
+    tail_log.p[r] = A(std::log(1 - mass));
+  }
   fill(g, 1.0);
   TopKProblem p{};
   p.student = s.p;
@@ -279,6 +283,7 @@ template <class TS> void run_topk(TopKTail tail, Divergence div = Divergence::KL
   p.divergence = div;
   p.beta = 0.3;
   p.weights = sampled ? w.p : nullptr;
+  p.tail_log = tail_log.p;
   p.acc_double = std::is_same<A, double>::value;
   p.stats = stats.p;
   p.loss = loss.p;
