@@ -226,10 +226,9 @@ def topk_kd_rows(student_logits, teacher_indices, teacher_logprobs, temperature=
     """The unscaled divergence of every row (..., V) from a sparse teacher (..., k): log-probabilities at T = 1,
     -inf = padding (its index is not read), in float32 (float64 for float64 logits: the student's accumulation
     dtype). Teacher Q = softmax(lp / T) over the entries (and, for "bucket", the mass it did not return: topk_tail).
-    Student P: "renormalize" p[idx]
-    (kl) or p[idx] / sum p[idx] (reverse_kl, jsd); "bucket" p[idx] and the mass of the classes off the top-k, summed
-    over those classes. D(Q || P) with kd_div's divergence and beta. A row without a valid entry gives 0 with
-    "renormalize"."""
+    Student P: "renormalize" p[idx] (kl) or p[idx] / sum p[idx] (reverse_kl, jsd); "bucket" p[idx] and the mass of
+    the classes off the top-k, summed over those classes. D(Q || P) with kd_div's divergence and beta. A row without
+    a valid entry gives 0 with "renormalize"."""
     acc = acc_dtype(student_logits)
     logp = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
     lp = teacher_logprobs.to(acc)
