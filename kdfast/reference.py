@@ -76,7 +76,11 @@ def kd_loss(student_logits, teacher_logits, target, temperature=4.0, alpha=0.9, 
 
 def attention_map(features, p=2.0, *, pool="mean", normalize=True):
     """Reference of kdfast.attention_map: (B, prod(spatial)) channel pooling of |features|^p, L2-normalised."""
-    a = features.to(acc_dtype(features)).abs().pow(p)
+    x = features.to(acc_dtype(features)).abs()
+    # |x|^p with gradient 0 at x = 0, as the kernels: autograd's p |x|^(p - 1) is inf there for p < 1, and its
+    # 0 * inf NaN even where no gradient flows (a channel that max-pooling did not pick)
+    zero = x == 0
+    a = torch.where(zero, 0.0, torch.where(zero, 1.0, x).pow(p))
     if pool == "mean":
         a = a.mean(1)
     elif pool == "sum":

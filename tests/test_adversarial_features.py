@@ -412,3 +412,26 @@ def test_affinity_graph_pools_half_precision_in_float32(dtype):
     for a in (x, x32):
         (kdfast.affinity_graph(a, pool_size=2, pool="avg").double() * w).sum().backward()
     assert torch.equal(x.grad, x32.grad.to(dtype))
+
+
+@pytest.mark.parametrize("pool", ["mean", "sum", "max"])
+@pytest.mark.parametrize("p", [0.5, 3.0])
+def test_attention_gradient_at_an_exact_zero(pool, p):
+    """|x|^p has gradient 0 at x = 0, for p < 1 too (no finite value there): the kernels gave NaN where gradient
+    flowed and the reference NaN where none did (0 * inf in a channel max-pooling left out; fuzz seed 611206,
+    attention case 2660: a map pooled to the other's size had an exact 0)."""
+    x = torch.tensor([[[0.0, 1.0, 2.0], [0.5, 0.0, -1.0]], [[3.0, 0.0, -1.0], [0.0, 0.0, 0.25]]], requires_grad=True)
+    w = torch.arange(1.0, 4.0)
+    got = torch.autograd.grad((kdfast.attention_map(x, p, pool=pool) * w).sum(), x)[0]
+    x64 = x.detach().double().requires_grad_()
+    want = torch.autograd.grad((reference.attention_map(x64, p, pool=pool) * w).sum(), x64)[0]
+    assert got.isfinite().all() and want.isfinite().all()
+    assert (got[x == 0] == 0).all() and (want[x == 0] == 0).all()
+    assert_close(got, want, torch.float32)
+    # the pooled pair of the reproducer: bf16 student pooled to the teacher's size, an exact 0 after averaging
+    s = torch.tensor([[[0.5, -0.5, 1.0, 2.0]]], dtype=torch.bfloat16, requires_grad=True)
+    t = torch.tensor([[[1.0, 2.0]]], requires_grad=True)
+    gs = torch.autograd.grad(kdfast.attention_transfer_loss(s, t, p, pool=pool), s)[0]
+    s64 = s.detach().double().requires_grad_()
+    rs = torch.autograd.grad(reference.attention_transfer_loss(s64, t.detach().double(), p, pool=pool), s64)[0]
+    assert gs.isfinite().all() and rs.isfinite().all()

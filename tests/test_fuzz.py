@@ -542,8 +542,15 @@ def feature_case(rng, gen, op):
     # The affinity graph normalises each node on its own: a node's gradient goes as |g| / |node| (g the gradient
     # reaching the normalised node), which a node of small norm among larger ones, or many nodes, makes much larger
     # than 1 / rms.
-    grad_floors = (affinity_grad_floors(args, ps, pool, None if len(args) == 1 else red, seed, grad_floor)
-                   if op == "affinity" else [grad_floor for a in args if a.requires_grad])
+    if op == "affinity":
+        grad_floors = affinity_grad_floors(args, ps, pool, None if len(args) == 1 else red, seed, grad_floor)
+    elif op == "similarity_preserving":  # each sample's row of the Gram matrix is normalised on its own
+        grad_floors = [torch.clamp_min(1e-2 / sample_norms(a), grad_floor) for a in args if a.requires_grad]
+    elif op == "manifold":  # the projection onto the top `rank` directions goes as 1 / the gap after them
+        grad_floors = [grad_floor * max([1.0] + [spectral_sensitivity(a, rank) for a in args]) for a in args
+                       if a.requires_grad]
+    else:
+        grad_floors = [grad_floor for a in args if a.requires_grad]
     outs = out if isinstance(out, (list, tuple)) else [out]
     wants = want if isinstance(want, (list, tuple)) else [want]
     for o, w in zip(outs, wants):
@@ -572,6 +579,24 @@ def affinity_grad_floors(args, pool_size, pool, reduction, seed, least):
     up = torch.autograd.grad(weighted_sum(out, torch.Generator().manual_seed(seed)), nodes)
     return [torch.clamp_min(1e-2 * per_entry(g.norm(dim=1).clamp_min(1), a, pool_size) / node_norms(a, pool_size, pool),
                             least) for a, g in zip(args, up) if a.requires_grad]
+
+
+def sample_norms(x):
+    """The norm of each sample of x (B, ...), at each of its entries (clamped at the op's 1e-12)."""
+    x = x.detach().double()
+    return x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1)).expand(x.shape)
+
+
+def spectral_sensitivity(x, rank):
+    """sigma_1 / (20 (sigma_rank - sigma_rank+1)) of the centred points of each set, the largest over the sets:
+    how much the top-`rank` projection magnifies a rounding beyond a gap of 1/20 of sigma_1 (the fuzz draws
+    low-rank points whose gap centring can close)."""
+    pts = kdfast.reference.manifold_points(x.detach().double())
+    sv = torch.linalg.svdvals(pts - pts.mean(-2, keepdim=True))
+    if sv.numel() == 0 or sv.shape[-1] <= rank:
+        return 1.0
+    gap = (sv[..., rank - 1] - sv[..., rank]).clamp_min(1e-300)
+    return float((sv[..., 0] / (20 * gap)).max())
 
 
 def per_entry(values, x, pool_size):

@@ -80,7 +80,8 @@ KDFAST_SCALAR_ATTN_MATH(float, powf)
 KDFAST_SCALAR_ATTN_MATH(double, ::pow)
 #undef KDFAST_SCALAR_ATTN_MATH
 
-// |x|^p and d|x|^p/dx without the factor p (which the backward folds into its per-position coefficient).
+// |x|^p and d|x|^p/dx without the factor p (which the backward folds into its per-position coefficient), the
+// latter 0 at x = 0 for every p (for p < 1 it has no finite value there; the reference takes 0 too).
 template <PowKind K, class V, class S>
 KDFAST_HD inline V pow_abs(V x, S p) {
   using M = AttnMath<V>;
@@ -94,7 +95,11 @@ KDFAST_HD inline V dpow_abs(V x, S p) {
   using M = AttnMath<V>;
   if constexpr (K == PowKind::Two) return x;  // d x^2 / dx = 2 x; the 2 is p
   else if constexpr (K == PowKind::One) return M::sign(x);
-  else return M::pow(M::abs(x), V(p - S(1))) * M::sign(x);
+  else {
+    // 0 at x = 0, where |x|^(p - 1) is inf for p < 1 (its sign, 0, times inf would be NaN): the base is 1 there
+    const V sign = M::sign(x);
+    return M::pow(M::abs(x) + (V(S(1)) - M::abs(sign)), V(p - S(1))) * sign;
+  }
 }
 
 // d loss / d (pooled map) at one position, from the normalised map y, its upstream gradient dy, the sample's
