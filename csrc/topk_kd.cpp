@@ -33,8 +33,22 @@ Divergence parse_divergence(const std::string& d) {
 // tail (rows).
 struct TopKInputs {
   at::Tensor student, indices, logprobs, weights, tail_log;
+  at::Tensor shift;  // (rows, 1) float64: teacher_shift
   TopKProblem p;
 };
+
+// The constant each row of a top-k teacher's log-probabilities is shifted by before they are rounded to the
+// accumulator: their largest valid value (an accumulator-typed log-probability above -inf), in float64; 0 where
+// that is above 0 or -inf (the kernel then sees the row's invalid value or its padding as given). The teacher's
+// categories, softmax(lp / T) and the bucket's tail u / T, do not change with it, but their rounding does: float32
+// holds lp = -4 to 4e-7, which a temperature of 5e-6 would make 0.08 of the tempered teacher; (lp - max) / T keeps
+// the spread of the row only. A sampled teacher's log-probabilities enter its loss as they are: not shifted.
+// kdfast/topk.py (teacher_shift) is the same rule.
+at::Tensor teacher_shift(const at::Tensor& lp64, const at::Tensor& valid) {
+  if (lp64.size(-1) == 0) return at::zeros({lp64.size(0), 1}, lp64.options());
+  const at::Tensor m = at::where(valid, lp64, -INFINITY).amax({-1}, true);
+  return at::where(m.isfinite() & (m <= 0), m, 0.0);
+}
 
 // The teacher's tail per row, u = log(1 - sum_j exp(lp_j)) over the valid entries (those whose accumulator-typed
 // log-probability is above -inf), formed in float64 from the log-probabilities as given (a (rows, k) float64
@@ -89,7 +103,13 @@ TopKInputs prepare(const at::Tensor& student, const at::Tensor& indices, const a
   }
   in.student = student.contiguous();
   in.indices = indices.to(at::kLong).contiguous();
-  in.logprobs = logprobs.to(acc).contiguous();
+  if (weights) {
+    in.logprobs = logprobs.to(acc).contiguous();
+  } else {
+    const at::Tensor lp64 = logprobs.to(at::kDouble);
+    in.shift = teacher_shift(lp64, logprobs.to(acc) > -INFINITY);
+    in.logprobs = (lp64 - in.shift).to(acc).contiguous();
+  }
   p.student = in.student.data_ptr();
   p.student_dtype = kernel_dtype(in.student, "student");
   p.indices = in.indices.data_ptr<int64_t>();
@@ -112,7 +132,9 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_fwd(const at::Tensor& student, const 
   TopKInputs in = prepare(student, indices, logprobs, temperature, tail, divergence, beta, weights);
   const auto acc = in.student.options().dtype(in.p.acc_double ? at::kDouble : at::kFloat);
   if (in.p.tail == TopKTail::Bucket) {
-    in.tail_log = teacher_tail_log(logprobs, in.logprobs > -INFINITY, in.p.classes).to(acc).contiguous();
+    in.tail_log = (teacher_tail_log(logprobs, in.logprobs > -INFINITY, in.p.classes) - in.shift.squeeze(-1))
+                      .to(acc)
+                      .contiguous();
     in.p.tail_log = in.tail_log.data_ptr();
   }
   at::Tensor loss = at::empty({in.p.rows}, acc);

@@ -51,6 +51,7 @@ from .topk import (
     _plogq,
     _sample_weights,
     _teacher_grad,
+    teacher_shift,
 )
 
 _MAX_SHARD = 1 << 24  # slice sizes travel in the float32 MAX all-reduce, exact up to 2^24
@@ -217,7 +218,8 @@ class _VocabParallelTopK(torch.autograd.Function):
         local = valid & (shifted >= 0) & (shifted < student.shape[-1])
         li = torch.where(local, shifted, torch.zeros_like(shifted))
         ninf = torch.full_like(lp, float("-inf"))
-        lp_local = torch.where(local, lp, ninf)  # the other shards' entries as padding
+        # the other shards' entries as padding; as given, as every top-k op takes them (teacher_shift)
+        lp_local = torch.where(local, logprobs, torch.full_like(logprobs, float("-inf")))
         # The shard's statistics (csrc/common/topk_kd.h, TopKStat): its largest logit M, its log-sum L and its
         # log-sum Loff over the classes off the top-k (summed over those classes, never 1 - sum p[idx]), in units
         # of (s - M) / T. One read of the shard, no copy.
@@ -241,8 +243,13 @@ class _VocabParallelTopK(torch.autograd.Function):
         x = torch.where(valid, sums[:, 2:], ninf)  # (s[idx] - ref) / T, -inf on padding
         rest = (off - lse).unsqueeze(-1)
         # the teacher's tail (bucket), by the kernels' rule: from the log-probabilities as given
-        u = reference.topk_tail(logprobs, valid, total).to(acc) if tail == "bucket" else None
+        u = reference.topk_tail(logprobs, valid, total) if tail == "bucket" else None
         if weights is None:
+            # The top-k teacher shifted as topk_kd_bwd will shift lp_local (teacher_shift), so that its categories
+            # and the statistics given to it agree, and keep their precision at a small T.
+            shift = teacher_shift(lp_local, lp_local.to(acc) > float("-inf"))
+            lp = (logprobs.double() - shift).to(acc)
+            u = None if u is None else (u - shift).to(acc)
             logq, logp = _categories(x - lse.unsqueeze(-1), lp, valid, temperature, tail, divergence, rest, u=u)
         else:  # sampled: renormalize kl's categories with Q = w (csrc/common/topk_kd.h)
             logq, logp = lp, x - lse.unsqueeze(-1)

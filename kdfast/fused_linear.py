@@ -222,7 +222,7 @@ def fused_linear_kd_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
             kd_weight = kd_scale if keep is None else kd_scale * keep[lo:hi]
             if teacher_form in ("topk", "sampled"):
                 weights = teacher[2][lo:hi] if teacher_form == "sampled" else None
-                rows, ce, g = _topk_ce_chunk(logits, teacher[0][lo:hi], _rounded(teacher[1][lo:hi], acc), weights,
+                rows, ce, g = _topk_ce_chunk(logits, teacher[0][lo:hi], teacher[1][lo:hi], weights,
                                              y if use_ce else None, kd_weight, ce_weight, temperature, tail,
                                              divergence, beta, ignore_index, with_grad)
             else:
@@ -251,8 +251,9 @@ def fused_linear_kd_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
 
 
 def _rounded(teacher, acc):
-    """A chunk of float64 teacher values in the accumulation dtype (a float32 student's loss stays float32);
-    other dtypes go to the kernels as they are."""
+    """A chunk of float64 teacher logits in the accumulation dtype (a float32 student's loss stays float32); other
+    dtypes go to the kernels as they are. (Sparse teachers' log-probabilities go as given: the top-k ops keep the
+    student's accumulator, form the bucket's tail from them and shift them before rounding.)"""
     return teacher.to(acc) if teacher.dtype == torch.float64 else teacher
 
 

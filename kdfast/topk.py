@@ -365,6 +365,18 @@ def _teacher_grad(grad_rows, logp_top, lp, valid, temperature, tail, divergence=
     return db * (grad_rows.expand(lp.shape[:-1]).unsqueeze(-1) / temperature)
 
 
+def teacher_shift(logprobs, valid):
+    """The per-row constant (rows, 1) float64 that the top-k kernels subtract from a top-k teacher's
+    log-probabilities before rounding them to their accumulator (csrc/topk_kd.cpp, teacher_shift): the largest valid
+    one, 0 where that is above 0 or -inf. The categories softmax(lp / T) do not change with it, their rounding at a
+    small T does."""
+    lp = logprobs.double()
+    if lp.shape[-1] == 0:
+        return lp.new_zeros(*lp.shape[:-1], 1)
+    m = torch.where(valid, lp, torch.full_like(lp, float("-inf"))).amax(-1, keepdim=True)
+    return torch.where(m.isfinite() & (m <= 0), m, torch.zeros_like(m))
+
+
 def _kernel_teacher_grad(grad_rows, student, indices, logprobs, stats, temperature, tail, divergence, beta, weights):
     """d loss / d logprobs for the kernel op: c_j / n for a sampled teacher; else _teacher_grad, log p[idx] gathered
     from the student and the saved row statistics (csrc/common/topk_kd.h, TopKStat)."""
@@ -372,15 +384,16 @@ def _kernel_teacher_grad(grad_rows, student, indices, logprobs, stats, temperatu
     g = grad_rows.to(acc).expand(stats.shape[1:]).unsqueeze(-1)
     if weights is not None:
         return (weights.to(acc) * g).to(logprobs.dtype)
-    lp = logprobs.to(acc)
-    valid = lp > float("-inf")
+    valid = logprobs.to(acc) > float("-inf")
+    shift = teacher_shift(logprobs, valid)  # as the kernels: the tempered categories keep their precision
+    lp = (logprobs.double() - shift).to(acc)
     idx = torch.where(valid, indices, torch.zeros_like(indices)).long()
     big, lse, off = stats[0].unsqueeze(-1), stats[1].unsqueeze(-1), stats[6].unsqueeze(-1)
     logp = (student.gather(-1, idx).to(acc) - big) / temperature - lse
     logp = torch.where(valid, logp, torch.full_like(logp, float("-inf")))
     rest = u = None
     if tail == "bucket":
-        rest, u = off - lse, reference.topk_tail(logprobs, valid, student.shape[-1]).to(acc)
+        rest, u = off - lse, (reference.topk_tail(logprobs, valid, student.shape[-1]) - shift).to(acc)
     return _teacher_grad(g.squeeze(-1), logp, lp, valid, temperature, tail, divergence, beta, rest,
                          u=u).to(logprobs.dtype)
 

@@ -1,6 +1,7 @@
 """kd_div / kd_loss / KDDiv / KDLoss at the edges of every argument: each case gives a correct value or a clear
 error, never a plausible wrong number (double backward, transforms, compiled target checks, extreme temperatures,
 masked logits, one class, identical rows, empty, non-contiguous, wrong dtypes and devices)."""
+import math
 import os
 import pathlib
 import sys
@@ -758,3 +759,40 @@ def test_topk_bucket_tail_cutoff_follows_the_teacher_dtype(dtype):
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)
         torch.testing.assert_close(*(torch.autograd.grad(f, (a,))[0].double() for f, a in ((out, x), (want, y))),
                                    rtol=0, atol=1e-5 * want.item())
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("lp_dtype", [torch.float32, torch.float64])
+def test_topk_teacher_at_a_tiny_temperature(tail, lp_dtype, tmp_path):
+    """Log-probabilities near -2 to -4 at T = 5e-6: rounded to float32 and then divided by T, their rounding (4e-7
+    at -4) moved the tempered teacher by 0.08 (fuzz seed 611206, topk_kd_div case 67491: 24.26 for 24.19). The
+    kernels shift each row by its largest log-probability first (in float64), on topk_kd_div, fused_linear_kd's
+    chunks and the vocabulary-parallel path: the loss and the student's gradient match the reference."""
+    g = torch.Generator().manual_seed(5)
+    T = 5e-6
+    s = (torch.randn(3, 257, generator=g, dtype=torch.float64) * 1e-4).float()
+    idx = torch.stack([torch.randperm(257, generator=g)[:8] for _ in range(3)])
+    lp = (math.log(0.12) - 2e-5 * torch.rand(3, 8, generator=g, dtype=torch.float64)).to(lp_dtype)  # tail 0.04
+    y = s.double().requires_grad_(True)
+    want = reference.topk_kd_div(y, idx, lp, T, tail=tail, reduction="sum", scale_t2=False)
+    gref, = torch.autograd.grad(want, (y,))
+
+    def close(got, grad):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+        assert (grad.double() - gref).abs().max() <= 1e-4 * gref.abs().max()
+
+    x = s.clone().requires_grad_(True)
+    out = kdfast.topk_kd_div(x, idx, lp, T, tail=tail, reduction="sum", scale_t2=False)
+    close(out, torch.autograd.grad(out, (x,))[0])
+    w = s.T.contiguous().requires_grad_(True)  # hidden eye(3) @ weight.T = the logits
+    fused = kdfast.fused_linear_kd(torch.eye(3), w, kdfast.TopK(idx, lp), temperature=T, tail=tail)
+    close(fused * 3 / T**2, torch.autograd.grad(fused * 3 / T**2, (w,))[0].T)  # batchmean, T^2: the plain sum
+    os.environ.pop("WORLD_SIZE", None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        x = s.clone().requires_grad_(True)
+        out = kdfast.distributed.vocab_parallel_topk_kd_div(x, idx, lp, T, tail=tail, reduction="sum",
+                                                            scale_t2=False)
+        close(out, torch.autograd.grad(out, (x,))[0])
+    finally:
+        dist.destroy_process_group()
