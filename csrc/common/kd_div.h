@@ -176,9 +176,8 @@ template <class S> struct OnlineSum {
 };
 
 // Merge two partial states (of disjoint element sets) into one. An empty state has m = -inf, z = 0.
-// inv_T = 1 for sums of exp(x - m).
 template <class S>
-KDFAST_HD inline OnlineSum<S> merge(OnlineSum<S> x, OnlineSum<S> y, S inv_T = S(1)) {
+KDFAST_HD inline OnlineSum<S> merge(OnlineSum<S> x, OnlineSum<S> y, S inv_T) {
   using M = VMath<S>;
   if (x.m != x.m || y.m != y.m) return {NAN, NAN};  // NaN seen: keep it
   const S m = x.m > y.m ? x.m : y.m;
