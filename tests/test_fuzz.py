@@ -443,8 +443,9 @@ def test_fuzz_fused_linear_kd():
         out, g = grads(fn, args, seed)
         want, wg = grads(ref, as64(args), seed)
         t2 = T * T
+        # natural size: T^2 (1 + log V) of the divergence, plus 1 + log V of the cross-entropy at T = 1 with a target
         check_normwise(f"fused value ({form}, T={T:.3g})", out.detach(), want.detach(), dtype,
-                       1e-2 * t2 * (1 + math.log(v)))
+                       1e-2 * (t2 + (target is not None)) * (1 + math.log(v)))
         size = max([float(x.detach().abs().max()) for x in (hid, w) if x.numel()] + [1.0])
         for name, gx, gw in zip(("hidden", "weight", "bias"), g, wg):
             check_normwise(f"fused {name} gradient ({form}, T={T:.3g})", gx, gw, dtype, 1e-2 * max(T, 1 / T) * size)
@@ -533,6 +534,8 @@ def feature_case(rng, gen, op):
     seed = rng.getrandbits(62)
     out, g = grads(fn, args, seed)
     want, wg = grads(rf, as64(args), seed)
+    if op == "attention" and pool == "max" and max_pool_ties(args, p):
+        g = wg = []  # two channels tie within rounding: the gradient may go to either (docs/guarantees.md)
     worst = max((a.dtype for a in args), key=lambda d: FEATURE_ERROR[d])
     # Floors where the reference is 0 by cancellation (one position, identical maps): these ops are homogeneous of
     # degree 0 in their features (normalised maps and graphs: gradients of order 1 / |x|) or 1 (SVD, projection).
@@ -559,6 +562,21 @@ def feature_case(rng, gen, op):
         assert gx is None or gx.dtype == a.dtype, f"{op}: gradient dtype {gx.dtype} for a {a.dtype} input"
         if gx is not None:  # a node clamped at norm 1e-8 has gradients of order 1e8, past float16's range
             check_normwise(f"{op} gradient", gx, in_range(gw, gx.dtype), worst, floor)
+
+
+def max_pool_ties(args, p):
+    """Whether a position of the maps attention's max pooling sees (after matching spatial sizes) has its two largest
+    channels of |x|^p within 1e-5 of each other (relative): the arg-max there is the rounding's choice."""
+    maps = [a.detach().double() for a in args]
+    if len(maps) == 2:
+        maps = list(kdfast.reference.match_spatial(*maps))
+    for x in maps:
+        if x.shape[1] < 2 or x.numel() == 0:
+            continue
+        top = x.abs().pow(p).topk(2, dim=1).values
+        if ((top[:, 0] - top[:, 1]) <= 1e-5 * top[:, 0]).any():
+            return True
+    return False
 
 
 def affinity_grad_floors(args, pool_size, pool, reduction, seed, least):
