@@ -33,9 +33,7 @@ Divergence parse_divergence(const std::string& d) {
 // tail (rows).
 struct TopKInputs {
   at::Tensor student, indices, logprobs, weights, tail_log;
-  // A top-k teacher's: its log-probabilities as given in float64 (rows, k), which entries count (an
-  // accumulator-typed log-probability above -inf) and each row's teacher_shift (rows, 1)
-  at::Tensor lp64, valid, shift;
+  at::Tensor shift;  // (rows, 1) float64: teacher_shift
   TopKProblem p;
 };
 
@@ -52,17 +50,20 @@ at::Tensor teacher_shift(const at::Tensor& lp64, const at::Tensor& valid) {
   return at::where(m.isfinite() & (m <= 0), m, 0.0);
 }
 
-// The teacher's tail per row, u = log(1 - sum_j exp(lp_j)) over the valid entries, formed in float64 from the
-// log-probabilities as given (lp64, TopKInputs): in the accumulator a float32 rounding of 1 - sum exp(lp), which
-// cancels when the entries hold almost all of the mass, grows by the tempered tail's exp(u / T). The tail is taken
-// as 0 (u = -inf) at or below (valid + 1) eps, eps that of the log-probabilities' own precision (the caller's:
-// float64's for float64, float32's otherwise): below it the sum is rounding of the given log-probabilities, not
-// mass; and where the valid entries are all V classes (valid indices are distinct): float32 log-probabilities of
-// k = V classes sum to 1 within about 1e-8, a tail that no class of the student can hold (an infinite kl).
-// kdfast/reference.py (topk_tail) is the same rule.
-at::Tensor teacher_tail_log(const at::Tensor& lp64, const at::Tensor& valid, double eps, int64_t classes) {
-  const at::Tensor rest = 1 - at::where(valid, lp64.exp(), 0.0).sum(-1);
+// The teacher's tail per row, u = log(1 - sum_j exp(lp_j)) over the valid entries (those whose accumulator-typed
+// log-probability is above -inf), formed in float64 from the log-probabilities as given (a (rows, k) float64
+// temporary, k values a row): in the accumulator a float32 rounding of 1 - sum exp(lp), which cancels when the
+// entries hold almost all of the mass, grows by the tempered tail's exp(u / T). The tail is taken as 0 (u = -inf)
+// at or below (valid + 1) eps, eps that of the log-probabilities' own precision (float64's for float64, float32's
+// otherwise): below it the sum is rounding of the given log-probabilities, not mass; and where the valid entries
+// are all V classes (valid indices are distinct): float32 log-probabilities of k = V classes sum to 1 within about
+// 1e-8, a tail that no class of the student can hold (an infinite kl). kdfast/reference.py (topk_tail) is the
+// same rule.
+at::Tensor teacher_tail_log(const at::Tensor& logprobs, const at::Tensor& valid, int64_t classes) {
+  const at::Tensor lp = logprobs.to(at::kDouble);
+  const at::Tensor rest = 1 - at::where(valid, lp.exp(), 0.0).sum(-1);
   const at::Tensor entries = valid.sum({-1}, false, at::kDouble);
+  const double eps = logprobs.scalar_type() == at::kDouble ? DBL_EPSILON : FLT_EPSILON;
   const at::Tensor keep = (rest > (entries + 1) * eps) & (entries < classes);
   return at::where(keep, rest.log(), -INFINITY);
 }
@@ -105,10 +106,9 @@ TopKInputs prepare(const at::Tensor& student, const at::Tensor& indices, const a
   if (weights) {
     in.logprobs = logprobs.to(acc).contiguous();
   } else {
-    in.lp64 = logprobs.to(at::kDouble);
-    in.valid = logprobs.to(acc) > -INFINITY;
-    in.shift = teacher_shift(in.lp64, in.valid);
-    in.logprobs = (in.lp64 - in.shift).to(acc).contiguous();
+    const at::Tensor lp64 = logprobs.to(at::kDouble);
+    in.shift = teacher_shift(lp64, logprobs.to(acc) > -INFINITY);
+    in.logprobs = (lp64 - in.shift).to(acc).contiguous();
   }
   p.student = in.student.data_ptr();
   p.student_dtype = kernel_dtype(in.student, "student");
@@ -132,9 +132,9 @@ std::tuple<at::Tensor, at::Tensor> topk_kd_fwd(const at::Tensor& student, const 
   TopKInputs in = prepare(student, indices, logprobs, temperature, tail, divergence, beta, weights);
   const auto acc = in.student.options().dtype(in.p.acc_double ? at::kDouble : at::kFloat);
   if (in.p.tail == TopKTail::Bucket) {
-    const double eps = logprobs.scalar_type() == at::kDouble ? DBL_EPSILON : FLT_EPSILON;
-    in.tail_log =
-        (teacher_tail_log(in.lp64, in.valid, eps, in.p.classes) - in.shift.squeeze(-1)).to(acc).contiguous();
+    in.tail_log = (teacher_tail_log(logprobs, in.logprobs > -INFINITY, in.p.classes) - in.shift.squeeze(-1))
+                      .to(acc)
+                      .contiguous();
     in.p.tail_log = in.tail_log.data_ptr();
   }
   at::Tensor loss = at::empty({in.p.rows}, acc);

@@ -185,10 +185,10 @@ KDFAST_HD inline OnlineSum<S> merge(OnlineSum<S> x, OnlineSum<S> y, S inv_T) {
   return {m, x.z * M::exp((x.m - m) * inv_T) + y.z * M::exp((y.m - m) * inv_T)};
 }
 
-// The reference point of a row's exponents (a scalar or a vector of rows): its maximum, or 0 where it has seen only
-// -inf (so that exp gives 0, not NaN).
-template <class V>
-KDFAST_HD inline V kd_ref_point(V m) { return VMath<V>::pick_equal(m, V(-INFINITY), V(0), m); }
+// The reference point of a row's exponents: its maximum, or 0 where it has seen only -inf (so that exp gives 0,
+// not NaN).
+template <class S>
+KDFAST_HD inline S kd_ref_point(S m) { return m == S(-INFINITY) ? S(0) : m; }
 
 // A row's forward accumulators: online sums of the student s and the teacher t; the weighted sum w of kl
 // (sum exp(b) (b - a), b = (t - ref_t) / T, a = (s - ref_s) / T, ref the running maxima) or of reverse_kl (sum
@@ -201,31 +201,30 @@ template <class S> struct KdRowState {
   S w, z1, sy;
 };
 
-// w of a part moved from its reference points (o, of the student s and the teacher t) to new ones (n): kl's w is
-// weighted by the teacher (x = t, y = s), reverse_kl's by the student (x = s, y = t), and jsd has none (w = 0
-// stays). Every term gains ((o_x - n_x) - (o_y - n_y)) / T and its weight the factor f_x = exp((o_x - n_x) / T);
-// z_x is the part's sum of exp against o_x. An underflowed factor drops the part's terms, an infinite w included
-// (a class of y at -inf whose own probability underflows: 0 * inf would make the row NaN).
+// w of a part moved from its reference points to new ones (o: old, n: new; x the side whose probabilities weigh
+// the terms, y the other): every term gains ((o_x - n_x) - (o_y - n_y)) / T and its weight the factor
+// f_x = exp((o_x - n_x) / T). z_x: the part's sum of exp against o_x. An underflowed factor drops the part's terms,
+// an infinite w included (a class of y at -inf whose own probability underflows: 0 * inf would make the row NaN).
 template <class V>
-KDFAST_HD inline V kd_w_moved(Divergence d, V w, V zs, V zt, V fs, V ft, V os, V ns, V ot, V nt, V inv_T) {
+KDFAST_HD inline V kd_w_moved(V w, V z_x, V f_x, V o_x, V n_x, V o_y, V n_y, V inv_T) {
   using M = VMath<V>;
-  if (d == Divergence::KL) return M::mul_nonzero(ft, w + M::mul_nonzero(zt, ((ot - nt) - (os - ns)) * inv_T));
-  if (d == Divergence::ReverseKL) return M::mul_nonzero(fs, w + M::mul_nonzero(zs, ((os - ns) - (ot - nt)) * inv_T));
-  return w;
+  return M::mul_nonzero(f_x, w + M::mul_nonzero(z_x, ((o_x - n_x) - (o_y - n_y)) * inv_T));
 }
 
-// Merge the accumulators of two disjoint parts of one row (lanes on CPU, threads on CUDA) for divergence d. z1 is
-// relative to m_s at T = 1.
+// Merge the accumulators of two disjoint parts of one row (lanes on CPU, threads on CUDA). w_on_teacher: kl's w
+// (weighted by the teacher); reverse_kl's otherwise (jsd has none: w = 0 stays 0). z1 is relative to m_s at T = 1.
 template <class S>
-KDFAST_HD inline KdRowState<S> merge(const KdRowState<S>& x, const KdRowState<S>& y, S inv_T, Divergence d) {
+KDFAST_HD inline KdRowState<S> merge(const KdRowState<S>& x, const KdRowState<S>& y, S inv_T, bool w_on_teacher) {
   using M = VMath<S>;
   KdRowState<S> r;
   r.s = merge(x.s, y.s, inv_T);
   r.t = merge(x.t, y.t, inv_T);
   const S rs = kd_ref_point(r.s.m), rt = kd_ref_point(r.t.m);
   const auto moved = [&](const KdRowState<S>& q) {
-    return kd_w_moved(d, q.w, q.s.z, q.t.z, M::exp((q.s.m - rs) * inv_T), M::exp((q.t.m - rt) * inv_T),
-                      kd_ref_point(q.s.m), rs, kd_ref_point(q.t.m), rt, inv_T);
+    const OnlineSum<S>& qx = w_on_teacher ? q.t : q.s;
+    const S ox = kd_ref_point(qx.m), nx = w_on_teacher ? rt : rs;
+    const S oy = kd_ref_point(w_on_teacher ? q.s.m : q.t.m), ny = w_on_teacher ? rs : rt;
+    return kd_w_moved(q.w, qx.z, M::exp((qx.m - nx) * inv_T), ox, nx, oy, ny, inv_T);
   };
   r.w = r.s.m != r.s.m || r.t.m != r.t.m ? S(NAN) : moved(x) + moved(y);
   r.z1 = x.z1 * M::exp(x.s.m - rs) + y.z1 * M::exp(y.s.m - rs);

@@ -53,6 +53,13 @@ template <class A> struct KdConsts {
         target(p.target != nullptr), ce_rescale(p.target != nullptr && p.temperature != 1.0) {}
 };
 
+// The reference point of a row's exponents: its maximum, or 0 where it has seen only -inf (so that exp gives 0,
+// not NaN).
+template <class A>
+inline Vectorized<A> ref_point(Vectorized<A> m) {
+  return Vectorized<A>::blendv(m, Vectorized<A>(A(0)), m == Vectorized<A>(-std::numeric_limits<A>::infinity()));
+}
+
 // Forward: fold one staged block (raw logits s, t; class index of every lane `cls`; the lanes' targets `y`)
 // into the lanes' online sums.
 template <class A>
@@ -68,10 +75,11 @@ inline void fwd_block(const KdConsts<A>& k, const A* s, const A* t, const Vector
     bmt = at::vec::maximum(bmt, V::loadu(t + j * W));
   }
   const V nms = at::vec::maximum(L.ms, bms), nmt = at::vec::maximum(L.mt, bmt);
-  const V rs = kd_ref_point(nms), rt = kd_ref_point(nmt);
+  const V rs = ref_point(nms), rt = ref_point(nmt);
   const V fs = M::exp((L.ms - rs) * inv), ft = M::exp((L.mt - rt) * inv);
   // w follows the maxima (KdRowState in common/kd_div.h).
-  L.w = kd_w_moved(k.div, L.w, L.zs, L.zt, fs, ft, kd_ref_point(L.ms), rs, kd_ref_point(L.mt), rt, inv);
+  if (k.div == Divergence::KL) L.w = kd_w_moved(L.w, L.zt, ft, ref_point(L.mt), rt, ref_point(L.ms), rs, inv);
+  else if (k.div == Divergence::ReverseKL) L.w = kd_w_moved(L.w, L.zs, fs, ref_point(L.ms), rs, ref_point(L.mt), rt, inv);
   L.zs = L.zs * fs;
   L.zt = L.zt * ft;
   if (k.ce_rescale) L.z1 = L.z1 * M::exp(L.ms - rs);
@@ -194,7 +202,7 @@ struct KdKernel {
         fwd_block(k, sp, tp, cls, y, nvec, L);
       });
       KdRowState<A> st = L.lane(0);
-      for (int l = 1; l < W; ++l) st = merge(st, L.lane(l), k.inv_T, k.div);
+      for (int l = 1; l < W; ++l) st = merge(st, L.lane(l), k.inv_T, k.div == Divergence::KL);
       kd_finish_row(p, row, st);
     }
     if (k.div == Divergence::JSD) {
@@ -226,14 +234,14 @@ struct KdKernel {
   }
 
   // The softmax statistics of rows [row, row + n) as lanes (n == 1 broadcasts one row to every lane): maxima as
-  // reference points (kd_ref_point) and log-sums; the rest 0 (what jsd's second pass of the forward needs).
+  // reference points (ref_point) and log-sums; the rest 0 (what jsd's second pass of the forward needs).
   KdLaneStats<A> softmax_stats(int64_t row, int n) const {
     const A* st = static_cast<const A*>(p.stats);
     const int64_t R = p.rows();
     auto load = [&](const A* base) { return n == 1 ? V(base[row]) : V::loadu(base + row, n); };
     KdLaneStats<A> r{};
-    r.ms = kd_ref_point(load(st + kMaxStudent * R));
-    r.mt = kd_ref_point(load(st + kMaxTeacher * R));
+    r.ms = ref_point(load(st + kMaxStudent * R));
+    r.mt = ref_point(load(st + kMaxTeacher * R));
     r.ls_s = load(st + kLogSumStudent * R);
     r.ls_t = load(st + kLogSumTeacher * R);
     return r;
@@ -348,8 +356,7 @@ struct KdKernel {
       if (k.ce_rescale) z1 = z1 + M::exp(sv - rs);
     }
     KdRowState<A> st{{ms, at::vec::vec_reduce_all<A>(vsum, zs)}, {mt, at::vec::vec_reduce_all<A>(vsum, zt)},
-                     at::vec::vec_reduce_all<A>(vsum, w),
-                     k.ce_rescale ? at::vec::vec_reduce_all<A>(vsum, z1) : A(0), A(0)};
+                     at::vec::vec_reduce_all<A>(vsum, w), k.ce_rescale ? at::vec::vec_reduce_all<A>(vsum, z1) : A(0), A(0)};
     if (k.target) {
       const int64_t y = p.target[row];
       if (y >= 0 && y < C) st.sy = sp[y];

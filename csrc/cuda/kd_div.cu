@@ -79,6 +79,7 @@ template <class A> Consts<A> consts_of(const KdProblem& p) {
           p.target != nullptr && p.temperature != 1.0};
 }
 
+
 // One chunk of raw logits (s, t) of classes c0 .. c0 + n folded into a thread's online state. Maxima are of the raw
 // logits: every exponent is (x - max) / T (see csrc/cpu/kd_div_kernel.h).
 template <int VEC, class A>
@@ -97,7 +98,9 @@ __device__ __forceinline__ void fwd_chunk(const Consts<A>& k, const A (&s)[VEC],
   const A rs = kd_ref_point(nms), rt = kd_ref_point(nmt);
   const A fs = VMath<A>::exp((st.s.m - rs) * k.inv_T), ft = VMath<A>::exp((st.t.m - rt) * k.inv_T);
   // w follows the maxima (KdRowState in common/kd_div.h).
-  st.w = kd_w_moved(k.div, st.w, st.s.z, st.t.z, fs, ft, kd_ref_point(st.s.m), rs, kd_ref_point(st.t.m), rt, k.inv_T);
+  const A os = kd_ref_point(st.s.m), ot = kd_ref_point(st.t.m);
+  if (k.div == Divergence::KL) st.w = kd_w_moved(st.w, st.t.z, ft, ot, rt, os, rs, k.inv_T);
+  else if (k.div == Divergence::ReverseKL) st.w = kd_w_moved(st.w, st.s.z, fs, os, rs, ot, rt, k.inv_T);
   st.s.z *= fs;
   st.t.z *= ft;
   if (k.ce_rescale) st.z1 *= VMath<A>::exp(st.s.m - rs);
@@ -160,12 +163,11 @@ template <class A> struct SoftmaxStats {
 
 template <class A>
 __device__ __forceinline__ SoftmaxStats<A> softmax_stats(const KdProblem& p, const KdRowState<A>& st, int64_t row) {
-  if (!p.stats_given)
-    return {kd_ref_point(st.s.m), kd_ref_point(st.t.m), VMath<A>::log(st.s.z), VMath<A>::log(st.t.z)};
+  if (!p.stats_given) return {kd_ref_point(st.s.m), kd_ref_point(st.t.m), VMath<A>::log(st.s.z), VMath<A>::log(st.t.z)};
   const A* g = static_cast<const A*>(p.stats);
   const int64_t R = p.rows();
-  return {kd_ref_point(g[kMaxStudent * R + row]), kd_ref_point(g[kMaxTeacher * R + row]),
-          g[kLogSumStudent * R + row], g[kLogSumTeacher * R + row]};
+  return {kd_ref_point(g[kMaxStudent * R + row]), kd_ref_point(g[kMaxTeacher * R + row]), g[kLogSumStudent * R + row],
+          g[kLogSumTeacher * R + row]};
 }
 
 template <class TS, class TT, class A, int GROUP, int VEC>
@@ -198,8 +200,8 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_rows(KdProblem p, Consts<A> k
       for_chunks([&](int64_t c0, int n, const A(&sv)[VEC], const A(&tv)[VEC]) {
         fwd_chunk<VEC>(k, sv, tv, c0, n, y, st);
       });
-      st = group_reduce<GROUP>(
-          st, [&](const KdRowState<A>& x, const KdRowState<A>& z) { return merge(x, z, k.inv_T, k.div); }, smem_state);
+      st = group_reduce<GROUP>(st, [&](const KdRowState<A>& x, const KdRowState<A>& z) { return merge(x, z, k.inv_T, k.div == Divergence::KL); },
+                               smem_state);
       if (live && lane == 0) kd_finish_row(p, row, st);
     }
     if (k.div != Divergence::JSD) continue;

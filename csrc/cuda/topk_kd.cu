@@ -8,9 +8,8 @@
 // marked classes and the others (the student's tail is the second, never 1 minus the top-k mass), and the threads
 // share the k entries for the teacher's and the categories' sums; every sum is merged across the block in a fixed
 // order (warp butterfly, then the warps in order: no atomics, deterministic). Backward: every thread writes the
-// off-top gradient (topk_off_grad) on its unmarked classes and, one thread per entry, each top-k class gets its
-// value; a class repeated among the entries (seen while marking) is written by its first entry, with the G of all
-// its entries, in a fixed order.
+// off-top gradient (topk_off_grad) on its unmarked classes and, one thread per entry, each top-k class gets its value; a class repeated among the
+// entries (seen while marking) is written by its first entry, with the G of all its entries, in a fixed order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
